@@ -1,0 +1,95 @@
+"""`load()`: the one entry point that turns a checkpoint directory into (model, tokenizer)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import expected_shapes, load_weights
+from .config import ChatGLMConfig
+from .errors import ChatGLMError, CheckpointError
+from .model import ChatGLMForConditionalGeneration
+from .tokenizer import ChatGLMTokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ChatGLMError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ChatGLMError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        # float16 halves memory on a GPU; CPUs compute float16 slowly and imprecisely.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ChatGLMError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return DTYPES[dtype]
+
+
+def model_path(path: str | Path | None) -> Path:
+    """The checkpoint path from the argument or $CHATGLM_FT_MODEL."""
+    path = path or os.environ.get("CHATGLM_FT_MODEL")
+    if not path:
+        raise ChatGLMError("no model given; pass --model DIR or set CHATGLM_FT_MODEL to a ChatGLM-6B checkpoint directory")
+    return Path(path).expanduser()
+
+
+def build_model(config: ChatGLMConfig, *, dtype: torch.dtype, device: torch.device | str) -> ChatGLMForConditionalGeneration:
+    """A model with random weights (tests, benchmarks, training from scratch), initialised like the original."""
+    with torch.device(device):
+        model = ChatGLMForConditionalGeneration(config)
+    model.to(dtype)
+    return model
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    adapter: str | Path | list | None = None,
+) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
+    """Load a ChatGLM-6B checkpoint directory: `model, tokenizer = load(path, dtype="float16", device="cuda")`."""
+    path = model_path(path)
+    config = ChatGLMConfig.from_dir(path)
+    tokenizer = ChatGLMTokenizer.from_dir(path)
+    tokenizer.check_model(config.vocab_size)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if config.quantization_bit or config.quantization or quantize:
+        from .quantize import load_quantized
+
+        model = load_quantized(path, config, dtype=dtype, device=device, quantize=quantize)
+    else:
+        with torch.device("meta"):
+            model = ChatGLMForConditionalGeneration(config)
+        load_weights(model, path, dtype=dtype, device=device, expected=expected_shapes(config))
+        model.reset_buffers()
+    model.eval()
+    if adapter:
+        from .lora import apply_adapters
+
+        model = apply_adapters(model, adapter)
+    return model, tokenizer
+
+
+def check_loadable(path: Path) -> None:
+    """Cheap check used by commands before spending time: config and tokenizer readable."""
+    ChatGLMConfig.from_dir(path)
+    ChatGLMTokenizer.from_dir(path)
+    if not any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: no weight files (*.bin or *.safetensors)")

@@ -1,0 +1,247 @@
+"""Reading and writing checkpoint directories in the original layout (SPEC.md section 1).
+
+Loading is shard by shard: the model is built on `meta`, each shard is memory-mapped, each
+tensor is converted to the target dtype/device and assigned, then the shard is released. Peak
+host memory stays about one copy of the weights in the target dtype (none when loading to a GPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ChatGLMConfig
+from .errors import CheckpointError
+from .tokenizer import TOKENIZER_FILES
+
+IGNORED_KEY = re.compile(r".*\.rotary_emb\.inv_freq$")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def expected_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of a float checkpoint with its shape: the explicit key table."""
+    H, I, V = config.hidden_size, config.inner_hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (V, H)}
+    for n in range(config.num_layers):
+        p = f"transformer.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "input_layernorm.bias": (H,),
+            p + "attention.query_key_value.weight": (3 * H, H), p + "attention.query_key_value.bias": (3 * H,),
+            p + "attention.dense.weight": (H, H), p + "attention.dense.bias": (H,),
+            p + "post_attention_layernorm.weight": (H,), p + "post_attention_layernorm.bias": (H,),
+            p + "mlp.dense_h_to_4h.weight": (I, H), p + "mlp.dense_h_to_4h.bias": (I,),
+            p + "mlp.dense_4h_to_h.weight": (H, I), p + "mlp.dense_4h_to_h.bias": (H,),
+        })
+    shapes["transformer.final_layernorm.weight"] = (H,)
+    shapes["transformer.final_layernorm.bias"] = (H,)
+    shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+# -- finding the shards ----------------------------------------------------------------------------
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in index order; a missing shard is an error."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = path / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid index file ({e}); restore it from the model repository")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise CheckpointError(
+                    f"{path}: missing shard {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + f" listed in {index_name}; download it again"
+                )
+            return [path / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).exists():
+            return [path / single]
+    loose = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if loose:
+        return loose
+    raise CheckpointError(
+        f"{path}: no weights found (expected pytorch_model*.bin or *.safetensors, with an index when sharded)"
+    )
+
+
+def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from one shard, memory-mapped; corrupt files raise CheckpointError naming the file."""
+    hint = "the file is truncated or corrupt; download it again"
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors import SafetensorError
+
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: cannot read safetensors ({e}); {hint}")
+        return
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: cannot read ({first_line}); {hint}")
+    except Exception as e:  # unpickling errors of damaged files come in many types
+        if type(e).__name__ in ("UnpicklingError",):
+            raise CheckpointError(f"{file}: cannot unpickle ({e}); {hint}")
+        raise
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
+    yield from state.items()
+    del state
+
+
+# -- loading -------------------------------------------------------------------------------------
+TensorHandler = Callable[[str, torch.Tensor], bool]
+
+
+def load_weights(
+    model: torch.nn.Module,
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    expected: dict[str, tuple[int, ...]],
+    place: Callable[[str, torch.Tensor], None] | None = None,
+) -> None:
+    """Assign every tensor of the checkpoint into `model` (built on meta), checking names and shapes.
+
+    `place(name, tensor)` overrides how one tensor lands in the model (quantization hooks in here);
+    by default the tensor is converted to `dtype` (floating tensors only) and `device` and assigned.
+    """
+    seen: set[str] = set()
+    lm_head: torch.Tensor | None = None
+    for file in weight_files(path):
+        for name, tensor in read_shard(file):
+            if IGNORED_KEY.match(name):
+                continue
+            if name.startswith("transformer.prefix_encoder."):
+                raise CheckpointError(
+                    f"{file}: holds a P-Tuning v2 prefix encoder ({name}); merge or drop it, chatglm-ft loads plain and LoRA models"
+                )
+            if name not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor {name}; is this a ChatGLM-6B (v1) checkpoint?")
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise CheckpointError(
+                    f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])};"
+                    " config.json and weights do not belong together"
+                )
+            if name in seen:
+                raise CheckpointError(f"{file}: {name} appears in two shards")
+            seen.add(name)
+            if name == "lm_head.weight":
+                lm_head = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                continue  # placed last, once the embeddings are known, to decide whether to tie
+            if place is not None:
+                place(name, tensor)
+            else:
+                assign_tensor(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, copy=True))
+    missing = sorted(set(expected) - seen - {"lm_head.weight"})
+    if missing:
+        raise CheckpointError(
+            f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}; a shard is incomplete or the config is wrong"
+        )
+    embeddings = model.get_parameter("transformer.word_embeddings.weight")
+    if lm_head is None or torch.equal(lm_head.to(embeddings.device), embeddings.data):
+        # The released checkpoint stores lm_head equal to the embeddings: share one tensor (saves ~1 GB).
+        model.tie_lm_head()
+    elif place is not None:
+        place("lm_head.weight", lm_head)
+    else:
+        assign_tensor(model, "lm_head.weight", lm_head.to(device=device, dtype=dtype, copy=True))
+
+
+def assign_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(module, attr, value)
+
+
+# -- saving --------------------------------------------------------------------------------------
+def save_checkpoint(
+    state: dict[str, torch.Tensor],
+    config: ChatGLMConfig,
+    out: Path,
+    *,
+    tokenizer_dir: Path | None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
+    """Write safetensors shards + index + config + tokenizer files; the directory appears atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp-partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        # safetensors refuses shared storage (tied lm_head): every tensor gets its own contiguous copy.
+        shards[-1][name] = tensor.detach().to("cpu").contiguous().clone()
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save(tmp)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished directory into place; an existing `out` is replaced only once the new one is complete."""
+    if out.exists():
+        old = out.with_name(out.name + ".tmp-old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def save_model(model: torch.nn.Module, out: Path, *, tokenizer_dir: Path | None, dtype: torch.dtype | None = None) -> None:
+    """Save a float model in the original layout (safetensors), e.g. after merging an adapter."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor
+    config = model.config
+    if dtype is not None:
+        config.torch_dtype = str(dtype).removeprefix("torch.")
+    save_checkpoint(state, config, out, tokenizer_dir=tokenizer_dir)

@@ -1,0 +1,1 @@
+"""One module per subcommand; `options.py` holds the flags several commands share."""

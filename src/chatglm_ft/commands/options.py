@@ -1,0 +1,63 @@
+"""Flags shared by several commands, and turning them into library calls."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize: bool = True) -> None:
+    p.add_argument("--model", help="ChatGLM-6B checkpoint directory (default: $CHATGLM_FT_MODEL)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype (auto: float16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when available)")
+    if quantize:
+        p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                       help="weight-only quantization applied while loading")
+    if adapter:
+        p.add_argument("--adapter", action="append", default=None, metavar="DIR",
+                       help="LoRA adapter directory (PEFT layout) applied unmerged")
+
+
+def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | None = 256, sample_default: bool = True) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="new tokens at most")
+    g.add_argument("--max-length", type=int, default=None, help="prompt + new tokens at most (as in the original chat)")
+    g.add_argument("--temperature", type=float, default=0.95 if sample_default else 0.0,
+                   help="sampling temperature; 0 means greedy")
+    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--truncate", action="store_true", help="cut too-long prompts from the left instead of refusing")
+
+
+def generation_config(args: argparse.Namespace):
+    from ..generate import GenerationConfig
+
+    greedy = args.temperature <= 0
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens if args.max_length is None else None,
+        max_length=args.max_length,
+        do_sample=not greedy,
+        temperature=args.temperature if not greedy else 1.0,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_strings=tuple(args.stop),
+        truncate_prompt=args.truncate,
+    ).validate()
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer) for the model flags, reporting load time and memory on stderr."""
+    import sys
+    import time
+
+    from ..api import load
+
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
+                            quantize=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None))
+    print(f"loaded in {time.perf_counter() - start:.1f}s on {model.device} ({model.dtype})", file=sys.stderr)
+    return model, tokenizer

@@ -1,0 +1,280 @@
+"""ChatGLM-6B in plain PyTorch (SPEC.md sections 2-3), with the original parameter names.
+
+Batch-first throughout: hidden states are (B, T, H), attention tensors (B, nh, T, hd).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RESIDUAL_ALPHA, ChatGLMConfig
+from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
+
+
+def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """inv_freq of the original, rounded to float16 as it stores it (SPEC.md section 2)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+    return inv_freq.half().float()
+
+
+def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, 1, hd) for 2D positions (B, 2, T): first half of hd from positions, second from block positions."""
+    angles = position_ids.float()[..., None] * inv_freq  # (B, 2, T, r/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (B, 2, T, r)
+    emb = torch.cat([emb[:, 0], emb[:, 1]], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary applied separately to each half of the head dim. x: (B, T, nh, hd)."""
+    quarter = x.shape[-1] // 4
+    x1, x2, x3, x4 = x.split(quarter, dim=-1)
+    rotated = torch.cat([-x2, x1, -x4, x3], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer, (B, nh, S, hd), written by column."""
+
+    def __init__(self, batch_size: int, num_heads: int, max_length: int, head_dim: int, *, dtype: torch.dtype, device: Any):
+        super().__init__()
+        shape = (batch_size, num_heads, max_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, columns: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, T, nh, hd) at `columns` (T,) shared by all rows, or (B, T) per row.
+
+        With `rows` (B,) the batch is a subset of the cache's slots (continuous batching): the
+        keys/values of just those slots are written and returned.
+        """
+        if rows is None and columns.dim() == 1:
+            self.k.index_copy_(2, columns, k.transpose(1, 2))
+            self.v.index_copy_(2, columns, v.transpose(1, 2))
+            return self.k, self.v
+        if columns.dim() == 1:
+            columns = columns[None, :].expand(k.shape[0], -1)
+        slot = rows if rows is not None else torch.arange(k.shape[0], device=k.device)
+        self.k[slot[:, None], :, columns] = k  # advanced index dims (B, T) come first: (B, T, nh, hd)
+        self.v[slot[:, None], :, columns] = v
+        if rows is None:
+            return self.k, self.v
+        return self.k[rows], self.v[rows]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        cache_columns: torch.Tensor | None = None,
+        kv_length: int | None = None,
+        cache_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, H = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, T, nh, hd) each
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows)  # (B, nh, S, hd)
+            if kv_length is not None:
+                k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+        else:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=attn_mask)  # (B, nh, T, hd)
+        return self.dense(y.transpose(1, 2).reshape(B, T, H))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None,
+                cache_rows=None) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        h = x * RESIDUAL_ALPHA + self.attention(x, cos, sin, attn_mask, kv_cache, cache_columns, kv_length, cache_rows)
+        y = self.post_attention_layernorm(h)
+        return y * RESIDUAL_ALPHA + self.mlp(y)
+
+
+class ChatGLMModel(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.register_buffer("inv_freq", rotary_inv_freq(config.head_dim // 2), persistent=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None, cache_rows=None):
+        h = self.word_embeddings(input_ids)  # (B, T, H)
+        cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows)
+        return self.final_layernorm(h)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+class ChatGLMForConditionalGeneration(nn.Module):
+    """The full model: `transformer.*` + `lm_head`, exactly the original's parameter paths."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kv_caches: nn.ModuleList | None = None
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.word_embeddings.weight.dtype
+
+    def tie_lm_head(self) -> None:
+        self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    @property
+    def lm_head_tied(self) -> bool:
+        return self.lm_head.weight is self.transformer.word_embeddings.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on `meta` and loading weights)."""
+        self.transformer.inv_freq = rotary_inv_freq(self.config.head_dim // 2, device=self.device)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.transformer.gradient_checkpointing = enabled
+
+    # -- KV cache --------------------------------------------------------------------------------
+    def setup_caches(self, batch_size: int, max_length: int) -> None:
+        c = self.config
+        if (
+            self.kv_caches is not None
+            and self.kv_caches[0].k.shape[0] == batch_size
+            and self.kv_caches[0].k.shape[2] >= max_length
+            and self.kv_caches[0].k.dtype == self.compute_dtype
+            and self.kv_caches[0].k.device == self.device
+        ):
+            return
+        self.kv_caches = None  # free the old cache before allocating the new one
+        self.kv_caches = nn.ModuleList(
+            KVCache(batch_size, c.num_attention_heads, max_length, c.head_dim, dtype=self.compute_dtype, device=self.device)
+            for _ in range(c.num_layers)
+        )
+
+    def clear_caches(self) -> None:
+        self.kv_caches = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.transformer.final_layernorm.weight.dtype
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        cache_columns: torch.Tensor | None = None,
+        kv_length: int | None = None,
+        cache_rows: torch.Tensor | None = None,
+        last_logits_only: bool = False,
+        return_logits: bool = True,
+        **unused: Any,
+    ) -> CausalLMOutput:
+        """Logits (B, T, V) for a batch; positions and the prefix mask are derived when not given.
+
+        With `cache_columns` the KV cache (see `setup_caches`) is written at those columns and
+        attention runs over its first `kv_length` columns; `cache_rows` (B,) picks the cache slots the
+        batch rows use (default: row b is slot b). With `labels` the mean shifted
+        cross-entropy (in float32) over labels != -100 is returned too.
+        """
+        if position_ids is None or attention_mask is None:
+            layout = prefix_layout(input_ids, self.config)
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if position_ids is None:
+                position_ids = position_ids_for(layout, columns)
+            if attention_mask is None:
+                attention_mask = attention_mask_for(layout, columns, input_ids.shape[1])
+        elif attention_mask.dim() == 2:
+            raise ValueError("attention_mask must be the (B, 1, T, S) bool prefix mask, not a 2D padding mask")
+        caches = self.kv_caches if cache_columns is not None else None
+        h = self.transformer(input_ids, position_ids, attention_mask, caches, cache_columns, kv_length, cache_rows)
+        loss = None
+        if labels is not None:
+            loss = self.loss_from_hidden(h, labels)
+            if not return_logits:
+                return CausalLMOutput(logits=None, loss=loss)
+        if last_logits_only:
+            h = h[:, -1:]
+        return CausalLMOutput(logits=self.lm_head(h), loss=loss)
+
+    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        selected = h[:, :-1][keep]  # (N, H)
+        logits = self.lm_head(selected).float()
+        if selected.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets[keep])
+
+    # -- chat API familiar from the original -----------------------------------------------------
+    def chat(self, tokenizer, query: str, history=None, **kwargs):
+        from .chat import chat
+
+        return chat(self, tokenizer, query, history=history, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, history=None, **kwargs) -> Iterator[tuple[str, list]]:
+        from .chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, history=history, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,76 @@
+"""GLM prefix-LM positions and attention masks (SPEC.md section 3).
+
+A prompt is `text [gMASK] <sop>`; with left padding a row is `pad* text [gMASK] <sop> generated*`.
+All indices here are absolute columns of the (padded) batch:
+  start    first non-pad column (the row's own index 0)
+  context  column of <sop>: columns start..context-1 see each other bidirectionally
+  mask     column of [gMASK] (or [MASK]): every position from <sop> on carries it as its first coordinate
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ChatGLMConfig
+
+
+@dataclass
+class PrefixLayout:
+    start: torch.Tensor  # (B,) long
+    context: torch.Tensor  # (B,) long, column of <sop>
+    mask: torch.Tensor  # (B,) long, column of [gMASK]/[MASK]
+
+
+def _first_index(hit: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """Column of the first True per row of a (B, T) bool tensor, `default` where there is none."""
+    T = hit.shape[1]
+    cols = torch.arange(T, device=hit.device).expand_as(hit)
+    first = torch.where(hit, cols, torch.full_like(cols, T)).min(dim=1).values
+    return torch.where(first < T, first, default)
+
+
+def prefix_layout(input_ids: torch.Tensor, config: ChatGLMConfig, *, left_padded: bool = True) -> PrefixLayout:
+    """Find start, <sop> and [gMASK] columns of each row of a (B, T) batch."""
+    B, T = input_ids.shape
+    if left_padded:
+        start = _first_index(input_ids != config.pad_token_id, torch.full((B,), T - 1, device=input_ids.device))
+    else:
+        start = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    cols = torch.arange(T, device=input_ids.device)
+    in_row = cols[None, :] >= start[:, None]
+    # A row without <sop> is all context (bidirectional), as for a bare encoder input.
+    context = _first_index((input_ids == config.bos_token_id) & in_row, torch.full((B,), T, device=input_ids.device))
+    gmask = _first_index((input_ids == config.gmask_token_id) & in_row, torch.full((B,), -1, device=input_ids.device))
+    mask_ = _first_index((input_ids == config.mask_token_id) & in_row, torch.full((B,), -1, device=input_ids.device))
+    # [gMASK] wins when present (as in the original); otherwise [MASK]; otherwise the token before <sop>.
+    mask = torch.where(gmask >= 0, gmask, torch.where(mask_ >= 0, mask_, (context - 1).clamp(min=0)))
+    return PrefixLayout(start=start, context=context, mask=mask)
+
+
+def position_ids_for(layout: PrefixLayout, columns: torch.Tensor) -> torch.Tensor:
+    """2D position ids (B, 2, T) for absolute `columns` (T,) or (B, T) of each row."""
+    if columns.dim() == 1:
+        columns = columns[None, :].expand(layout.start.shape[0], -1)
+    start, context, mask = layout.start[:, None], layout.context[:, None], layout.mask[:, None]
+    generated = columns >= context
+    positions = torch.where(generated, mask - start, columns - start).clamp(min=0)
+    block_positions = torch.where(generated, columns - context + 1, torch.zeros_like(columns))
+    return torch.stack([positions, block_positions], dim=1)  # (B, 2, T)
+
+
+def attention_mask_for(layout: PrefixLayout, query_columns: torch.Tensor, key_length: int) -> torch.Tensor:
+    """Bool mask (B, 1, T, S), True where query column i may attend to key column j.
+
+    j is visible iff it is not padding and (j < context or j <= i). Padding queries see
+    themselves only, so no softmax row is empty (an empty row gives NaN that would poison
+    the cache through 0 * NaN).
+    """
+    if query_columns.dim() == 1:
+        query_columns = query_columns[None, :].expand(layout.start.shape[0], -1)
+    i = query_columns[:, None, :, None]  # (B, 1, T, 1)
+    j = torch.arange(key_length, device=query_columns.device)[None, None, None, :]  # (1, 1, 1, S)
+    start = layout.start[:, None, None, None]
+    context = layout.context[:, None, None, None]
+    visible = (j >= start) & ((j < context) | (j <= i))
+    return visible | (j == i)

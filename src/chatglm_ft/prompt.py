@@ -1,0 +1,37 @@
+"""Prompt templates and response clean-up (SPEC.md sections 5 and 6)."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+History = Sequence[Sequence[str]]  # [(query, response), ...]
+
+
+def chat_prompt(query: str, history: History | None = None) -> str:
+    """The original ChatGLM-6B chat format: the bare query without history, rounds otherwise."""
+    if not history:
+        return query
+    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The seed's (and the reference LoRA project's) Alpaca format."""
+    prompt = f"Instruction: {instruction}\n"
+    if input:
+        prompt += f"Input: {input}\n"
+    return prompt + "Answer: "
+
+
+_CJK = r"[\u4e00-\u9fff]"
+_PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")]
+
+
+def clean_response(response: str) -> str:
+    """Post-processing of the original chat(): strip, fill the date placeholder, full-width punctuation next to CJK."""
+    response = response.strip().replace("[[训练时间]]", "2023年")
+    for half, full in _PUNCTUATION:
+        h = re.escape(half)
+        response = re.sub(rf"({_CJK}){h}", rf"\g<1>{full}", response)
+        response = re.sub(rf"{h}({_CJK})", rf"{full}\g<1>", response)
+    return response

@@ -1,0 +1,58 @@
+"""Shared fixtures. Tests read ../shared (or $CHATGLM_FT_SHARED); under CI a missing shared/ fails, never skips."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    path = Path(os.environ.get("CHATGLM_FT_SHARED", REPO.parent / "shared"))
+    if not (path / "golden" / "chatglm-6b-tiny").exists():
+        message = f"shared test data not found at {path} (set CHATGLM_FT_SHARED)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return shared_dir()
+
+
+@pytest.fixture(scope="session")
+def golden_dir(shared) -> Path:
+    return shared / "golden" / "chatglm-6b-tiny"
+
+
+@pytest.fixture(scope="session")
+def golden(golden_dir) -> dict:
+    return json.loads((golden_dir / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny(golden_dir):
+    """The golden tiny model in float32 on CPU, with its tokenizer (shared: do not mutate)."""
+    from chatglm_ft import load
+
+    return load(golden_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny):
+    return tiny[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,65 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chatglm_ft.cli import COMMANDS, build_parser, main
+
+
+def run_cli(*args, input=None, env=None):
+    return subprocess.run([sys.executable, "-m", "chatglm_ft", *args], capture_output=True, text=True, input=input,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def registered_commands():
+    return list(build_parser()._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    if command not in registered_commands():
+        pytest.fail(f"command {command} is not registered")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: chatglm-ft " + command in capsys.readouterr().out
+
+
+def test_generate_json_matches_golden_greedy(golden_dir, golden):
+    case = golden["greedy"][0]
+    result = run_cli("generate", "--model", str(golden_dir), "--prompt", case["text"], "--temperature", "0",
+                     "--max-new-tokens", "16", "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["token_ids"] == case["new_ids"]
+    assert out["finish_reason"] == "length" and out["prompt_tokens"] == len(case["input_ids"])
+
+
+def test_generate_reads_stdin_and_model_from_env(golden_dir, golden):
+    case = golden["greedy"][1]
+    result = run_cli("generate", "--temperature", "0", "--max-new-tokens", "4", "--json", input=case["text"],
+                     env={"CHATGLM_FT_MODEL": str(golden_dir)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["token_ids"] == case["new_ids"][:4]
+
+
+@pytest.mark.parametrize("model_arg, message", [
+    ("/nonexistent/dir", "no such directory"),
+    (".", "no config.json"),
+])
+def test_bad_model_is_one_line_error(model_arg, message):
+    result = run_cli("generate", "--model", model_arg, "--prompt", "hi")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_chat_session_streams_and_keeps_history(golden_dir):
+    script = "你好\nclear\nGive three tips for staying healthy.\nexit\n"
+    result = run_cli("chat", "--model", str(golden_dir), "--temperature", "0", "--max-new-tokens", "8",
+                     "--device", "cpu", input=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ChatGLM-6B: ") == 2
+    assert "(history cleared)" in result.stdout
