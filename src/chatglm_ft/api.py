@@ -49,8 +49,7 @@ def model_path(path: str | Path | None) -> Path:
 
 def build_model(config: ChatGLMConfig, *, dtype: torch.dtype, device: torch.device | str) -> ChatGLMForConditionalGeneration:
     """A model with random weights (tests, benchmarks, training from scratch), initialised like the original."""
-    with torch.device(device):
-        model = ChatGLMForConditionalGeneration(config)
+    model = ChatGLMForConditionalGeneration(config, device=device)
     model.to(dtype)
     return model
 
@@ -75,8 +74,7 @@ def load(
 
         model = load_quantized(path, config, dtype=dtype, device=device, quantize=quantize)
     else:
-        with torch.device("meta"):
-            model = ChatGLMForConditionalGeneration(config)
+        model = ChatGLMForConditionalGeneration(config, device="meta")
         load_weights(model, path, dtype=dtype, device=device, expected=expected_shapes(config))
         model.reset_buffers()
     model.eval()

@@ -108,6 +108,7 @@ class ChatGLMConfig:
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
         if out.get("quantization") is None:
             out.pop("quantization", None)
+        out["model_type"] = "chatglm"
         out.setdefault("architectures", ["ChatGLMForConditionalGeneration"])
         return out
 

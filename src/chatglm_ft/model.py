@@ -47,34 +47,37 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self, columns: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
+        self, columns: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | slice | None = None,
+        kv_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, T, nh, hd) at `columns` (T,) shared by all rows, or (B, T) per row.
 
-        With `rows` (B,) the batch is a subset of the cache's slots (continuous batching): the
-        keys/values of just those slots are written and returned.
+        With `rows` the batch is a subset of the cache's slots (continuous batching): a `slice`
+        of slots is written and returned as views (no copy: the server's decode step), a (B,)
+        tensor of slot indices returns a copy of their first `kv_length` columns.
         """
         if rows is None and columns.dim() == 1:
             self.k.index_copy_(2, columns, k.transpose(1, 2))
             self.v.index_copy_(2, columns, v.transpose(1, 2))
             return self.k, self.v
+        k_cache, v_cache = (self.k[rows], self.v[rows]) if isinstance(rows, slice) else (self.k, self.v)
         if columns.dim() == 1:
             columns = columns[None, :].expand(k.shape[0], -1)
-        slot = rows if rows is not None else torch.arange(k.shape[0], device=k.device)
-        self.k[slot[:, None], :, columns] = k  # advanced index dims (B, T) come first: (B, T, nh, hd)
-        self.v[slot[:, None], :, columns] = v
-        if rows is None:
-            return self.k, self.v
-        return self.k[rows], self.v[rows]
+        slot = rows if isinstance(rows, torch.Tensor) else torch.arange(k.shape[0], device=k.device)
+        k_cache[slot[:, None], :, columns] = k  # advanced index dims (B, T) come first: (B, T, nh, hd)
+        v_cache[slot[:, None], :, columns] = v
+        if not isinstance(rows, torch.Tensor):
+            return k_cache, v_cache
+        return self.k[rows, :, :kv_length], self.v[rows, :, :kv_length]
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ChatGLMConfig):
+    def __init__(self, config: ChatGLMConfig, device: Any = None):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, device=device)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, device=device)
 
     def forward(
         self,
@@ -85,7 +88,7 @@ class SelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         cache_columns: torch.Tensor | None = None,
         kv_length: int | None = None,
-        cache_rows: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | slice | None = None,
     ) -> torch.Tensor:
         B, T, H = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
@@ -93,7 +96,7 @@ class SelfAttention(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows)  # (B, nh, S, hd)
+            k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows, kv_length)  # (B, nh, S, hd)
             if kv_length is not None:
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
         else:
@@ -103,22 +106,22 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ChatGLMConfig):
+    def __init__(self, config: ChatGLMConfig, device: Any = None):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size, device=device)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
 class GLMBlock(nn.Module):
-    def __init__(self, config: ChatGLMConfig):
+    def __init__(self, config: ChatGLMConfig, device: Any = None):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        self.attention = SelfAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        self.mlp = MLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+        self.attention = SelfAttention(config, device)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+        self.mlp = MLP(config, device)
 
     def forward(self, h: torch.Tensor, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None,
                 cache_rows=None) -> torch.Tensor:
@@ -129,13 +132,18 @@ class GLMBlock(nn.Module):
 
 
 class ChatGLMModel(nn.Module):
-    def __init__(self, config: ChatGLMConfig):
+    def __init__(self, config: ChatGLMConfig, device: Any = None):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        self.register_buffer("inv_freq", rotary_inv_freq(config.head_dim // 2), persistent=False)
+        # An explicit weight skips normal_() init, which on `meta` would import torch._dynamo (seconds).
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size, device=device)
+        )
+        if self.word_embeddings.weight.device.type != "meta":
+            nn.init.normal_(self.word_embeddings.weight)
+        self.layers = nn.ModuleList(GLMBlock(config, device) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+        self.register_buffer("inv_freq", rotary_inv_freq(config.head_dim // 2, device=device), persistent=False)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None, cache_rows=None):
@@ -150,6 +158,49 @@ class ChatGLMModel(nn.Module):
         return self.final_layernorm(h)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T` (float32) against `targets`, in chunks of rows.
+
+    The gradients are computed chunk by chunk during the forward pass and kept (N x H, plus the
+    weight's when it trains), so neither the logits nor their gradient is ever stored whole: at
+    full size 2k target tokens would otherwise hold over 2 GB of float32 logits for backward.
+    """
+
+    CHUNK_ELEMENTS = 2**26  # rows per chunk * vocab: 256 MB of float32 logits
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows = max(1, LinearCrossEntropy.CHUNK_ELEMENTS // weight.shape[0])
+        x = h.to(weight.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, x.shape[0], rows):
+            xc, tc = x[start:start + rows], targets[start:start + rows]
+            logits = (xc @ weight.t()).float()  # (n, V)
+            lse = logits.logsumexp(dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                dlogits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+                dlogits = dlogits.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + rows] = dlogits @ weight
+                if need_w:
+                    grad_w += (dlogits.t() @ xc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None
@@ -157,13 +208,17 @@ class CausalLMOutput:
 
 
 class ChatGLMForConditionalGeneration(nn.Module):
-    """The full model: `transformer.*` + `lm_head`, exactly the original's parameter paths."""
+    """The full model: `transformer.*` + `lm_head`, exactly the original's parameter paths.
 
-    def __init__(self, config: ChatGLMConfig):
+    `device="meta"` builds it without allocating (then load weights with `assign`). Passing the
+    device here rather than using a `torch.device` context avoids importing torch._dynamo (5 s).
+    """
+
+    def __init__(self, config: ChatGLMConfig, device: Any = None):
         super().__init__()
         self.config = config
-        self.transformer = ChatGLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.transformer = ChatGLMModel(config, device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         self.kv_caches: nn.ModuleList | None = None
 
     # -- properties ------------------------------------------------------------------------------
@@ -223,7 +278,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         *,
         cache_columns: torch.Tensor | None = None,
         kv_length: int | None = None,
-        cache_rows: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | slice | None = None,
         last_logits_only: bool = False,
         return_logits: bool = True,
         **unused: Any,
@@ -232,7 +287,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
         With `cache_columns` the KV cache (see `setup_caches`) is written at those columns and
         attention runs over its first `kv_length` columns; `cache_rows` (B,) picks the cache slots the
-        batch rows use (default: row b is slot b). With `labels` the mean shifted
+        batch rows use (default: row b is slot b), or a `slice` of slots to use them without a copy. With `labels` the mean shifted
         cross-entropy (in float32) over labels != -100 is returned too.
         """
         if position_ids is None or attention_mask is None:
@@ -260,7 +315,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
         targets = labels[:, 1:]
         keep = targets != -100
         selected = h[:, :-1][keep]  # (N, H)
-        logits = self.lm_head(selected).float()
+        if type(self.lm_head) is nn.Linear and selected.shape[0] > 0:
+            # Chunked, so the (N, vocab) float32 logits never exist at once (1 GB per 2k targets at full size).
+            return LinearCrossEntropy.apply(selected, self.lm_head.weight, targets[keep]) / selected.shape[0]
+        logits = self.lm_head(selected).float()  # a quantized or adapted lm_head: plain path
         if selected.shape[0] == 0:
             return logits.sum() * 0.0
         return F.cross_entropy(logits, targets[keep])
