@@ -1,0 +1,48 @@
+"""`chatglm-ft merge`: fold LoRA adapters into the base weights and write a full checkpoint in the
+original layout (safetensors shards + index, config.json, tokenizer files) that any ChatGLM-6B
+loader reads."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into the model and save a full checkpoint",
+                       description="Merge one or more LoRA adapters (PEFT layout) into a ChatGLM-6B checkpoint and "
+                                   "write the result to --out in the original layout.")
+    p.add_argument("--model", help="base ChatGLM-6B checkpoint directory (default: $CHATGLM_FT_MODEL)")
+    p.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                   help="LoRA adapter directory, or a `chatglm-ft train` output directory (repeatable: adapters add up)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the merged checkpoint")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the saved weights (auto: the base checkpoint's torch_dtype)")
+    p.add_argument("--device", default="cpu", help="where to merge (cpu needs host memory for one copy of the model)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..api import load, model_path
+    from ..checkpoint import save_model
+    from ..config import ChatGLMConfig
+    from ..errors import ChatGLMError
+    from ..lora import merge_adapter
+
+    source = model_path(args.model)
+    config = ChatGLMConfig.from_dir(source)
+    if config.quantization_bit or config.quantization:
+        raise ChatGLMError(f"{source} is quantized; merge into the float16 checkpoint, then quantize the result")
+    out = Path(args.out).expanduser()
+    if out.resolve() == source.resolve():
+        raise ChatGLMError("--out must differ from --model (the base checkpoint is never overwritten)")
+    dtype = config.torch_dtype if args.dtype == "auto" else args.dtype
+    start = time.perf_counter()
+    model, _ = load(source, dtype=dtype, device=args.device, adapter=args.adapter)
+    model = merge_adapter(model)
+    save_model(model, out, tokenizer_dir=source, dtype=model.dtype)
+    print(f"merged {len(args.adapter)} adapter(s) into {source} -> {out} ({dtype}) in {time.perf_counter() - start:.1f}s",
+          file=sys.stderr)
+    return 0

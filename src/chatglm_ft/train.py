@@ -1,0 +1,640 @@
+"""The training loop: LoRA (through PEFT) or full fine-tuning, in one process or under torchrun (DDP).
+
+    train(TrainConfig(model="chatglm-6b", data=["alpaca.json"], learning_rate=1e-4))
+
+One optimizer step = `gradient_accumulation_steps` micro-batches on every process. The loss of
+a step is the mean over all its target tokens, on all processes together: each micro-batch's
+mean loss is weighted by its share of the step's tokens (counted before the forward passes), so
+N processes with batch b give the same gradients as one process with batch N*b, and
+accumulation gives the same gradients as one big batch.
+
+Output directory:
+    adapter/                  final LoRA adapter (PEFT layout)    | model/ for full fine-tuning
+    checkpoint-<step>/        adapter/ or model/ + trainer_state.pt (optimizer, scheduler, RNG, data position)
+    train_log.jsonl           one line per logging step / evaluation
+    train_results.json        the TrainResult
+    tensorboard/              when tensorboard is installed and report_to has it
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .api import resolve_device
+from .checkpoint import read_shard, replace_dir, save_checkpoint, weight_files
+from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, load_records, split_validation,
+                   tokenize_records)
+from .errors import ChatGLMError
+from .lora import apply_lora, save_adapter
+from .train_config import TrainConfig, TrainResult
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+RESULTS_FILE = "train_results.json"
+IGNORE_INDEX = -100
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- processes ---------------------------------------------------------------------------------------
+@dataclass
+class Processes:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_processes(device: str) -> Processes:
+    """Join the torchrun job if there is one: NCCL with one GPU per process, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        target = resolve_device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())  # compare equal to model.device
+        return Processes(0, 1, target)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and str(device) in ("auto", "cuda")
+    if str(device).startswith("cuda:"):
+        raise ChatGLMError("under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda or auto")
+    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(rank, world, target, owns)
+
+
+# -- precision ---------------------------------------------------------------------------------------
+def precision(config: TrainConfig, device: torch.device, model: nn.Module | None) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of the stored weights, autocast dtype or None).
+
+    GPU: the frozen base is stored in the autocast dtype (bfloat16 where supported, else float16),
+    so there is no float32 master copy of weights that never change; trained weights (LoRA, or all
+    of them for full fine-tuning) stay float32 and the loss is float32. CPU: float32 throughout.
+    """
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if config.dtype not in ("auto", *names):
+        raise ChatGLMError(f"unknown dtype {config.dtype!r}; use auto, float32, float16 or bfloat16")
+    if device.type != "cuda":
+        stored = names.get(config.dtype, torch.float32)
+        return (torch.float32 if config.finetuning_type == "full" else stored), None
+    if config.dtype == "auto":
+        given = model.dtype if model is not None and getattr(model, "dtype", None) in (torch.float16, torch.bfloat16) else None
+        amp = given or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    else:
+        amp = names[config.dtype] if config.dtype != "float32" else None
+    if config.finetuning_type == "full" or amp is None:
+        return torch.float32, amp
+    return amp, amp
+
+
+# -- the training state that a checkpoint holds ------------------------------------------------------
+@dataclass
+class Run:
+    """Everything the loop mutates; `checkpoint_state` / `restore` make it survive a kill."""
+
+    config: TrainConfig
+    procs: Processes
+    net: nn.Module  # what forward runs through: DDP(PeftModel | model) or the model itself
+    trained: nn.Module  # PeftModel (LoRA) or the model (full)
+    base: nn.Module  # the ChatGLMForConditionalGeneration inside
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    sampler: LengthGroupedBatches
+    total_steps: int
+    tokenizer_dir: Path | None
+    step: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def lora(self) -> bool:
+        return self.config.finetuning_type == "lora"
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_weights(run: Run, out: Path) -> None:
+    """The trained weights in a directory other tools read: adapter/ (PEFT) or model/ (original layout)."""
+    if run.lora:
+        save_adapter(run.trained, out / "adapter", base_model=run.config.model)
+    else:
+        save_checkpoint(run.base.state_dict(), run.base.config, out / "model", tokenizer_dir=run.tokenizer_dir)
+
+
+def save_training_checkpoint(run: Run, output_dir: Path) -> None:
+    """checkpoint-<step>/ with weights and trainer state, written to a temporary name and renamed into place."""
+    rng = rng_state(run.procs.device)
+    rngs = [None] * run.procs.world
+    if run.procs.world > 1:
+        dist.all_gather_object(rngs, rng)  # dropout streams differ per process: keep each one
+    else:
+        rngs = [rng]
+    if run.procs.main:
+        out = output_dir / f"{CHECKPOINT_PREFIX}{run.step}"
+        tmp = out.with_name(out.name + ".tmp-partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_weights(run, tmp)
+        torch.save({
+            "step": run.step, "total_steps": run.total_steps, "world_size": run.procs.world,
+            "finetuning_type": run.config.finetuning_type,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "sampler": run.sampler.state_dict(), "rng": rngs,
+            "losses": run.losses, "eval_losses": run.eval_losses,
+        }, tmp / STATE_FILE)
+        (tmp / "trainer_state.json").write_text(json.dumps({
+            "step": run.step, "total_steps": run.total_steps, "epoch": epoch_of(run.sampler),
+            "losses": run.losses, "eval_losses": run.eval_losses, "config": run.config.to_dict(),
+        }, indent=1))
+        replace_dir(tmp, out)
+        prune_checkpoints(output_dir, run.config.save_total_limit)
+    run.procs.barrier()
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a half-written one has another name and no state file)."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (path / STATE_FILE).exists():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: Path, limit: int) -> None:
+    if limit > 0:
+        for _, path in checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(path)
+
+
+def restore(run: Run, path: Path) -> None:
+    """Continue exactly where checkpoint `path` stopped: weights, optimizer, schedule, data position, RNG."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if state["finetuning_type"] != run.config.finetuning_type:
+        raise ChatGLMError(f"{path}: was a {state['finetuning_type']} run; resume it with the same --finetuning-type")
+    if run.lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(path / "adapter" / "adapter_model.safetensors", device=str(run.procs.device))
+        result = set_peft_model_state_dict(run.trained, weights)
+        if result.unexpected_keys:
+            raise ChatGLMError(f"{path}: adapter does not match the LoRA settings (e.g. {result.unexpected_keys[0]});"
+                               " resume with the same --lora-* flags")
+    else:
+        params = run.base.state_dict(keep_vars=True)
+        for file in weight_files(path / "model"):
+            for name, tensor in read_shard(file):
+                params[name].data.copy_(tensor)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state["scaler"] is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    run.sampler.load_state_dict(state["sampler"])
+    if state["world_size"] == run.procs.world:
+        set_rng_state(state["rng"][run.procs.rank], run.procs.device)
+    else:
+        info(f"note: checkpoint written by {state['world_size']} processes, resumed by {run.procs.world}:"
+             " dropout masks will differ from an uninterrupted run")
+        set_rng_state(state["rng"][0], run.procs.device)
+    if state["total_steps"] != run.total_steps:
+        info(f"note: the run now has {run.total_steps} steps, the checkpoint's had {state['total_steps']}:"
+             " the learning-rate schedule changes from here on")
+    run.step = state["step"]
+    run.losses = [tuple(x) for x in state["losses"]]
+    run.eval_losses = [tuple(x) for x in state["eval_losses"]]
+
+
+# -- one optimizer step --------------------------------------------------------------------------------
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken over: labels after the shift, not -100."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_step(run: Run, batches: list[dict[str, torch.Tensor]], autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches and one optimizer step; returns (local loss sum, global target count)."""
+    procs, device = run.procs, run.procs.device
+    counts = [target_count(b) for b in batches]
+    total = procs.sum(torch.tensor(float(sum(counts)), device=device)).clamp(min=1.0)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for k, (batch, count) in enumerate(zip(batches, counts)):
+        last = k == len(batches) - 1
+        sync = contextlib.nullcontext() if last or procs.world == 1 else run.net.no_sync()  # all-reduce once per step
+        with sync:
+            with autocast:
+                out = run.net(batch["input_ids"].to(device, non_blocking=True),
+                              labels=batch["labels"].to(device, non_blocking=True), return_logits=False)
+            # mean over this micro-batch -> its share of the step's token mean; x world because DDP averages
+            loss = out.loss.float() * (count * procs.world) / total
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss_sum += out.loss.detach().float() * count
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
+    if run.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, run.config.max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, total
+
+
+@torch.no_grad()
+def evaluate(run: Run, examples: list[Example], autocast) -> float:
+    """Mean loss over every target token of the held-out examples (sharded over processes)."""
+    model = run.net.module if isinstance(run.net, nn.parallel.DistributedDataParallel) else run.net
+    mine = examples[run.procs.rank::run.procs.world]
+    mine = sorted(mine, key=len, reverse=True)  # similar lengths together: little padding
+    device = run.procs.device
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    count = torch.zeros((), dtype=torch.float32, device=device)
+    model.eval()
+    size = run.config.per_device_eval_batch_size
+    for start in range(0, len(mine), size):
+        batch = collate(mine[start:start + size], run.base.config.pad_token_id)
+        n = target_count(batch)
+        with autocast:
+            out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), return_logits=False)
+        loss_sum += out.loss.float() * n
+        count += n
+    model.train()
+    return (run.procs.sum(loss_sum) / run.procs.sum(count).clamp(min=1.0)).item()
+
+
+def epoch_of(sampler: LengthGroupedBatches) -> float:
+    return round(sampler.epoch + sampler.position / max(1, len(sampler)), 4)
+
+
+# -- logging -------------------------------------------------------------------------------------------
+class Reporter:
+    """JSONL lines and TensorBoard scalars (rank 0 only)."""
+
+    def __init__(self, config: TrainConfig, output_dir: Path, *, enabled: bool, resume_step: int):
+        self.jsonl = output_dir / LOG_FILE if enabled and "jsonl" in config.report_to else None
+        self.writer = None
+        if self.jsonl is not None and self.jsonl.exists():
+            # A resumed run rewrites what came after its checkpoint; a fresh run starts a new log.
+            kept = [line for line in self.jsonl.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step] if resume_step else []
+            self.jsonl.write_text("".join(line + "\n" for line in kept))
+        if enabled and "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    group = "eval" if key.startswith("eval_") else "train"
+                    self.writer.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# -- setup -----------------------------------------------------------------------------------------------
+def read_records(config: TrainConfig, procs: Processes, records, examples) -> list | None:
+    """Records from memory or the --data files; read before the model so bad data fails in seconds."""
+    if examples is not None or records is not None:
+        return records
+    if not config.data:
+        raise ChatGLMError("no training data: pass --data FILE (repeatable; JSON/JSONL files, directories or globs)")
+    records, report = load_records(config.data, format=config.data_format, columns=config.columns,
+                                   on_bad_row=config.on_bad_row, last_turn_only=config.last_turn_only)
+    if procs.main:
+        info(report.summary())
+    return records
+
+
+def prepare_data(config: TrainConfig, procs: Processes, tokenizer, records, examples) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples; the split is by conversation (records) or by example."""
+    if examples is not None:
+        return split_validation(list(examples), val_size=config.validation_size, seed=config.seed)
+    if tokenizer is None:
+        raise ChatGLMError("records need a tokenizer: pass tokenizer= (or a model path instead of a model object)")
+    train_records, val_records = split_validation(list(records), val_size=config.validation_size, seed=config.seed)
+    settings = dict(template=config.template, max_source_length=config.max_source_length,
+                    max_target_length=config.max_target_length, cache_dir=default_cache_dir())
+    if not procs.main:
+        procs.barrier()  # rank 0 tokenizes and fills the cache first; the others then read it
+    train_examples = tokenize_records(train_records, tokenizer, **settings)
+    val_examples = tokenize_records(val_records, tokenizer, **settings) if val_records else []
+    if procs.main:
+        procs.barrier()
+    return train_examples, val_examples
+
+
+def prepare_model(config: TrainConfig, procs: Processes, model, tokenizer):
+    """(model on this process's device in the training dtype, tokenizer, autocast dtype, tokenizer dir)."""
+    tokenizer_dir = None
+    stored, amp = precision(config, procs.device, model)
+    if model is None:
+        from .api import load
+
+        if not config.model:
+            raise ChatGLMError("no model given; pass --model DIR (a ChatGLM-6B checkpoint directory)")
+        model, loaded_tokenizer = load(config.model, dtype=stored, device=procs.device, quantize=config.quantize)
+        tokenizer = tokenizer or loaded_tokenizer
+        tokenizer_dir = Path(config.model)
+    else:
+        if model.device != procs.device:
+            model.to(procs.device)
+        if config.finetuning_type == "full" and model.dtype != torch.float32:
+            model.float()  # trained weights need float32 (autocast still computes in 16 bit on GPU)
+    if tokenizer_dir is None and getattr(tokenizer, "model_file", None):
+        tokenizer_dir = Path(tokenizer.model_file).parent
+    return model, tokenizer, amp, tokenizer_dir
+
+
+def make_trainable(config: TrainConfig, model: nn.Module) -> nn.Module:
+    if config.finetuning_type == "lora":
+        torch.manual_seed(config.seed)  # the same fresh adapter on every process and every run
+        return apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          target=config.lora_target)
+    integer = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if integer:
+        raise ChatGLMError(f"full fine-tuning needs float weights, {integer[0]} is quantized; use LoRA (QLoRA)")
+    return model.requires_grad_(True)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights get no weight decay (the usual transformers rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused or None)
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0, then linear decay to 0 at the last step (transformers' default)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def describe(run: Run, n_train: int, n_val: int, amp, steps_per_epoch: int) -> str:
+    c, procs = run.config, run.procs
+    trainable = sum(p.numel() for p in run.trained.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in {id(p): p for p in run.trained.parameters()}.values())
+    what = (f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {','.join(sorted(run.trained.peft_config['default'].target_modules))}"
+            if run.lora else "full fine-tuning")
+    global_batch = c.per_device_train_batch_size * procs.world * c.gradient_accumulation_steps
+    return (f"train: {n_train:,} examples" + (f" (+{n_val:,} validation)" if n_val else "")
+            + f"; {run.total_steps:,} steps ({steps_per_epoch:,} per epoch) of {global_batch} examples"
+            f" ({c.per_device_train_batch_size} x {procs.world} process(es) x {c.gradient_accumulation_steps} accumulation)"
+            f"; {what}: {trainable:,} of {total:,} parameters train"
+            f"; {str(amp).removeprefix('torch.') + ' autocast' if amp else 'float32'} on {procs.device}")
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None, records=None,
+          examples: list[Example] | None = None) -> TrainResult:
+    """Fine-tune and save the adapter (or full model) under `config.output_dir`.
+
+    `model`/`tokenizer`/`records` (data.Record) may be given in memory; `examples` (data.Example)
+    skips tokenization. A model given in memory is trained in place: after LoRA training it carries
+    the adapter (active, unmerged) and can generate right away.
+    """
+    config.validate()
+    procs = init_processes(config.device)
+    try:
+        return _train(config, procs, model, tokenizer, records, examples)
+    finally:
+        if procs.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
+    output_dir = Path(config.output_dir).expanduser()
+    records = read_records(config, procs, records, examples)
+    model, tokenizer, amp, tokenizer_dir = prepare_model(config, procs, model, tokenizer)
+    train_examples, val_examples = prepare_data(config, procs, tokenizer, records, examples)
+    trained = make_trainable(config, model)
+    base = trained.get_base_model() if config.finetuning_type == "lora" else model
+    base.set_gradient_checkpointing(config.gradient_checkpointing)
+    torch.manual_seed(config.seed + procs.rank)  # dropout: one stream per process
+    random.seed(config.seed + procs.rank)
+    net = trained
+    if procs.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            trained, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
+            broadcast_buffers=False)  # no buffer changes while training: skip the per-forward broadcast
+    sampler = LengthGroupedBatches([len(e) for e in train_examples], batch_size=config.per_device_train_batch_size,
+                                   seed=config.seed, num_replicas=procs.world, rank=procs.rank)
+    accumulation = config.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(sampler) // accumulation)
+    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+    optimizer = make_optimizer(config, trained, procs.device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None  # float16 gradients need loss scaling
+    run = Run(config, procs, net, trained, base, optimizer, linear_schedule(optimizer, config.warmup_steps, total_steps),
+              scaler, sampler, total_steps, tokenizer_dir)
+
+    found = checkpoints(output_dir)
+    if config.resume and found:
+        restore(run, found[-1][1])
+        if procs.main:
+            info(f"resuming from {found[-1][1]} (step {run.step} of {total_steps})")
+    elif procs.main:
+        if config.resume:
+            info(f"note: --resume given but {output_dir} has no checkpoint; starting from step 0")
+        elif found:
+            info(f"note: starting afresh in {output_dir}: removing {len(found)} checkpoint(s) of an earlier run"
+                 " (pass --resume to continue it instead)")
+            for _, path in found:
+                shutil.rmtree(path)
+    if procs.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        info(describe(run, len(train_examples), len(val_examples), amp, steps_per_epoch))
+        if run.lora and config.learning_rate <= 2e-5:
+            info(f"note: learning rate {config.learning_rate:g} is the seed's value for full fine-tuning;"
+                 " LoRA usually needs 1e-4..1e-3 (--learning-rate)")
+        if config.warmup_steps >= total_steps:
+            info(f"note: warmup_steps {config.warmup_steps} >= {total_steps} steps: the learning rate never"
+                 " reaches its peak (--warmup-steps)")
+    procs.barrier()
+    reporter = Reporter(config, output_dir, enabled=procs.main, resume_step=run.step)
+    try:
+        seconds, tokens_per_second = loop(run, train_examples, val_examples, amp, reporter)
+    finally:
+        reporter.close()
+
+    if procs.main:
+        save_weights(run, output_dir)
+    trained.eval()
+    window = [loss for _, loss in run.losses[-config.logging_steps:]]
+    result = TrainResult(
+        output_dir=output_dir, adapter_dir=output_dir / "adapter" if run.lora else None,
+        final_loss=sum(window) / len(window) if window else float("nan"), losses=run.losses,
+        eval_losses=run.eval_losses, tokens_per_second=tokens_per_second, seconds=seconds, steps=run.step,
+        model_dir=None if run.lora else output_dir / "model",
+        peak_memory_bytes=torch.cuda.max_memory_allocated(procs.device) if procs.device.type == "cuda" else None,
+    )
+    if procs.main:
+        (output_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        where = result.adapter_dir or result.model_dir
+        info(f"done: {run.step} steps in {seconds:.1f}s, {tokens_per_second:,.0f} tokens/s, "
+             f"final loss {result.final_loss:.4f}; saved {where}")
+    procs.barrier()
+    return result
+
+
+def loop(run: Run, train_examples: list[Example], val_examples: list[Example], amp, reporter: Reporter) -> tuple[float, float]:
+    """Run the remaining steps; returns (seconds, tokens per second after the first step)."""
+    from tqdm.auto import tqdm
+
+    config, procs = run.config, run.procs
+    output_dir = Path(config.output_dir).expanduser()
+    autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+    pad_id = run.base.config.pad_token_id
+    run.net.train()
+
+    def stream():
+        while True:  # epoch after epoch; the sampler resumes mid-epoch after `restore`
+            yield from run.sampler
+
+    batches = stream()
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # losses not yet read back (no sync per step)
+    last_saved = run.step
+
+    def flush() -> None:
+        if not pending:
+            return
+        sums = procs.sum(torch.stack([p[1] for p in pending]))
+        values = (sums / torch.stack([p[2] for p in pending])).tolist()
+        steps = [p[0] for p in pending]
+        pending.clear()
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise ChatGLMError(
+                    f"loss is {value} at step {step}: training stopped, nothing saved after step {last_saved}."
+                    f" Lower --learning-rate ({config.learning_rate:g}), use --dtype bfloat16 or float32, or check the data"
+                )
+        run.losses.extend(zip(steps, values))
+
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (config.progress and procs.main),
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    start = time.perf_counter()
+    timed_from, timed_tokens, tokens = None, 0, 0
+    first_step = run.step
+    try:
+        while run.step < run.total_steps:
+            micro = [[train_examples[i] for i in next(batches)] for _ in range(config.gradient_accumulation_steps)]
+            lr = run.scheduler.get_last_lr()[0]
+            loss_sum, count = train_step(run, [collate(m, pad_id) for m in micro], autocast)
+            run.step += 1
+            pending.append((run.step, loss_sum, count))
+            tokens += sum(len(e) for m in micro for e in m) * procs.world  # about: other ranks' lengths are similar
+            if run.step == first_step + 1:
+                if procs.device.type == "cuda":
+                    torch.cuda.synchronize(procs.device)
+                timed_from, timed_tokens = time.perf_counter(), tokens
+            bar.update(1)
+            if run.step % config.logging_steps == 0 or run.step == run.total_steps:
+                flush()
+                window = [v for s, v in run.losses if s > run.step - config.logging_steps]
+                elapsed = time.perf_counter() - start
+                speed = throughput(tokens, timed_tokens, timed_from, elapsed)
+                reporter.log({"step": run.step, "epoch": epoch_of(run.sampler), "loss": sum(window) / len(window),
+                              "learning_rate": lr, "tokens_per_second": round(speed, 1), "elapsed_s": round(elapsed, 2)})
+                bar.set_postfix(loss=f"{window[-1]:.4f}", tok_s=f"{speed:,.0f}")
+            if val_examples and config.eval_steps > 0 and (run.step % config.eval_steps == 0 or run.step == run.total_steps):
+                flush()
+                eval_loss = evaluate(run, val_examples, autocast)
+                run.eval_losses.append((run.step, eval_loss))
+                reporter.log({"step": run.step, "eval_loss": eval_loss})
+                if procs.main:
+                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}", file=sys.stderr)
+            if config.save_steps > 0 and run.step % config.save_steps == 0 and run.step < run.total_steps:
+                flush()  # never save after a NaN
+                save_training_checkpoint(run, output_dir)
+                last_saved = run.step
+        flush()
+    except KeyboardInterrupt:
+        if procs.main:
+            bar.write(f"interrupted at step {run.step}; "
+                      + (f"continue from step {last_saved} with --resume" if last_saved else "no checkpoint saved yet"),
+                      file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    if procs.device.type == "cuda":
+        torch.cuda.synchronize(procs.device)
+    seconds = time.perf_counter() - start
+    return seconds, throughput(tokens, timed_tokens, timed_from, seconds)
+
+
+def throughput(tokens: int, timed_tokens: int, timed_from: float | None, elapsed: float) -> float:
+    """Tokens per second after the first step (which pays for allocation and kernel selection)."""
+    if timed_from is None:
+        return 0.0
+    since = time.perf_counter() - timed_from
+    if tokens > timed_tokens and since > 0:
+        return (tokens - timed_tokens) / since
+    return tokens / max(elapsed, 1e-9)
