@@ -33,10 +33,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from chatglm_ft.bench import random_model  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
 from chatglm_ft.data import Example  # noqa: E402
 from chatglm_ft.lora import remove_adapters  # noqa: E402
-from chatglm_ft.model import ChatGLMForConditionalGeneration  # noqa: E402
+from chatglm_ft.random_data import random_examples  # noqa: E402
 from chatglm_ft.train import TrainConfig, train  # noqa: E402
 
 SEQ = 1024
@@ -45,40 +46,9 @@ GOALS = {"A": {"tokens_per_second": 16000, "peak_gb": 40}, "B": {"tokens_per_sec
 BASELINE = {"A": {"tokens_per_second": 10632, "peak_gb": 81.7}, "B": {"tokens_per_second": 5996, "peak_gb": 15.4}}
 
 
-def random_model(config: ChatGLMConfig, dtype: torch.dtype) -> ChatGLMForConditionalGeneration:
-    """N(0, 0.02) weights like the original's init, built directly in `dtype` on the GPU, lm_head tied."""
-    model = ChatGLMForConditionalGeneration(config, device="meta").to(dtype)
-    model.to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    model.tie_lm_head()  # as in the released checkpoint (6.17 B parameters)
-    model.reset_buffers()
-    return model.eval()
-
-
-def examples(n: int, config: ChatGLMConfig, prompt_tokens: int = 62) -> list[Example]:
-    """n sequences of exactly SEQ tokens: prompt + [gMASK] <sop> + answer + <eop>; labels from <sop> on."""
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        prompt = torch.randint(20, 130000, (prompt_tokens,), generator=gen).tolist()
-        answer = torch.randint(20, 130000, (SEQ - prompt_tokens - 3,), generator=gen).tolist()
-        ids = prompt + [config.gmask_token_id, config.bos_token_id] + answer + [config.eos_token_id]
-        context = prompt_tokens + 1
-        out.append(Example(input_ids=ids, labels=[-100] * context + ids[context:]))
-    return out
-
-
 def loss_check(model, config: ChatGLMConfig) -> dict:
     """Chunked fused loss (what training uses) vs cross-entropy over materialised full logits, bf16 autocast."""
-    ex = examples(1, config)[0]
+    ex = random_examples(1, config=config, seq_len=SEQ)[0]
     ids, labels = torch.tensor([ex.input_ids], device="cuda"), torch.tensor([ex.labels], device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ours = model(ids, labels=labels, return_logits=False).loss.item()
@@ -132,7 +102,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [], "errors": {}}
 
     t0 = time.perf_counter()
-    model = random_model(config, torch.bfloat16)
+    model = random_model(config, dtype=torch.bfloat16, device=torch.device("cuda"))  # N(0, 0.02), lm_head tied
     torch.cuda.synchronize()
     results["build_s"] = round(time.perf_counter() - t0, 1)
     results["weights_gb"] = round(sum(p.numel() * p.element_size()
@@ -142,11 +112,12 @@ def main() -> None:
     except Exception:
         results["errors"]["loss_check"] = traceback.format_exc()[-2000:]
 
+    one_batch, eight = random_examples(4, config=config, seq_len=SEQ), random_examples(8, config=config, seq_len=SEQ)
     plans = [
         # A trains on one repeated batch (4 sequences): its loss must fall (sanity) while throughput is measured.
-        ("A", dict(batch=4, checkpointing=False, steps=args.steps, learning_rate=1e-3, data=examples(4, config),
+        ("A", dict(batch=4, checkpointing=False, steps=args.steps, learning_rate=1e-3, data=one_batch,
                    profile=args.profile)),
-        ("B", dict(batch=1, checkpointing=True, steps=args.steps + 8, learning_rate=1e-4, data=examples(8, config))),
+        ("B", dict(batch=1, checkpointing=True, steps=args.steps + 8, learning_rate=1e-4, data=eight)),
     ]
     for name, plan in plans:
         if name not in wanted:
@@ -166,7 +137,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             results["int4_weights_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
             results["rows"].append(run_config("C", model, config, batch=1, checkpointing=True, steps=args.steps,
-                                              learning_rate=1e-4, data=examples(8, config)))
+                                              learning_rate=1e-4, data=eight))
         except Exception:
             results["errors"]["C"] = traceback.format_exc()[-3000:]
     results["seconds"] = round(time.perf_counter() - started, 1)

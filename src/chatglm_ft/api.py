@@ -59,7 +59,7 @@ def load(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
-    quantize: str | None = None,
+    quantize: str | dict | None = None,  # "int8", "int4" or {"bits": 4, "group_size": 128, "embeddings": True}
     adapter: str | Path | list | None = None,
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Load a ChatGLM-6B checkpoint directory: `model, tokenizer = load(path, dtype="float16", device="cuda")`."""

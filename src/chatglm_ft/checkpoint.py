@@ -158,7 +158,8 @@ def load_weights(
             f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}; a shard is incomplete or the config is wrong"
         )
     embeddings = model.get_parameter("transformer.word_embeddings.weight")
-    if lm_head is None or torch.equal(lm_head.to(embeddings.device), embeddings.data):
+    # (compared on the host: no second 1 GB copy on the GPU; quantized embeddings never equal a float lm_head)
+    if lm_head is None or (lm_head.dtype == embeddings.dtype and torch.equal(lm_head, embeddings.data.to(lm_head.device))):
         # The released checkpoint stores lm_head equal to the embeddings: share one tensor (saves ~1 GB).
         model.tie_lm_head()
     elif place is not None:

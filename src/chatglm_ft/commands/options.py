@@ -12,6 +12,8 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
     if quantize:
         p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                        help="weight-only quantization applied while loading")
+        p.add_argument("--quantize-embeddings", action="store_true",
+                       help="with --quantize: also quantize word_embeddings and lm_head (less memory, some accuracy)")
     if adapter:
         p.add_argument("--adapter", action="append", default=None, metavar="DIR",
                        help="LoRA adapter directory (PEFT layout) applied unmerged")
@@ -49,6 +51,18 @@ def generation_config(args: argparse.Namespace):
     ).validate()
 
 
+def quantize_from_args(args: argparse.Namespace) -> str | dict | None:
+    """The `quantize=` argument of `api.load` for --quantize / --quantize-embeddings."""
+    quantize = getattr(args, "quantize", None)
+    if not getattr(args, "quantize_embeddings", False):
+        return quantize
+    if quantize is None:
+        from ..errors import ChatGLMError
+
+        raise ChatGLMError("--quantize-embeddings needs --quantize int8 or int4")
+    return {"bits": 8 if quantize == "int8" else 4, "embeddings": True}
+
+
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer) for the model flags, reporting load time and memory on stderr."""
     import sys
@@ -58,6 +72,6 @@ def load_from_args(args: argparse.Namespace):
 
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
-                            quantize=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None))
+                            quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None))
     print(f"loaded in {time.perf_counter() - start:.1f}s on {model.device} ({model.dtype})", file=sys.stderr)
     return model, tokenizer

@@ -1,0 +1,212 @@
+"""Serving benchmark (issue 6): the continuous-batching engine on a full-size ChatGLM-6B with random
+float16 weights, in process (no HTTP).
+
+Measures output tokens/s at 1/8/32/128 concurrent streams (128-token prompts, exactly 128-token
+answers: <eop> is not a stop token here), time per output token (per request, p50/p99), the gap
+between a stream's tokens (p50/p99) and time to first token; then batch-1 latency of the engine
+against the plain `generate` path (its default fast path, and eager). Decode modes: "graphs"
+(the server's default on CUDA) for every level, "eager" at 1 and 128 streams, and "compile" at
+1 stream if time allows. Each section fails on its own (the error is recorded, the rest runs).
+
+    python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
+    python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
+
+Finishes in under 4 minutes on an H200; prints a table last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from chatglm_ft.api import build_model  # noqa: E402
+from chatglm_ft.config import ChatGLMConfig  # noqa: E402
+from chatglm_ft.engine import Engine  # noqa: E402
+from chatglm_ft.generate import GenerationConfig  # noqa: E402
+from chatglm_ft.tokenizer import ChatGLMTokenizer  # noqa: E402
+
+PROMPT_TOKENS, ANSWER_TOKENS = 128, 128
+LEVELS = (1, 8, 32, 128)
+BUDGET_SECONDS = 225  # stop starting optional sections after this
+BEGAN = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - BEGAN
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def find_tokenizer() -> ChatGLMTokenizer | None:
+    """The real tokenizer from the shared golden checkpoint, so detokenizing costs what it costs in the server."""
+    for root in (os.environ.get("CHATGLM_FT_SHARED"), REPO / "shared", REPO.parent / "shared"):
+        if root and (Path(root) / "golden" / "chatglm-6b-tiny" / "ice_text.model").exists():
+            return ChatGLMTokenizer.from_dir(Path(root) / "golden" / "chatglm-6b-tiny")
+    return None
+
+
+def prompts(config: ChatGLMConfig, n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    body = torch.randint(20000, 120000, (n, PROMPT_TOKENS - 2), generator=g).tolist()
+    return [row + [config.gmask_token_id, config.bos_token_id] for row in body]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def run_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int, seed: int) -> dict:
+    gen = GenerationConfig(max_new_tokens=answer, stop_token_ids=())
+    batch = prompts(config, streams, seed)
+    sync()
+    began = time.perf_counter()
+    handles = [engine.submit(p, gen) for p in batch]
+    results = [h.result(600) for h in handles]
+    wall = time.perf_counter() - began
+    bad = [r.finish_reason for r in results if r.finish_reason != "length" or r.completion_tokens != answer]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests did not finish normally: {bad[:3]} {[r.error for r in results][:1]}")
+    tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in results]
+    gaps = [b - a for r in results for a, b in zip(r.token_times, r.token_times[1:])]
+    ttft = [r.first_token_seconds for r in results]
+    tokens = sum(r.completion_tokens for r in results)
+    return {
+        "streams": streams, "output_tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+        "tpot_ms_p50": 1e3 * percentile(tpot, 50), "tpot_ms_p99": 1e3 * percentile(tpot, 99),
+        "token_gap_ms_p50": 1e3 * percentile(gaps, 50), "token_gap_ms_p99": 1e3 * percentile(gaps, 99),
+        "ttft_ms_p50": 1e3 * percentile(ttft, 50), "ttft_ms_p99": 1e3 * percentile(ttft, 99),
+    }
+
+
+def engine_levels(model, tokenizer, config, decode: str, levels, answer: int) -> dict:
+    """Warm up each level (captures its graphs), then time it."""
+    engine = Engine(model, tokenizer, max_batch=max(levels), max_queue=max(levels),
+                    max_context=PROMPT_TOKENS + answer, decode=decode).start()
+    out = {"decode": engine.decode_mode, "levels": []}
+    try:
+        for streams in levels:
+            began = time.perf_counter()
+            run_level(engine, config, streams, min(16, answer), seed=streams)  # warm-up: same batch and attention buckets
+            warm = time.perf_counter() - began
+            level = run_level(engine, config, streams, answer, seed=1000 + streams)
+            level["warmup_seconds"] = warm
+            out["levels"].append(level)
+            print(f"  [{decode}] {streams:>3} streams: {level['tokens_per_s']:8.0f} tok/s, TPOT p50 "
+                  f"{level['tpot_ms_p50']:.2f} ms (warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        engine.stop(drain=False, timeout=60)
+        out["graphs_captured"] = len(engine._graphs.graphs) if engine._graphs is not None else 0
+    return out
+
+
+def generate_latency(model, config, *, fast: bool | None, answer: int) -> dict:
+    """Batch-1 time per output token of plain `generate` (after one warm-up run that compiles/captures)."""
+    from chatglm_ft.generate import stream_tokens
+
+    prompt = prompts(config, 1, seed=7)
+    gen = GenerationConfig(max_new_tokens=answer, stop_token_ids=())
+
+    def once() -> tuple[float, float]:
+        sync()
+        began = time.perf_counter()
+        times = []
+        for _ in stream_tokens(model, prompt, gen, fast=fast):
+            times.append(time.perf_counter())
+        return (times[-1] - times[0]) / (len(times) - 1), times[0] - began
+
+    began = time.perf_counter()
+    once()
+    warm = time.perf_counter() - began
+    tpot, ttft = once()
+    return {"fast": fast, "tpot_ms": 1e3 * tpot, "ttft_ms": 1e3 * ttft, "warmup_seconds": warm}
+
+
+def section(results: dict, name: str, fn, *args, **kwargs) -> None:
+    if elapsed() > BUDGET_SECONDS:
+        results[name] = {"skipped": f"time budget ({elapsed():.0f} s used)"}
+        return
+    began = time.perf_counter()
+    try:
+        results[name] = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a benchmark records a failing section and goes on
+        traceback.print_exc()
+        results[name] = {"error": f"{type(e).__name__}: {e}"}
+    results[name]["section_seconds"] = time.perf_counter() - began
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str]) -> int:
+    smoke = "--smoke" in argv
+    if not smoke and not torch.cuda.is_available():
+        print("serve_bench needs a CUDA GPU (or --smoke for a CPU run of the same code)", file=sys.stderr)
+        return 1
+    config = ChatGLMConfig.tiny() if smoke else ChatGLMConfig.full()
+    levels, answer = ((1, 4), 8) if smoke else (LEVELS, ANSWER_TOKENS)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = build_model(config, dtype=torch.float32 if smoke else torch.float16,
+                            device="cpu" if smoke else "cuda").eval()
+    tokenizer = find_tokenizer()
+    results: dict = {
+        "device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
+        "dtype": str(model.dtype), "prompt_tokens": PROMPT_TOKENS, "answer_tokens": answer, "tokenizer": tokenizer is not None,
+        "model_build_seconds": elapsed(),
+    }
+    print(f"model built in {elapsed():.0f} s; tokenizer {'found' if tokenizer else 'not found (tokens only)'}",
+          file=sys.stderr, flush=True)
+    # the headline numbers first; each engine is stopped before the next section sets up its own cache
+    section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", levels, answer)
+    section(results, "generate_fast", generate_latency, model, config, fast=None, answer=answer)
+    section(results, "generate_eager", generate_latency, model, config, fast=False, answer=answer)
+    section(results, "engine_eager", engine_levels, model, tokenizer, config, "eager", (levels[0], levels[-1]), answer)
+    if not smoke:  # compiling on the CPU takes minutes
+        section(results, "engine_compile", engine_levels, model, tokenizer, config, "compile", (1,), answer)
+    results["total_seconds"] = elapsed()
+    results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "serve_bench.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\nserve_bench on {results['device']} (torch {results['torch']}), {results['dtype']} random weights, "
+          f"{PROMPT_TOKENS}-token prompts, {results['answer_tokens']}-token answers, total {results['total_seconds']:.0f} s")
+    print(f"{'decode':<8} {'streams':>7} {'tok/s':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'gap p99':>8} {'TTFT p50':>9}  (ms)")
+    for key in ("engine_graphs", "engine_eager", "engine_compile"):
+        section_ = results.get(key, {})
+        if "levels" not in section_:
+            print(f"{key:<16} {section_.get('error') or section_.get('skipped')}")
+            continue
+        for lv in section_["levels"]:
+            print(f"{section_['decode']:<8} {lv['streams']:>7} {lv['tokens_per_s']:>9.0f} {lv['tpot_ms_p50']:>9.2f} "
+                  f"{lv['tpot_ms_p99']:>9.2f} {lv['token_gap_ms_p99']:>8.2f} {lv['ttft_ms_p50']:>9.1f}")
+    for key in ("generate_fast", "generate_eager"):
+        g = results.get(key, {})
+        print(f"{key:<16} " + (f"batch-1 {g['tpot_ms']:.2f} ms/token" if "tpot_ms" in g else str(g.get("error") or g.get("skipped"))))
+    reference = results.get("generate_fast", {}).get("tpot_ms")
+    for key in ("engine_graphs", "engine_compile"):
+        levels = results.get(key, {}).get("levels", [])
+        one = next((lv for lv in levels if lv["streams"] == 1), None)
+        if one and reference:
+            print(f"batch-1 {key} / generate: {one['tpot_ms_p50'] / reference:.2f}x (goal <= 1.10)")
+    top = next((lv for lv in results.get("engine_graphs", {}).get("levels", []) if lv["streams"] == 128), None)
+    if top:
+        print(f"128 streams: {top['tokens_per_s']:.0f} output tokens/s (goal >= 15000)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,221 @@
+"""Building blocks of continuous batching (engine.py): per-row sampling on the device, an
+incremental detokenizer, and the decode step over cache slots with its CUDA graphs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .generate import GenerationConfig, TextStream, process_logits
+from .positions import PrefixLayout, attention_mask_for, position_ids_for
+from .tokenizer import ChatGLMTokenizer
+
+GREEDY = GenerationConfig()
+
+
+# -- per-row sampling -----------------------------------------------------------------------------
+@dataclass
+class RowSampling:
+    """Sampling settings of each row of a batch, as (B,) tensors on the model's device."""
+
+    do_sample: torch.Tensor  # bool
+    temperature: torch.Tensor  # float; 1 for greedy rows
+    top_p: torch.Tensor  # float in (0, 1]
+    top_k: torch.Tensor  # long; 0 = off
+    uniform: torch.Tensor  # float in [0, 1): the draw of each row's own generator
+
+
+def nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row temperature, top-k and top-p, with the rules of `generate.process_logits`.
+
+    Returns the kept probabilities in descending order (B, V) and the vocabulary ids of that order.
+    """
+    scores = logits / temperature[:, None]
+    sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V) each
+    rank = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    outside_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = sorted_scores.masked_fill(outside_k, float("-inf")).softmax(dim=-1)
+    # as transformers: drop a token once the more likely ones already reach top_p (the first is always kept)
+    outside_p = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+    return probs.masked_fill(outside_p, 0.0), order
+
+
+def sample_tokens(logits: torch.Tensor, rows: RowSampling | None) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) token ids: the argmax, or for sampling rows an inverse-CDF draw."""
+    logits = process_logits(logits, GREEDY, None)  # the original's NaN/Inf guard
+    greedy = logits.argmax(dim=-1)
+    if rows is None:
+        return greedy
+    probs, order = nucleus(logits, rows.temperature, rows.top_k, rows.top_p)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    target = (rows.uniform * cdf[:, -1])[:, None]
+    pick = torch.searchsorted(cdf, target).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    sampled = order.gather(-1, pick).squeeze(-1)
+    return torch.where(rows.do_sample, sampled, greedy)
+
+
+# -- text -----------------------------------------------------------------------------------------
+class IncrementalDecoder:
+    """`tokenizer.StreamDecoder`'s text at a cost per token that does not grow with the answer.
+
+    StreamDecoder decodes all ids on every token (quadratic in the answer; 128 streams x 2k tokens
+    would starve the GPU). Here only a window is decoded (the prefix/read offsets of vLLM's
+    detokenizer): the text of ids[start:] minus that of ids[start:read] is what the new ids add. A
+    window starts on text (so the first piece's leading-space rule applies to both decodes alike),
+    a half-done character holds the window open, and anything unexpected falls back to a full decode.
+    """
+
+    def __init__(self, tokenizer: ChatGLMTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids[:read] are in self.text
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        return self._delta(final=True)
+
+    def _delta(self, *, final: bool) -> str:
+        decode = self.tokenizer.decode
+        start = self.prefix
+        before = decode(self.ids[start:self.read])
+        while start > 0 and not before.strip():
+            start -= 1
+            before = decode(self.ids[start:self.read])
+        after = decode(self.ids[start:])
+        if not final and after.endswith("\ufffd"):
+            return ""  # a multi-byte character is still arriving
+        if after.startswith(before):
+            delta = after[len(before):]
+        else:
+            full = decode(self.ids)
+            full = full if final else full.rstrip("\ufffd")
+            if not full.startswith(self.text):
+                return ""
+            delta = full[len(self.text):]
+        if not delta and not final:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
+        return delta
+
+
+class SlotTextStream(TextStream):
+    """generate.TextStream (stop strings, complete characters) on the incremental decoder."""
+
+    def __init__(self, tokenizer: ChatGLMTokenizer, stop_strings: Sequence[str]):
+        super().__init__(tokenizer, stop_strings)
+        self.decoder = IncrementalDecoder(tokenizer)
+
+
+# -- the decode step --------------------------------------------------------------------------------
+def decode_step(model, token: torch.Tensor, meta: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    """One token for each of the cache slots [0, B): float32 logits (B, V).
+
+    token (B, 1): the token each slot feeds back; meta (B, 3): per slot the column that token sits
+    at, and the <sop> and [gMASK] columns of its prompt (slots start at column 0); attention runs
+    over the first len(kv_positions) cache columns (a tensor, so a compiled step can keep it dynamic).
+    """
+    B = token.shape[0]
+    column = meta[:, 0:1]  # (B, 1)
+    layout = PrefixLayout(start=torch.zeros_like(meta[:, 1]), context=meta[:, 1], mask=meta[:, 2])
+    kv_length = kv_positions.shape[0]
+    return model(
+        token,
+        position_ids_for(layout, column),
+        attention_mask_for(layout, column, kv_length),
+        cache_columns=column,
+        kv_length=kv_length,
+        cache_rows=slice(0, B),  # the slots in place, no copy
+        last_logits_only=True,
+    ).logits[:, -1].float()
+
+
+def batch_bucket(rows: int, max_batch: int) -> int:
+    """Batch size a captured step runs at: the next power of two, at most max_batch."""
+    size = 1
+    while size < rows:
+        size *= 2
+    return min(size, max_batch)
+
+
+KV_BUCKET = 128  # attention lengths of captured steps are multiples of this
+
+
+class DecodeGraphs:
+    """The decode step as CUDA graphs, one per (batch bucket, attention bucket), captured on first use.
+
+    Eager decoding launches hundreds of small kernels per token from Python, which at small
+    batches takes longer than the GPU needs to run them; a replay is one launch. A step reads its
+    inputs from static buffers (the engine's last tokens and `meta`) and writes `logits`. Idle
+    rows of a bucket write the scratch column and are ignored. With `compile` the step is also
+    compiled (torch.compile; slow to start, fewer and fused kernels). Off CUDA the same bucketed
+    step runs directly (what the CPU tests exercise).
+    """
+
+    WARMUP_RUNS = 2  # direct runs before capture: lazy initialisation must not happen inside a graph
+
+    def __init__(self, model, last_token: torch.Tensor, max_batch: int, max_kv: int, *, compile: bool = False):
+        # max_kv stays below the cache length (the scratch column): were a bucket the whole cache, a compiled step
+        # would specialise on it
+        device = last_token.device
+        self.model, self.last_token, self.max_batch, self.max_kv = model, last_token, max_batch, max_kv
+        self.meta = torch.zeros(max_batch, 3, dtype=torch.long, device=device)
+        self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.positions = torch.arange(max_kv, device=device)
+        self.cuda = device.type == "cuda"
+        self.step = decode_step
+        if compile:
+            # one compiled step per batch bucket, with the attention length dynamic (as fast.py)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.step = torch.compile(decode_step, dynamic=False)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.runs: dict[tuple[int, int], int] = {}
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            self.pool = torch.cuda.graph_pool_handle()
+
+    def kv_bucket(self, kv_length: int) -> int:
+        return min(-(-kv_length // KV_BUCKET) * KV_BUCKET, self.max_kv)
+
+    def _kv_positions(self, size: int) -> torch.Tensor:
+        positions = self.positions[:size]
+        if self.step is not decode_step:
+            torch._dynamo.mark_dynamic(positions, 0, min=2, max=self.max_kv)
+        return positions
+
+    def _run_step(self, rows: int, size: int) -> None:
+        self.logits[:rows].copy_(self.step(self.model, self.last_token[:rows, None], self.meta[:rows], self._kv_positions(size)))
+
+    def run(self, meta: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """Logits (rows, V) for `meta` (rows, 3) with rows a batch bucket."""
+        rows, size = meta.shape[0], self.kv_bucket(kv_length)
+        self.meta[:rows].copy_(meta)
+        key = (rows, size)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+        elif not self.cuda:
+            self._run_step(rows, size)
+        elif self.runs.get(key, 0) < self.WARMUP_RUNS:
+            # warm-up on the capture stream; a step rewrites the same cache entries, so repeating it is harmless
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self._run_step(rows, size)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.runs[key] = self.runs.get(key, 0) + 1
+        else:
+            graph = torch.cuda.CUDAGraph()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                self._run_step(rows, size)  # recorded, not run
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.graphs[key] = graph
+            graph.replay()
+        return self.logits[:rows]

@@ -1,0 +1,518 @@
+"""HTTP serving on one `Engine`: the OpenAI API (`/v1/...`), the original ChatGLM-6B `api.py`
+endpoint (`POST /`), `/health`, Prometheus `/metrics` and the web chat page (`GET /`).
+
+Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`.
+ChatGLM-6B has no system role: system messages at the start of a chat are joined and put in
+front of the first user message (a system message anywhere else is a 400).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat import ResponseStreamer
+from .engine import Completion, Engine, EngineClosedError, Histogram, QueueFullError, RequestHandle
+from .errors import ChatGLMError, PromptTooLongError
+from .generate import GenerationConfig
+from .prompt import chat_prompt, clean_response
+
+# The original chat's sampling defaults (SPEC.md section 5), used when a request leaves them out.
+DEFAULT_TEMPERATURE = 0.95
+DEFAULT_TOP_P = 0.7
+MAX_STOP_STRINGS = 4
+PUBLIC_PATHS = {("GET", "/health"), ("GET", "/"), ("HEAD", "/")}  # the page is static; its API calls carry the key
+
+
+# -- errors ---------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
+
+
+def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(loc: tuple) -> str | None:
+    """('messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    # a union (str | list[...]) reports one error per member, each ending in the member's name: keep the shared path
+    for other in errors[1:]:
+        if other.get("loc", ())[:1] == loc[:1]:
+            shared = next((i for i, (x, y) in enumerate(zip(loc, other["loc"])) if x != y), min(len(loc), len(other["loc"])))
+            loc = loc[:shared]
+    param = _param_of(loc)
+    return ApiError(400, f"{param or 'body'}: {first['msg']}", param=param, code=f"invalid_{first.get('type', 'value')}")
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body, whatever the Content-Type says (as the original api.py's `request.json()`), validated."""
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, "the request needs a JSON body", code="missing_body")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json")
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors())
+
+
+# -- request bodies -------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # strict: JSON types only ("1" is not a number, 1.0 is not an integer); unknown fields are ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # not in the OpenAI API; 0 = off
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name of max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class OriginalRequest(_Body):
+    """The original api.py body; `do_sample` is our addition (false: greedy, for reproducible answers)."""
+
+    prompt: str
+    history: list[list[str]] | None = None
+    max_length: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0)
+    do_sample: bool | None = None
+
+
+def message_text(message: Message, index: int) -> str:
+    if message.content is None:
+        raise ApiError(400, f"messages[{index}] has no content", param=f"messages[{index}].content")
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+def chat_turns(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
+    """OpenAI messages -> (query, history) of the ChatGLM chat format."""
+    system, i = [], 0
+    while i < len(messages) and messages[i].role == "system":
+        system.append(message_text(messages[i], i))
+        i += 1
+    turns = messages[i:]
+    for k, m in enumerate(turns, start=i):
+        if m.role not in ("user", "assistant", "system"):
+            raise ApiError(400, f"messages[{k}].role {m.role!r} is not supported; use system, user or assistant",
+                           param=f"messages[{k}].role", code="invalid_role")
+        if m.role == "system":
+            raise ApiError(400, f"messages[{k}]: system messages are only accepted at the start of the conversation",
+                           param=f"messages[{k}].role", code="invalid_role")
+        expected = "user" if (k - i) % 2 == 0 else "assistant"
+        if m.role != expected:
+            raise ApiError(400, f"messages[{k}] should be a {expected} message: after any system messages, user and"
+                           " assistant turns alternate, starting and ending with user", param=f"messages[{k}].role",
+                           code="invalid_role")
+    if not turns or turns[-1].role != "user":
+        raise ApiError(400, "the conversation must end with a user message", param="messages", code="invalid_role")
+    texts = [message_text(m, k) for k, m in enumerate(turns, start=i)]
+    if system:
+        texts[0] = "\n".join(system) + "\n" + texts[0]
+    history = [(texts[j], texts[j + 1]) for j in range(0, len(texts) - 1, 2)]
+    return texts[-1], history
+
+
+def generation_config(body: _Sampling, max_tokens: int | None) -> GenerationConfig:
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    greedy = temperature == 0
+    return GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop_strings=tuple(stop),
+    )
+
+
+# -- middleware -----------------------------------------------------------------------------------
+class _Guard:
+    """API key check (all routes but the public ones) and the request body size limit, before the app runs."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and (scope["method"], scope["path"]) not in PUBLIC_PATHS:
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                message = "invalid API key" if token else "this server needs an API key: send 'Authorization: Bearer KEY'"
+                response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return await self._too_large(scope, receive, send)
+        body, more = b"", True
+        while more:  # read the whole (small) body here, so the limit also holds for chunked uploads
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then pass on http.disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")
+        await response(scope, receive, send)
+
+
+class _HttpCounter:
+    """Counts responses by route and status for /metrics."""
+
+    def __init__(self, app, counts: dict[tuple[str, str], int], routes: set[str]):
+        self.app, self.counts, self.routes = app, counts, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                key = (route, str(message["status"]))
+                self.counts[key] = self.counts.get(key, 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class _EngineStream(StreamingResponse):
+    """An SSE response that cancels its request however it ends (finished, client gone, error)."""
+
+    def __init__(self, content: AsyncIterator[str], handle: RequestHandle):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.cancel()
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def _prometheus(engine: Engine, http_counts: dict[tuple[str, str], int]) -> str:
+    s = engine.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    def histogram(name: str, help_: str, h: Histogram) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} histogram"])
+        lines.extend(f'{name}_bucket{{le="{bound}"}} {n}' for bound, n in h.cumulative())
+        lines.extend([f"{name}_sum {h.sum}", f"{name}_count {h.count}"])
+
+    metric("chatglm_http_requests_total", "counter", "HTTP responses by route and status code.",
+           [(f'{{route="{route}",code="{code}"}}', n) for (route, code), n in sorted(http_counts.items())])
+    metric("chatglm_requests_total", "counter", "Generation requests ended, by finish reason.",
+           [(f'{{finish_reason="{k}"}}', v) for k, v in s.finished.items()])
+    metric("chatglm_requests_rejected_total", "counter", "Requests refused because the queue was full.", [("", s.rejected)])
+    metric("chatglm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", s.prompt_tokens)])
+    metric("chatglm_generation_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)])
+    metric("chatglm_queue_depth", "gauge", "Requests waiting for a slot.", [("", engine.queue_depth)])
+    metric("chatglm_active_requests", "gauge", "Requests holding a KV-cache slot (the running batch).", [("", engine.active)])
+    metric("chatglm_batch_slots", "gauge", "KV-cache slots (--max-batch).", [("", engine.max_batch)])
+    metric("chatglm_decode_steps_total", "counter", "Batched decode forwards.", [("", s.decode_steps)])
+    metric("chatglm_decode_rows_total", "counter", "Sequences decoded, summed over steps (/ steps = mean batch size).",
+           [("", s.decode_rows)])
+    histogram("chatglm_request_duration_seconds", "Submit to last token, finished requests.", s.request_seconds)
+    histogram("chatglm_time_to_first_token_seconds", "Submit to first token.", s.first_token_seconds)
+    histogram("chatglm_time_per_output_token_seconds", "Mean time between tokens of each request.", s.token_seconds)
+    return "\n".join(lines) + "\n"
+
+
+# -- the app --------------------------------------------------------------------------------------
+def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = "chatglm-6b",
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The ASGI app; its lifespan starts the engine and, at shutdown, drains it."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ChatGLMError("the server needs an engine with a tokenizer")
+    created = int(time.time())
+    http_counts: dict[tuple[str, str], int] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop, drain=True)
+
+    app = FastAPI(title="chatglm-ft", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None),
+                              code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+    # -- helpers --
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def submit(prompt_ids: list[int], gen: GenerationConfig, param: str) -> RequestHandle:
+        try:
+            return engine.submit(prompt_ids, gen, loop=asyncio.get_running_loop())
+        except PromptTooLongError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded")
+        except QueueFullError as e:
+            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        except EngineClosedError as e:
+            raise ApiError(503, str(e), type="server_error", code="unavailable", headers={"Retry-After": "5"})
+        except ChatGLMError as e:
+            raise ApiError(400, str(e))
+
+    async def finished(handle: RequestHandle, request: Request) -> Completion:
+        """Wait for a non-streamed request, cancelling it if the client goes away."""
+        while (done := await handle.wait(timeout=1.0)) is None:
+            if await request.is_disconnected():
+                handle.cancel()
+        if done.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {done.error}", type="server_error")
+        return done
+
+    def usage(c: Completion) -> dict:
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+    def stream_error(c: Completion) -> str:
+        return _sse({"error": {"message": f"generation failed: {c.error}", "type": "server_error", "param": None, "code": None}})
+
+    # -- routes --
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok", "model": model_name, "active": engine.active, "queued": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(_prometheus(engine, http_counts), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "chatglm-ft"}]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "chatglm-ft"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatCompletionRequest)
+        check_model(body.model)
+        query, history = chat_turns(body.messages)
+        gen = generation_config(body, body.max_completion_tokens or body.max_tokens)
+        handle = submit(tokenizer.encode(chat_prompt(query, history)), gen, "messages")
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if not body.stream:
+            done = await finished(handle, request)
+            return {**meta, "object": "chat.completion", "usage": usage(done), "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": clean_response(done.text)},
+                "finish_reason": done.finish_reason, "logprobs": None}]}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            return _sse({**meta, "object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            streamer, raw = ResponseStreamer(), ""  # the original chat's clean-up, applied as the text grows
+            async for c in handle.chunks():
+                raw += c.text
+                text = streamer.update(raw) + (streamer.finish() if c.done else "")
+                if text:
+                    yield chunk({"content": text})
+                if c.done is not None:
+                    if c.done.finish_reason == "error":
+                        yield stream_error(c.done)
+                    else:
+                        yield chunk({}, c.done.finish_reason)
+                        if include_usage:
+                            yield _sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(c.done)})
+            yield "data: [DONE]\n\n"
+
+        return _EngineStream(events(), handle)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest)
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "send one prompt per request", param="prompt", code="unsupported_value")
+        for name, unsupported in (("echo", body.echo), ("logprobs", body.logprobs), ("suffix", body.suffix),
+                                  ("best_of", body.best_of not in (None, 1))):
+            if unsupported:
+                raise ApiError(400, f"{name} is not supported", param=name, code="unsupported_value")
+        gen = generation_config(body, body.max_tokens or 16)  # 16: the OpenAI default for completions
+        handle = submit(tokenizer.encode(prompts[0]), gen, "prompt")
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if not body.stream:
+            done = await finished(handle, request)
+            return {**meta, "object": "text_completion", "usage": usage(done), "choices": [{
+                "index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}]}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(text: str, finish_reason: str | None = None) -> str:
+            return _sse({**meta, "object": "text_completion",
+                         "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]})
+
+        async def events():
+            async for c in handle.chunks():
+                if c.text:
+                    yield chunk(c.text)
+                if c.done is not None:
+                    if c.done.finish_reason == "error":
+                        yield stream_error(c.done)
+                    else:
+                        yield chunk("", c.done.finish_reason)
+                        if include_usage:
+                            yield _sse({**meta, "object": "text_completion", "choices": [], "usage": usage(c.done)})
+            yield "data: [DONE]\n\n"
+
+        return _EngineStream(events(), handle)
+
+    @app.post("/")
+    async def original_api(request: Request):
+        """The original ChatGLM-6B api.py: {prompt, history, max_length, top_p, temperature} -> {response, history, status, time}."""
+        body = await parse_body(request, OriginalRequest)
+        history = body.history or []
+        for k, turn in enumerate(history):
+            if len(turn) != 2:
+                raise ApiError(400, f"history[{k}] must be a [query, response] pair", param=f"history[{k}]")
+        gen = GenerationConfig(  # as api.py: a missing or zero value takes the chat default
+            max_length=body.max_length or 2048,
+            do_sample=True if body.do_sample is None else body.do_sample,
+            top_p=body.top_p or DEFAULT_TOP_P,
+            temperature=body.temperature or DEFAULT_TEMPERATURE,
+        )
+        handle = submit(tokenizer.encode(chat_prompt(body.prompt, history)), gen, "prompt")
+        done = await finished(handle, request)
+        response = clean_response(done.text)
+        return {"response": response, "history": [*map(list, history), [body.prompt, response]], "status": 200,
+                "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+
+    page = resources.files("chatglm_ft").joinpath("static", "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse(page)
+
+    routes = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_HttpCounter, counts=http_counts, routes=routes)  # outermost: sees 401/413 too
+    return app
+
+
+def loopback_warning(host: str, api_key: str | None) -> str | None:
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return f"serving on {host} without --api-key: anyone who can reach this address can use the model"
+
+

@@ -1,0 +1,207 @@
+"""Continuous batching engine on the golden tiny model (float32, CPU)."""
+import time
+
+import pytest
+import torch
+
+from chatglm_ft import load
+from chatglm_ft.batching import IncrementalDecoder, RowSampling, nucleus, sample_tokens
+from chatglm_ft.engine import Engine, EngineClosedError, QueueFullError
+from chatglm_ft.errors import ChatGLMError, PromptTooLongError
+from chatglm_ft.generate import GenerationConfig, generate, process_logits
+from chatglm_ft.tokenizer import StreamDecoder
+
+GREEDY16 = GenerationConfig(max_new_tokens=16, stop_token_ids=())  # the golden ids run past <eop>-free 16 steps
+
+
+@pytest.fixture(scope="module")
+def engine_model(golden_dir):
+    """A model of its own: the engine owns its KV cache (the session `tiny` model stays untouched)."""
+    model, _ = load(golden_dir, dtype="float32", device="cpu")
+    return model
+
+
+@pytest.fixture
+def make_engine(engine_model, tokenizer):
+    engines = []
+
+    def make(**kwargs):
+        kwargs.setdefault("max_context", 256)
+        engine = Engine(engine_model, tokenizer, **kwargs).start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.stop(drain=False, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def golden_generate(tiny, golden):
+    """Plain `generate`, one golden prompt at a time (float32, greedy, 16 tokens)."""
+    model, _ = tiny
+    expected = [generate(model, None, [c["input_ids"]], GREEDY16)[0].token_ids for c in golden["greedy"]]
+    assert expected == [c["new_ids"] for c in golden["greedy"]]
+    return expected
+
+
+@pytest.mark.parametrize("decode", ["eager", "graphs"])  # graphs: the bucketed static-buffer step (captured on CUDA only)
+def test_slot_prefill_and_decode_match_generate_on_golden_prompts(make_engine, golden_generate, golden, decode):
+    """All golden prompts at once (different lengths in one prefill), then with staggered arrivals and
+    slot reuse: every row equals plain `generate` and the golden ids."""
+    cases, expected = golden["greedy"], golden_generate
+    engine = make_engine(max_batch=4, decode=decode)
+    together = [engine.submit(c["input_ids"], GREEDY16) for c in cases]
+    assert [h.result(60).token_ids for h in together] == expected
+
+    engine = make_engine(max_batch=3, decode=decode)  # 6 requests through 3 slots: queueing, reused slots, idle bucket rows
+    staggered = []
+    for c in cases + cases[:2]:
+        staggered.append(engine.submit(c["input_ids"], GREEDY16))
+        next(iter(staggered[-1]))  # wait for its first token, so the next one joins a running batch
+    results = [h.result(60) for h in staggered]
+    assert [r.token_ids for r in results] == expected + expected[:2]
+    assert all(r.finish_reason == "length" and r.prompt_tokens == len(c["input_ids"]) for r, c in zip(results, cases))
+    assert engine.stats.decode_rows > engine.stats.decode_steps  # rows really shared decode steps
+
+
+def test_text_and_stop_strings_match_generate(make_engine, tiny):
+    model, tokenizer = tiny
+    prompt = tokenizer.encode("Give three tips for staying healthy.")
+    free = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=20))[0]
+    stop = free.text[6:9]
+    cut = generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=20, stop_strings=(stop,)))[0]
+    engine = make_engine(max_batch=2)
+    handle = engine.submit(prompt, GenerationConfig(max_new_tokens=20, stop_strings=(stop,)))
+    streamed = "".join(chunk.text for chunk in handle)
+    done = handle.result(1)
+    assert streamed == done.text == cut.text == free.text[: free.text.find(stop)]
+    assert done.finish_reason == "stop" and done.token_ids == cut.token_ids
+
+
+def test_stop_token_ends_the_row(make_engine, golden):
+    case = golden["greedy"][1]
+    stop_id = case["new_ids"][5]
+    first = case["new_ids"].index(stop_id)
+    engine = make_engine(max_batch=2)
+    done = engine.generate(case["input_ids"], GenerationConfig(max_new_tokens=16, stop_token_ids=(stop_id,)), timeout=60)
+    assert done.finish_reason == "stop" and done.token_ids == case["new_ids"][:first]
+
+
+def test_nucleus_keeps_what_process_logits_keeps():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40) * 3
+    settings = [(1.0, 0, 0.7), (0.5, 0, 0.9), (1.3, 5, 1.0), (0.8, 3, 0.5), (2.0, 0, 1.0)]  # temperature, top_k, top_p
+    temperature, top_k, top_p = (torch.tensor(col) for col in zip(*settings))
+    probs_sorted, order = nucleus(logits, temperature.float(), top_k.long(), top_p.float())
+    probs = torch.zeros_like(probs_sorted).scatter(-1, order, probs_sorted)
+    probs = probs / probs.sum(-1, keepdim=True)
+    for row, (t, k, p) in enumerate(settings):
+        gen = GenerationConfig(do_sample=True, temperature=t, top_k=k, top_p=p)
+        reference = process_logits(logits[row:row + 1], gen, None).softmax(-1)[0]
+        torch.testing.assert_close(probs[row], reference)
+    assert (probs > 0).sum(-1).tolist() == [int((process_logits(logits[i:i + 1], GenerationConfig(
+        do_sample=True, temperature=t, top_k=k, top_p=p), None) > float("-inf")).sum()) for i, (t, k, p) in enumerate(settings)]
+
+
+def test_sample_tokens_per_row_draws():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
+    rows = RowSampling(do_sample=torch.tensor([True, True, True, False]), temperature=torch.ones(4),
+                       top_p=torch.tensor([1.0, 1.0, 0.7, 1.0]), top_k=torch.zeros(4, dtype=torch.long),
+                       uniform=torch.tensor([0.0, 0.97, 0.99, 0.99]))
+    # u=0 -> most likely; u=0.97 -> the 0.05 tail; top_p=0.7 keeps {0, 1} so u=0.99 -> id 1; greedy row -> argmax
+    assert sample_tokens(logits, rows).tolist() == [0, 3, 1, 0]
+    assert sample_tokens(torch.tensor([[1.0, float("nan"), 0, 0, 0, 0, 0]]), None).tolist() == [5]  # NaN guard
+
+
+def test_sampling_rows_are_seeded_and_do_not_disturb_greedy_rows(make_engine, golden):
+    engine = make_engine(max_batch=4)
+    case = golden["greedy"][2]
+    sampled = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=())
+    a = engine.generate(case["input_ids"], sampled, timeout=60).token_ids
+    handles = [engine.submit(case["input_ids"], sampled), engine.submit(case["input_ids"], GREEDY16),
+               engine.submit(case["input_ids"], GenerationConfig(max_new_tokens=12, do_sample=True, seed=8, stop_token_ids=()))]
+    b, greedy, other = (h.result(60).token_ids for h in handles)
+    assert a == b and a != other
+    assert greedy == case["new_ids"]
+
+
+def test_cancel_frees_the_slot(make_engine, golden):
+    engine = make_engine(max_batch=1)
+    case = golden["greedy"][0]
+    handle = engine.submit(case["input_ids"], GenerationConfig(max_new_tokens=200, stop_token_ids=()))
+    next(iter(handle))
+    handle.cancel()
+    done = handle.result(30)
+    assert done.finish_reason == "cancelled" and len(done.token_ids) < 200
+    assert engine.generate(case["input_ids"], GREEDY16, timeout=60).token_ids == case["new_ids"]  # the slot is free again
+    assert engine.active == 0 and engine.stats.finished["cancelled"] == 1
+
+
+def test_rejections_up_front(make_engine, golden):
+    engine = make_engine(max_batch=1, max_queue=1, max_context=64)
+    ids = golden["greedy"][0]["input_ids"]
+    with pytest.raises(PromptTooLongError, match="context"):
+        engine.submit([5] * 70 + ids, GREEDY16)
+    with pytest.raises(PromptTooLongError, match="max_tokens"):
+        engine.submit(ids, GenerationConfig(max_new_tokens=61))
+    with pytest.raises(ChatGLMError, match="empty"):
+        engine.submit([], GREEDY16)
+    long = GenerationConfig(max_new_tokens=55, stop_token_ids=())
+    running = engine.submit(ids, long)
+    next(iter(running))  # it holds the only slot
+    queued = engine.submit(ids, long)
+    with pytest.raises(QueueFullError):
+        engine.submit(ids, long)
+    assert engine.stats.rejected == 1
+    assert running.result(60).finish_reason == queued.result(60).finish_reason == "length"
+
+
+def test_a_failing_forward_fails_its_requests_not_the_worker(make_engine, golden):
+    engine = make_engine(max_batch=2)
+    real = engine._decode
+    calls = {"n": 0}
+
+    def failing_once(requests):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device failure")
+        return real(requests)
+
+    engine._decode = failing_once
+    case = golden["greedy"][0]
+    failed = engine.generate(case["input_ids"], GREEDY16, timeout=60)
+    assert failed.finish_reason == "error" and "simulated" in failed.error
+    assert engine.generate(case["input_ids"], GREEDY16, timeout=60).token_ids == case["new_ids"]
+    assert engine.alive and engine.active == 0
+
+
+def test_stop_drains_then_refuses(make_engine, golden):
+    engine = make_engine(max_batch=2)
+    handles = [engine.submit(c["input_ids"], GREEDY16) for c in golden["greedy"]]
+    engine.stop(drain=True, timeout=60)
+    assert [h.result(1).token_ids for h in handles] == [c["new_ids"] for c in golden["greedy"]]
+    with pytest.raises(EngineClosedError):
+        engine.submit(golden["greedy"][0]["input_ids"], GREEDY16)
+
+
+def test_idle_engine_waits_without_spinning(make_engine):
+    engine = make_engine(max_batch=1)
+    before = engine.stats.decode_steps
+    time.sleep(0.2)
+    assert engine.stats.decode_steps == before and engine.alive
+
+
+def test_incremental_decoder_gives_the_full_decode(tokenizer):
+    import random
+
+    texts = ["Hello world.\nNew line\tTab   three spaces", "你好👋！我是人工智能助手 ChatGLM-6B，很高兴见到你。",
+             "def f(x):\n    return x  # 𝔘nicode ✓ ½", "  leading spaces, ünïcödé ñ 😀😃  "]
+    rng = random.Random(1)
+    sequences = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    sequences += [[rng.choice([rng.randrange(130528), rng.randrange(300), rng.randrange(130000, 130400), 5])
+                   for _ in range(rng.randrange(1, 60))] for _ in range(200)]  # byte pieces, controls, unused ids
+    for ids in sequences:
+        fast, full = IncrementalDecoder(tokenizer), StreamDecoder(tokenizer)
+        pieces = [fast.push(i) for i in ids]
+        assert "".join(pieces) + fast.flush() == "".join(full.push(i) for i in ids) + full.flush() == tokenizer.decode(ids)
