@@ -7,12 +7,15 @@ repetition penalty, NaN/Inf guard, temperature, top-k, top-p.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
 
 from .errors import ChatGLMError, PromptTooLongError
+from .fast import FastOptions, decoder_for, fast_options, prefill_logits, prompt_mask_for
+from .model import PromptMask
 from .positions import attention_mask_for, position_ids_for, prefix_layout
 from .tokenizer import ChatGLMTokenizer, StreamDecoder, left_pad
 
@@ -118,23 +121,47 @@ def new_token_budget(prompt_length: int, gen: GenerationConfig, max_sequence_len
 
 # -- the decode loop -----------------------------------------------------------------------------
 @torch.inference_mode()
-def stream_tokens(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> Iterator[list[int | None]]:
+def stream_tokens(
+    model, prompts: Sequence[Sequence[int]], gen: GenerationConfig, *, fast: bool | FastOptions | None = None
+) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of each row (None once a row has finished).
 
-    Rows are left-padded into one batch; a row's stop token ends it and is not yielded.
+    Rows are left-padded into one batch; a row's stop token ends it and is not yielded. `fast`
+    picks the decode loop: None (default) the compiled, CUDA-graphed one of fast.py on CUDA
+    (unless $CHATGLM_FT_COMPILE=0) and the eager one on the CPU; True or False force it.
     """
     gen = gen.validate()
     config = model.config
     rows = fit_prompts(prompts, gen, config.max_sequence_length)
-    device = model.device
-    input_ids = torch.tensor(left_pad(rows, config.pad_token_id), dtype=torch.long, device=device)
+    input_ids = torch.tensor(left_pad(rows, config.pad_token_id), dtype=torch.long, device=model.device)
     B, T = input_ids.shape
     budget = new_token_budget(T, gen, config.max_sequence_length)
     if budget == 0:
         return
+    prompt_mask = prompt_mask_for(rows, config)
+    options = fast_options(model, fast)
+    if options is None:
+        steps = eager_steps(model, input_ids, budget, gen, prompt_mask)
+    else:
+        steps = decoder_for(model, B, options).steps(input_ids, budget, gen, prompt_mask)
+    stop_token_ids = set(gen.stop_token_ids if gen.stop_token_ids is not None else (config.eos_token_id,))
+    finished = [False] * B
+    with closing(steps):
+        for tokens in steps:
+            finished = [done or t in stop_token_ids for done, t in zip(finished, tokens)]
+            yield [None if done else t for t, done in zip(tokens, finished)]
+            if all(finished):
+                return
+
+
+def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConfig,
+                prompt_mask: PromptMask | None = None) -> Iterator[list[int]]:
+    """The plain loop: prefill, then one forward per token over the cache's used columns."""
+    config = model.config
+    device = input_ids.device
+    B, T = input_ids.shape
     layout = prefix_layout(input_ids, config)
-    total = T + budget
-    model.setup_caches(B, total)
+    model.setup_caches(B, T + budget)
     rng = None
     if gen.do_sample:
         rng = torch.Generator(device=device)
@@ -143,25 +170,12 @@ def stream_tokens(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig
     if gen.repetition_penalty != 1.0:
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids, input_ids != config.pad_token_id)
-    stop_token_ids = gen.stop_token_ids if gen.stop_token_ids is not None else (config.eos_token_id,)
-    stop_ids = torch.tensor(stop_token_ids or (-1,), device=device)
 
-    columns = torch.arange(T, device=device)
-    logits = model(
-        input_ids,
-        position_ids_for(layout, columns),
-        attention_mask_for(layout, columns, T),
-        cache_columns=columns,
-        kv_length=T,
-        last_logits_only=True,
-    ).logits[:, -1].float()
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = prefill_logits(model, input_ids, layout, prompt_mask)
     for step in range(budget):
         tokens = choose_tokens(process_logits(logits, gen, seen), gen, rng)
-        finished |= torch.isin(tokens, stop_ids)
-        done = finished.tolist()
-        yield [None if d else t for t, d in zip(tokens.tolist(), done)]
-        if all(done) or step == budget - 1:
+        yield tokens.tolist()
+        if step == budget - 1:
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)

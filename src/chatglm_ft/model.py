@@ -22,19 +22,60 @@ def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -
 
 
 def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (B, T, 1, hd) for 2D positions (B, 2, T): first half of hd from positions, second from block positions."""
+    """cos and signed sin (B, T, 1, hd) for 2D positions (B, 2, T): first half of hd from positions,
+    second from block positions. rotate_half's minus (on the first quarter of each half) is folded
+    into sin, so applying the rotary takes one swap and two arithmetic kernels."""
     angles = position_ids.float()[..., None] * inv_freq  # (B, 2, T, r/2)
     emb = torch.cat([angles, angles], dim=-1)  # (B, 2, T, r)
     emb = torch.cat([emb[:, 0], emb[:, 1]], dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+    sin = emb.sin()
+    sin.unflatten(-1, (2, 2, -1))[..., 0, :].neg_()  # (B, T, half, quarter, r/2): negate quarters 0 and 2
+    return emb.cos().to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary applied separately to each half of the head dim. x: (B, T, nh, hd)."""
-    quarter = x.shape[-1] // 4
-    x1, x2, x3, x4 = x.split(quarter, dim=-1)
-    rotated = torch.cat([-x2, x1, -x4, x3], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary applied separately to each half of the head dim. x: (B, T, nh, hd).
+
+    rotate_half per half is [x1, x2] -> [-x2, x1]; the swap is a flip of the quarters, the sign is in signed_sin.
+    """
+    swapped = x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)  # quarters [x1, x2, x3, x4] -> [x2, x1, x4, x3]
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`; under torch.compile a plain nn.Linear adds its bias after the matmul instead, because
+    inductor turns a bias-free one-token matmul into a tuned reduction (GEMV) and fuses the bias and
+    what follows into it, where an addmm stays a separate cuBLAS call."""
+    if type(layer) is nn.Linear and layer.bias is not None and torch.compiler.is_compiling():
+        return F.linear(x, layer.weight) + layer.bias
+    return layer(x)
+
+
+@dataclass(frozen=True)
+class PromptMask:
+    """The prefix mask of one unpadded prompt whose only <sop> is its last token (SPEC.md section 3),
+    given as its context length instead of a (1, 1, T, T) bool tensor: the columns before <sop> see
+    each other both ways and <sop> sees everything, so attention is two mask-free calls for which
+    SDPA can pick its flash kernel (any explicit mask rules flash out)."""
+
+    context: int  # column of <sop>, >= 1
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | PromptMask | None) -> torch.Tensor:
+    """Softmax attention of q (B, nh, T, hd) over k, v (B, nh, S, hd) where `mask` (B, 1, T, S) is True."""
+    if isinstance(mask, PromptMask):
+        c = mask.context
+        before = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c])  # (B, nh, c, hd)
+        sop = F.scaled_dot_product_attention(q[:, :, c:], k, v)  # (B, nh, 1, hd)
+        return torch.cat([before, sop], dim=2)
+    if q.shape[2] == 1:
+        # One query row (decoding): two batched matrix-vector products spread over all keys, where
+        # the fused kernels give each head's single row to one block; compiled, they become reductions.
+        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()  # (B, nh, 1, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class KVCache(nn.Module):
@@ -57,17 +98,23 @@ class KVCache(nn.Module):
         tensor of slot indices returns a copy of their first `kv_length` columns.
         """
         if rows is None and columns.dim() == 1:
-            self.k.index_copy_(2, columns, k.transpose(1, 2))
-            self.v.index_copy_(2, columns, v.transpose(1, 2))
+            # an index_put (not index_copy_) is what torch.compile writes in place into the cache
+            self.k[:, :, columns] = k.transpose(1, 2)
+            self.v[:, :, columns] = v.transpose(1, 2)
             return self.k, self.v
-        k_cache, v_cache = (self.k[rows], self.v[rows]) if isinstance(rows, slice) else (self.k, self.v)
         if columns.dim() == 1:
             columns = columns[None, :].expand(k.shape[0], -1)
-        slot = rows if isinstance(rows, torch.Tensor) else torch.arange(k.shape[0], device=k.device)
-        k_cache[slot[:, None], :, columns] = k  # advanced index dims (B, T) come first: (B, T, nh, hd)
-        v_cache[slot[:, None], :, columns] = v
-        if not isinstance(rows, torch.Tensor):
-            return k_cache, v_cache
+        if isinstance(rows, torch.Tensor):
+            slot = rows
+        else:  # written into the cache itself, not through a view: what torch.compile keeps in place
+            first = (rows.start or 0) if isinstance(rows, slice) else 0
+            slot = torch.arange(first, first + k.shape[0], device=k.device)
+        self.k[slot[:, None], :, columns] = k  # advanced index dims (B, T) come first: (B, T, nh, hd)
+        self.v[slot[:, None], :, columns] = v
+        if rows is None:
+            return self.k, self.v
+        if isinstance(rows, slice):
+            return self.k[rows], self.v[rows]
         return self.k[rows, :, :kv_length], self.v[rows, :, :kv_length]
 
 
@@ -84,14 +131,14 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attn_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | PromptMask | None,
         kv_cache: KVCache | None = None,
         cache_columns: torch.Tensor | None = None,
         kv_length: int | None = None,
         cache_rows: torch.Tensor | slice | None = None,
     ) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
+        qkv = linear(self.query_key_value, x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
         q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, T, nh, hd) each
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
@@ -101,8 +148,8 @@ class SelfAttention(nn.Module):
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=attn_mask)  # (B, nh, T, hd)
-        return self.dense(y.transpose(1, 2).reshape(B, T, H))
+        y = attend(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, nh, T, hd)
+        return linear(self.dense, y.transpose(1, 2).reshape(B, T, H))
 
 
 class MLP(nn.Module):
@@ -112,7 +159,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return linear(self.dense_4h_to_h, F.gelu(linear(self.dense_h_to_4h, x), approximate="tanh"))
 
 
 class GLMBlock(nn.Module):
@@ -126,9 +173,10 @@ class GLMBlock(nn.Module):
     def forward(self, h: torch.Tensor, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None,
                 cache_rows=None) -> torch.Tensor:
         x = self.input_layernorm(h)
-        h = x * RESIDUAL_ALPHA + self.attention(x, cos, sin, attn_mask, kv_cache, cache_columns, kv_length, cache_rows)
+        a = self.attention(x, cos, sin, attn_mask, kv_cache, cache_columns, kv_length, cache_rows)
+        h = torch.add(a, x, alpha=RESIDUAL_ALPHA)  # x * alpha + a in one kernel
         y = self.post_attention_layernorm(h)
-        return y * RESIDUAL_ALPHA + self.mlp(y)
+        return torch.add(self.mlp(y), y, alpha=RESIDUAL_ALPHA)
 
 
 class ChatGLMModel(nn.Module):
@@ -166,11 +214,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     full size 2k target tokens would otherwise hold over 2 GB of float32 logits for backward.
     """
 
-    CHUNK_ELEMENTS = 2**26  # rows per chunk * vocab: 256 MB of float32 logits
+    CHUNK_ELEMENTS = 2**25  # rows per chunk * vocab: 128 MB of float32 logits (257 rows at full size)
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # the caller detaches under no_grad
         rows = max(1, LinearCrossEntropy.CHUNK_ELEMENTS // weight.shape[0])
         x = h.to(weight.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -228,7 +276,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.word_embeddings.weight.dtype
+        # the layer norms are float in every model; quantized embeddings hold integers
+        return self.transformer.final_layernorm.weight.dtype
 
     def tie_lm_head(self) -> None:
         self.lm_head.weight = self.transformer.word_embeddings.weight
@@ -273,7 +322,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | PromptMask | None = None,
         labels: torch.Tensor | None = None,
         *,
         cache_columns: torch.Tensor | None = None,
@@ -288,7 +337,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
         With `cache_columns` the KV cache (see `setup_caches`) is written at those columns and
         attention runs over its first `kv_length` columns; `cache_rows` (B,) picks the cache slots the
         batch rows use (default: row b is slot b), or a `slice` of slots to use them without a copy. With `labels` the mean shifted
-        cross-entropy (in float32) over labels != -100 is returned too.
+        cross-entropy (in float32) over labels != -100 is returned too. `attention_mask` may be a
+        `PromptMask` for one unpadded prompt ending in <sop> (prefill with flash attention).
         """
         if position_ids is None or attention_mask is None:
             layout = prefix_layout(input_ids, self.config)
@@ -297,7 +347,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
                 position_ids = position_ids_for(layout, columns)
             if attention_mask is None:
                 attention_mask = attention_mask_for(layout, columns, input_ids.shape[1])
-        elif attention_mask.dim() == 2:
+        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             raise ValueError("attention_mask must be the (B, 1, T, S) bool prefix mask, not a 2D padding mask")
         caches = self.kv_caches if cache_columns is not None else None
         h = self.transformer(input_ids, position_ids, attention_mask, caches, cache_columns, kv_length, cache_rows)
@@ -317,7 +367,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
         selected = h[:, :-1][keep]  # (N, H)
         if type(self.lm_head) is nn.Linear and selected.shape[0] > 0:
             # Chunked, so the (N, vocab) float32 logits never exist at once (1 GB per 2k targets at full size).
-            return LinearCrossEntropy.apply(selected, self.lm_head.weight, targets[keep]) / selected.shape[0]
+            weight = self.lm_head.weight
+            if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detach to skip the gradient work
+                selected, weight = selected.detach(), weight.detach()
+            return LinearCrossEntropy.apply(selected, weight, targets[keep]) / selected.shape[0]
         logits = self.lm_head(selected).float()  # a quantized or adapted lm_head: plain path
         if selected.shape[0] == 0:
             return logits.sum() * 0.0

@@ -1,0 +1,297 @@
+"""Inference benchmark: load time, memory, prefill latency, batch-1 decode speed against the
+memory-bandwidth roofline (SPEC.md section 8).
+
+Batch-1 decoding reads every weight once per token plus the KV cache up to the current column,
+so `bandwidth / (weight bytes + KV bytes)` is the fastest any implementation can decode; the
+benchmark reports the fraction of it reached. Bytes are counted from the model's own tensors
+(quantized ones included), so the roofline follows the model actually measured.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+
+from .config import ChatGLMConfig
+from .fast import decoder_for, fast_options, prefill_logits, prompt_mask_for
+from .generate import GenerationConfig, stream_tokens
+from .model import ChatGLMForConditionalGeneration
+from .positions import prefix_layout
+
+# -- building a model without a checkpoint -------------------------------------------------------
+@torch.no_grad()
+def random_model(config: ChatGLMConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 tie_lm_head: bool = True) -> ChatGLMForConditionalGeneration:
+    """A model of `config` with small random weights, allocated directly on `device`.
+
+    Built on `meta`, given storage with `to_empty` and filled in place, so a full-size model never
+    exists on the host. lm_head is tied to the embeddings, as in the released checkpoint.
+    """
+    model = ChatGLMForConditionalGeneration(config, device="meta").to(dtype)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias") or "layernorm" in name:
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=generator)  # in place: no temporary copy
+    if tie_lm_head:
+        model.tie_lm_head()
+    model.reset_buffers()
+    return model.eval()
+
+
+# -- sizes -----------------------------------------------------------------------------------------
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter and buffer once (shared storage once), except the
+    KV cache (counted per context) and an untied embedding table, of which a step reads one row."""
+    caches = {id(t) for t in (model.kv_caches.buffers() if model.kv_caches is not None else ())}
+    embeddings = model.transformer.word_embeddings
+    head = {t.data_ptr() for t in list(model.lm_head.parameters()) + list(model.lm_head.buffers())}
+    skip = {t.data_ptr() for t in list(embeddings.parameters()) + list(embeddings.buffers()) if t.data_ptr() not in head}
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in caches or t.data_ptr() in skip or t.numel() == 0:
+            continue
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def kv_bytes_per_token(model, batch_size: int = 1) -> int:
+    """Keys + values of one cache column across all layers, for `batch_size` rows."""
+    c = model.config
+    return 2 * c.num_layers * c.hidden_size * torch.empty((), dtype=model.compute_dtype).element_size() * batch_size
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large same-device copy (read + write), the practical ceiling for decoding."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 27)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    runs = 10 if device.type == "cuda" else 3
+    sync(device)
+    began = time.perf_counter()
+    for _ in range(runs):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * runs / (time.perf_counter() - began)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def random_prompt(config: ChatGLMConfig, length: int, generator: torch.Generator) -> list[int]:
+    """`length` ids: random text ids, then [gMASK] <sop> as every prompt ends."""
+    text = torch.randint(5, 20000, (max(0, length - 2),), generator=generator).tolist()
+    return text + [config.gmask_token_id, config.bos_token_id]
+
+
+# -- measurements --------------------------------------------------------------------------------
+@dataclass
+class DecodeResult:
+    name: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float
+    mean_context: float
+    bytes_per_token: int
+    roofline_tokens_per_second: float
+    roofline_fraction: float
+
+
+@dataclass
+class BenchReport:
+    device: str
+    torch_version: str
+    dtype: str
+    quantize: str | None
+    model: str
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    bandwidth: float  # bytes/s
+    bandwidth_source: str  # "measured" or "given"
+    load_seconds: float
+    fast_path: dict | None
+    prefill: list[dict] = field(default_factory=list)  # {"tokens", "seconds"}
+    decode: list[DecodeResult] = field(default_factory=list)
+    eager_decode: list[DecodeResult] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    memory_after_load: int = 0
+    peak_memory: int = 0
+    profile: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def time_prefill(model, length: int, *, repeats: int, generator: torch.Generator, options=None) -> float:
+    """Median seconds to prefill one `length`-token prompt (cache writes and the last logits included),
+    the way `stream_tokens` does with these fast-path options (None: the eager loop)."""
+    config = model.config
+    rows = [random_prompt(config, length, generator)]
+    input_ids = torch.tensor(rows, device=model.device)
+    layout = prefix_layout(input_ids, config)
+    mask = prompt_mask_for(rows, config)
+    if options is None:
+        model.setup_caches(1, config.max_sequence_length + 1)
+        prefill = partial(prefill_logits, model)
+    else:
+        decoder = decoder_for(model, 1, options)
+        model.kv_caches = decoder.caches
+        prefill = decoder.prefill
+    times = []
+    for i in range(repeats + 1):
+        sync(model.device)
+        began = time.perf_counter()
+        prefill(input_ids, layout, mask)
+        sync(model.device)
+        if i:  # the first run warms up (cuDNN/cuBLAS heuristics, allocator)
+            times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def time_decode(model, name: str, prompt: list[int], new_tokens: int, *, fast, bandwidth: float,
+                weights: int) -> DecodeResult:
+    """Batch-1 greedy decoding of `new_tokens` through `stream_tokens`: the path users get."""
+    gen = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
+    stamps = []
+    for _ in stream_tokens(model, [prompt], gen, fast=fast):
+        stamps.append(time.perf_counter())
+    # from the first token (which carries the prefill) to the last: steady-state decode steps only
+    steps = len(stamps) - 1
+    seconds = stamps[-1] - stamps[0]
+    rate = steps / seconds
+    mean_context = len(prompt) + (new_tokens - 1) / 2
+    per_token = weights + int(kv_bytes_per_token(model) * mean_context)
+    return DecodeResult(
+        name=name, prompt_tokens=len(prompt), new_tokens=len(stamps), seconds=seconds, tokens_per_second=rate,
+        mean_context=mean_context, bytes_per_token=per_token, roofline_tokens_per_second=bandwidth / per_token,
+        roofline_fraction=rate * per_token / bandwidth,
+    )
+
+
+def profile_decode(model, prompt: list[int], steps: int, *, fast) -> str:
+    """torch.profiler table of `steps` decode steps (kernels by device time): what bounds decoding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    gen = GenerationConfig(max_new_tokens=steps + 1, stop_token_ids=())
+    tokens = stream_tokens(model, [prompt], gen, fast=fast)
+    next(tokens)  # prefill outside the profile
+    with profile(activities=activities) as prof:
+        for _ in tokens:
+            pass
+        sync(model.device)
+    sort = "self_device_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25)
+
+
+def run_bench(
+    model,
+    *,
+    model_name: str,
+    load_seconds: float,
+    quantize: str | None = None,
+    prefill_lengths: tuple[int, ...] = (128, 512, 2048),
+    decode_tokens: int = 128,
+    short_prompt: int = 16,
+    bandwidth: float | None = None,
+    fast=None,
+    compare_eager: bool = False,
+    profile_steps: int = 0,
+    seed: int = 0,
+) -> BenchReport:
+    """Measure a loaded model; `fast` as for `stream_tokens` (None: the default for the device)."""
+    device = model.device
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    memory_after_load = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_memory(device)
+    measured = bandwidth is None
+    bandwidth = measure_bandwidth(device) if measured else bandwidth
+    weights = weight_bytes(model)
+    options = fast_options(model, fast)
+    report = BenchReport(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch_version=torch.__version__, dtype=str(model.compute_dtype).removeprefix("torch."), quantize=quantize,
+        model=model_name, parameters=model.num_parameters(), weight_bytes=weights,
+        kv_bytes_per_token=kv_bytes_per_token(model), bandwidth=bandwidth,
+        bandwidth_source="measured" if measured else "given", load_seconds=load_seconds,
+        fast_path=None if options is None else {**asdict(options), "cuda_graphs": options.cuda_graphs and device.type == "cuda"},
+        memory_after_load=memory_after_load,
+    )
+
+    for length in prefill_lengths:
+        length = min(length, config.max_sequence_length)  # the cache has one column more
+        seconds = time_prefill(model, length, repeats=3, generator=generator, options=options)
+        report.prefill.append({"tokens": length, "seconds": seconds})
+
+    new_tokens = min(decode_tokens, config.max_sequence_length - short_prompt)
+    short = random_prompt(config, short_prompt, generator)
+    long = random_prompt(config, config.max_sequence_length - new_tokens, generator)
+    cases = [("short context", short), ("2k context", long)]
+    # warm-up runs compile the step and capture the graphs each case needs (the decoder times that)
+    for _, prompt in cases:
+        time_decode(model, "warm-up", prompt, min(new_tokens, 8), fast=fast, bandwidth=bandwidth, weights=weights)
+    if options is not None:
+        stats = decoder_for(model, 1, options).stats
+        report.compile_seconds, report.capture_seconds = stats["compile_seconds"], stats["capture_seconds"]
+    for name, prompt in cases:
+        report.decode.append(time_decode(model, name, prompt, new_tokens, fast=fast, bandwidth=bandwidth, weights=weights))
+    if compare_eager:
+        for name, prompt in cases:
+            report.eager_decode.append(time_decode(model, name, prompt, new_tokens, fast=False, bandwidth=bandwidth,
+                                                   weights=weights))
+    if profile_steps:
+        report.profile = profile_decode(model, short, profile_steps, fast=fast)
+    report.peak_memory = peak_memory(device)
+    return report
+
+
+# -- printing ------------------------------------------------------------------------------------
+def format_report(report: BenchReport) -> str:
+    gb = 1e9
+    fast = report.fast_path
+    path = "eager" if fast is None else (
+        ("compiled" if fast["compile"] else "not compiled") + (" + CUDA graphs" if fast["cuda_graphs"] else "")
+        + f", gemv={fast['gemv']}")
+    lines = [
+        f"model        {report.model} ({report.parameters / 1e9:.3f}B parameters, {report.dtype}"
+        + (f", {report.quantize}" if report.quantize else "") + f") on {report.device}, torch {report.torch_version}",
+        f"decode path  {path}",
+        f"load         {report.load_seconds:.1f} s; memory {report.memory_after_load / gb:.2f} GB after load, "
+        f"{report.peak_memory / gb:.2f} GB peak",
+        f"bytes/token  weights {report.weight_bytes / gb:.3f} GB + KV {report.kv_bytes_per_token / 1e6:.3f} MB per "
+        f"context token; bandwidth {report.bandwidth / 1e12:.2f} TB/s ({report.bandwidth_source})",
+        "compile      none (eager loop)" if fast is None else
+        f"compile      {report.compile_seconds:.1f} s (+ {report.capture_seconds:.2f} s CUDA graph capture)",
+    ]
+    lines += [f"prefill      {p['tokens']:>5} tokens: {p['seconds'] * 1e3:8.1f} ms" for p in report.prefill]
+    for label, rows in (("decode", report.decode), ("eager decode", report.eager_decode)):
+        for d in rows:
+            lines.append(
+                f"{label:<12} {d.name:<14} {d.tokens_per_second:7.1f} tokens/s ({1e3 / d.tokens_per_second:.2f} ms/token, "
+                f"context {d.mean_context:.0f}): {d.roofline_fraction:5.1%} of the {d.roofline_tokens_per_second:.0f} "
+                f"tokens/s roofline")
+    if report.profile:
+        lines += ["", f"profile of decode steps (short context):", report.profile]
+    return "\n".join(lines)

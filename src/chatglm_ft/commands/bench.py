@@ -1,0 +1,91 @@
+"""`chatglm-ft bench`: inference speed and memory against the memory-bandwidth roofline."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .options import add_model_args, quantize_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure load time, memory, prefill latency and decode tokens/s",
+        description="Benchmark inference: load time, peak memory, prefill time for 128/512/2048-token prompts, "
+                    "batch-1 greedy decode tokens/s at short and at 2k context, and the fraction of the "
+                    "memory-bandwidth roofline reached (weights + KV cache read once per token). "
+                    "--random-weights builds a model of the published size on the device, no checkpoint needed.")
+    add_model_args(p, adapter=False)
+    p.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
+    p.add_argument("--config", choices=["full", "tiny"], default="full",
+                   help="with --random-weights: the published ChatGLM-6B shape, or the tiny test shape (CPU CI)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per measurement")
+    p.add_argument("--prefill-lengths", default="128,512,2048", help="comma-separated prompt lengths to time")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="memory bandwidth in bytes/s for the roofline (default: measured by a device copy; "
+                        "the H200 measures about 4.3e12)")
+    p.add_argument("--path", choices=["auto", "fast", "eager"], default="auto",
+                   help="decode loop: auto (compiled + CUDA graphs on GPU, eager on CPU), fast (also on CPU), eager")
+    p.add_argument("--compare-eager", action="store_true", help="also time the eager decode loop")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="print a torch.profiler table of STEPS decode steps (top kernels by device time)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--out", help="also write the JSON results to this file")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import load, resolve_device, resolve_dtype
+    from ..bench import format_report, random_model, run_bench
+    from ..config import ChatGLMConfig
+    from ..errors import ChatGLMError
+
+    try:
+        lengths = tuple(int(x) for x in args.prefill_lengths.split(",") if x.strip())
+    except ValueError:
+        raise ChatGLMError(f"--prefill-lengths {args.prefill_lengths!r}: expected comma-separated integers")
+    if any(n < 2 for n in lengths) or args.decode_tokens < 2:
+        raise ChatGLMError("prompt lengths and --decode-tokens must be at least 2")
+    if args.random_weights == bool(args.model):
+        raise ChatGLMError("pass either --model DIR or --random-weights")
+    quantize = quantize_from_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    import torch._dynamo  # noqa: F401  (imported by model construction and compiling: not load time)
+
+    began = time.perf_counter()
+    if args.random_weights:
+        config = ChatGLMConfig.full() if args.config == "full" else ChatGLMConfig.tiny()
+        model = random_model(config, dtype=dtype, device=device, seed=args.seed)
+        if quantize is not None:
+            from ..quantize import quantize_model
+
+            model = quantize_model(model, quantize)
+        name = f"random weights, {args.config} config"
+    else:
+        model, _ = load(args.model, dtype=dtype, device=device, quantize=quantize)
+        name = str(args.model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    load_seconds = time.perf_counter() - began
+
+    fast = {"auto": None, "fast": True, "eager": False}[args.path]
+    report = run_bench(
+        model, model_name=name, load_seconds=load_seconds, quantize=args.quantize, prefill_lengths=lengths,
+        decode_tokens=args.decode_tokens, bandwidth=args.bandwidth, fast=fast, compare_eager=args.compare_eager,
+        profile_steps=args.profile, seed=args.seed,
+    )
+    text = json.dumps(report.to_dict(), indent=None if args.json else 2)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text if args.json else format_report(report))
+    if args.json and report.profile:
+        print(report.profile, file=sys.stderr)
+    return 0

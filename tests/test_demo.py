@@ -1,0 +1,128 @@
+"""`chatglm-ft demo` end to end, as CI runs it: the base fails, LoRA fixes it, and the saved
+adapter works through `chatglm-ft chat`. One demo run (module fixture) serves every test."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chatglm_ft.demo import (CONTROL_PIECES, TEXT_PIECES, all_phrases, build_tokenizer, demo_config, repeat_pairs,
+                             split_phrases, translation_pairs)
+
+SEED = 0
+
+
+def run_cli(*args, input=None, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "chatglm_ft", *args], capture_output=True, text=True, input=input,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(output dir, finished process, demo_results.json) of one default demo run."""
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "demo-out"
+    result = run_cli("demo", "--out", str(out), "--seed", str(SEED), env={"XDG_CACHE_HOME": str(root / "cache")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out, result, json.loads((out / "demo_results.json").read_text())
+
+
+# -- the pieces, without training ---------------------------------------------------------------------
+def test_test_phrases_are_unseen_but_made_of_seen_words():
+    train, test = split_phrases(SEED)
+    assert len(train) + len(test) == len(all_phrases()) == 8 * 7 * 8
+    assert not set(train) & set(test)
+    train_words = {w for p in train for w in p.english.split()}
+    assert all(w in train_words for p in test for w in p.english.split())
+    assert split_phrases(SEED) == (train, test) and split_phrases(SEED + 1) != (train, test)
+    pairs = dict(translation_pairs(test))
+    assert all(pairs[f"Translate into Chinese: {p.english}"] == p.chinese for p in test)
+    assert translation_pairs([p for p in all_phrases() if p.english == "three red books"]) == [
+        ("Translate into Chinese: three red books", "三本红书"), ("翻译成英文：三本红书", "three red books")]
+
+
+def test_tokenizer_has_chatglm_special_pieces(tmp_path):
+    texts = [t for q, a in translation_pairs(all_phrases()) + repeat_pairs(all_phrases()) for t in (q, a)]
+    tokenizer = build_tokenizer(texts, tmp_path)
+    again = build_tokenizer(texts, tmp_path / "again")
+    assert (tmp_path / "ice_text.model").read_bytes() == (tmp_path / "again" / "ice_text.model").read_bytes()
+    sp = tokenizer.sp
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tokenizer.pad_token_id == 3
+    assert all(sp.is_control(sp.piece_to_id(p)) for p in CONTROL_PIECES)
+    assert all(sp.piece_to_id(p) != sp.unk_id() and not sp.is_control(sp.piece_to_id(p)) for p in TEXT_PIECES)
+    assert 500 <= tokenizer.vocab_size <= 1000  # small: the embedding stays tiny
+    ids = tokenizer.encode("Translate into Chinese: three red apples")
+    assert ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    assert [sp.id_to_piece(i) for i in ids[:-2]] == ["▁Translate", "▁into", "▁Chinese", ":", "▁three", "▁red", "▁apples"]
+    assert [sp.id_to_piece(i) for i in tokenizer.encode("三个红苹果", add_special_tokens=False)] == [
+        "▁", "三", "个", "红", "苹", "果"]  # one piece per character: compositions stay visible
+    text = "a\nb\tc    d 你好 ☃"  # newline, tab, a blank run, and characters outside the corpus (byte fallback)
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    config = demo_config(tokenizer)
+    assert (config.bos_token_id, config.eos_token_id, config.mask_token_id, config.gmask_token_id, config.pad_token_id) == (
+        sp.piece_to_id("<sop>"), sp.piece_to_id("<eop>"), sp.piece_to_id("[MASK]"), sp.piece_to_id("[gMASK]"), 3)
+    assert config.vocab_size == tokenizer.vocab_size
+
+
+# -- the demo run ---------------------------------------------------------------------------------------
+def test_demo_base_fails_and_lora_fixes_it(demo):
+    out, result, summary = demo
+    assert summary["test_questions"] == 96 and summary["lora_steps"] == 300
+    assert summary["base_repeat_accuracy"] >= 0.9  # the base works on what it was trained for ...
+    assert summary["before"] <= 0.05  # ... but cannot translate
+    assert summary["after"] >= 0.9
+    assert f"translation exact match: {summary['before']:.1%} -> {summary['after']:.1%}" in result.stdout
+    samples = summary["samples"]
+    correct = sum(s["after"] == s["expected"] for s in samples)
+    assert correct / len(samples) == pytest.approx(summary["after"])
+    assert sum(s["before"] == s["expected"] for s in samples) / len(samples) == pytest.approx(summary["before"])
+    assert "%|" in result.stderr  # the progress bar
+
+
+def test_demo_prints_the_real_model_commands(demo):
+    out, result, _ = demo
+    assert f"chatglm-ft chat --model {out / 'base'} --adapter {out / 'adapter'}" in result.stdout
+    for command in ("chatglm-ft train --model path/to/chatglm-6b", "chatglm-ft eval --model path/to/chatglm-6b",
+                    "chatglm-ft chat --model path/to/chatglm-6b --adapter"):
+        assert command in result.stdout
+
+
+def test_demo_saves_a_checkpoint_and_a_peft_adapter(demo):
+    from safetensors.torch import load_file
+
+    from chatglm_ft.config import ChatGLMConfig
+    from chatglm_ft.tokenizer import ChatGLMTokenizer
+
+    out, _, _ = demo
+    config = ChatGLMConfig.from_dir(out / "base")  # model_type chatglm, readable by our loader
+    tokenizer = ChatGLMTokenizer.from_dir(out / "base")
+    assert config.gmask_token_id == tokenizer.gmask_token_id and config.vocab_size == tokenizer.vocab_size
+    adapter = out / "adapter"
+    assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["target_modules"] == ["query_key_value"]
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 32
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    expected = {f"base_model.model.transformer.layers.{n}.attention.query_key_value.lora_{ab}.weight"
+                for n in range(config.num_layers) for ab in "AB"}
+    assert set(weights) == expected
+    assert weights["base_model.model.transformer.layers.0.attention.query_key_value.lora_B.weight"].abs().max() > 0
+    for name in ("train.json", "test.json", "warmup.json"):
+        rows = json.loads((out / "data" / name).read_text(encoding="utf-8"))
+        assert rows and set(rows[0]) == {"instruction", "input", "output"}
+
+
+def test_chat_with_the_demo_adapter_answers_correctly(demo):
+    out, _, summary = demo
+    solved = [s for s in summary["samples"] if s["after"] == s["expected"]]
+    questions = [next(s for s in solved if s["question"].startswith("翻译")),
+                 next(s for s in solved if s["question"].startswith("Translate"))]
+    script = f"{questions[0]['question']}\nclear\n{questions[1]['question']}\nexit\n"  # clear: no history
+    result = run_cli("chat", "--model", str(out / "base"), "--adapter", str(out / "adapter"), "--temperature", "0",
+                     "--device", "cpu", input=script, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for q in questions:
+        assert f"ChatGLM-6B: {q['expected']}\n" in result.stdout
