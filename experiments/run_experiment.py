@@ -2,8 +2,8 @@
 
   (a) base: a small ChatGLM-architecture model (8 layers x 512 hidden, 8 heads, inner 2048, the real
       130k-piece tokenizer) trained from random init (full fine-tuning) on Alpaca English + Chinese
-      for a time budget (~4 min on an H200);
-  (b) LoRA (r=8, alpha=32, query_key_value, as in the seed) on the HC3 psychology training split (~2 min);
+      for a time budget (150 s on an H200);
+  (b) LoRA (r=8, alpha=32, query_key_value, as in the seed) on the HC3 psychology training split (60 s);
   (c) base vs LoRA on held-out HC3 psychology and held-out Alpaca (Chinese and English, whose
       translations were never trained on either): BLEU-4, ROUGE-1/2/L, perplexity; charts,
       training curves, wall time and tokens/s.
@@ -80,7 +80,7 @@ class Plan:
     alpaca_subset: int | None = None  # train on this many Alpaca records per language (quick mode)
 
 
-FULL = Plan(layers=8, hidden=512, heads=8, inner=2048, base_seconds=240, lora_seconds=120, base_batch=64,
+FULL = Plan(layers=8, hidden=512, heads=8, inner=2048, base_seconds=150, lora_seconds=60, base_batch=64,
             lora_batch=16, base_lr=6e-4, lora_lr=1e-3, base_warmup=100, lora_warmup=20, lora_max_epochs=10,
             max_source_length=96, max_target_length=160, eval_size=100, lora_val_size=50, min_steps=50, max_new_tokens=128,
             eval_batch=64, probe_steps=20)
