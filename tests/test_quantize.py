@@ -322,7 +322,7 @@ def test_cuda_gemv_and_prefill_paths(bits):
     for n, k in [(12288, 4096), (4096, 16384), (192, 64)]:
         layer = (Int8Linear if bits == 8 else Int4Linear)(k, n, bias=True)
         w = torch.randn(n, k, device="cuda") / k**0.5
-        layer.set_quantized(*(quantize_int8(w) if bits == 8 else quantize_int4(w, 128)))
+        layer.set_quantized(*((*quantize_int8(w), None) if bits == 8 else quantize_int4(w, 128)))
         layer.bias = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.float16))
         assert kernels.gemv_supported(layer.weight, layer.weight_scale)
         for tokens in (1, 3, 64):  # GEMV, GEMV with several rows, dequantize + cuBLAS

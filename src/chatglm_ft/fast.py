@@ -190,7 +190,10 @@ def _step_functions(options: FastOptions, device: torch.device) -> tuple:
     if key not in _STEP_FUNCTIONS:
         # one compiled graph per model, batch size and dtype: allow more than dynamo's default of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _STEP_FUNCTIONS[key] = tuple(_compiled(f, options, device) for f in (decode_logits, pick_greedy, pick_sampled))
+        # Sampling stays eager: inductor (torch 2.11, CUDA) cannot generate the fused cumsum + reduction of
+        # top-p ("NYI TritonSplitDimKernel reductions"); its eager kernels are captured in the CUDA graph anyway.
+        _STEP_FUNCTIONS[key] = (_compiled(decode_logits, options, device), _compiled(pick_greedy, options, device),
+                                pick_sampled)
     return _STEP_FUNCTIONS[key]
 
 
