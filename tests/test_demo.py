@@ -45,7 +45,7 @@ def test_test_phrases_are_unseen_but_made_of_seen_words():
 def test_tokenizer_has_chatglm_special_pieces(tmp_path):
     texts = [t for q, a in translation_pairs(all_phrases()) + repeat_pairs(all_phrases()) for t in (q, a)]
     tokenizer = build_tokenizer(texts, tmp_path)
-    again = build_tokenizer(texts, tmp_path / "again")
+    build_tokenizer(texts, tmp_path / "again")  # deterministic: the same bytes twice
     assert (tmp_path / "ice_text.model").read_bytes() == (tmp_path / "again" / "ice_text.model").read_bytes()
     sp = tokenizer.sp
     assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
@@ -69,7 +69,7 @@ def test_tokenizer_has_chatglm_special_pieces(tmp_path):
 # -- the demo run ---------------------------------------------------------------------------------------
 def test_demo_base_fails_and_lora_fixes_it(demo):
     out, result, summary = demo
-    assert summary["test_questions"] == 96 and summary["lora_steps"] == 300
+    assert summary["test_questions"] == 96 and summary["lora_steps"] == 300 and summary["device"] == "cpu"
     assert summary["base_repeat_accuracy"] >= 0.9  # the base works on what it was trained for ...
     assert summary["before"] <= 0.05  # ... but cannot translate
     assert summary["after"] >= 0.9
@@ -89,6 +89,20 @@ def test_demo_prints_the_real_model_commands(demo):
         assert command in result.stdout
 
 
+def test_demo_training_is_chatglm_ft_train(demo, tmp_path):
+    """The demo's LoRA step through the command line, from the config it saved: the same losses."""
+    out, result, _ = demo
+    assert f"chatglm-ft train --config {out}/train_config.json" in result.stdout
+    cli = run_cli("train", "--config", str(out / "train_config.json"), "--output-dir", str(tmp_path / "cli-run"),
+                  "--max-steps", "20", "--no-progress",  # within the 30 warmup steps the schedule ignores the total
+                  env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0, cli.stderr
+    demo_losses = json.loads((out / "train_results.json").read_text())["losses"][:20]
+    cli_losses = json.loads((tmp_path / "cli-run" / "train_results.json").read_text())["losses"]
+    assert [step for step, _ in cli_losses] == list(range(1, 21))
+    assert [loss for _, loss in cli_losses] == pytest.approx([loss for _, loss in demo_losses], rel=1e-5)
+
+
 def test_demo_saves_a_checkpoint_and_a_peft_adapter(demo):
     from safetensors.torch import load_file
 
@@ -103,12 +117,13 @@ def test_demo_saves_a_checkpoint_and_a_peft_adapter(demo):
     assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
         "adapter_config.json", "adapter_model.safetensors"]
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_config["peft_type"] == "LORA" and adapter_config["target_modules"] == ["query_key_value"]
+    assert adapter_config["peft_type"] == "LORA" and set(adapter_config["target_modules"]) == {"query_key_value", "dense"}
     assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 32
+    assert adapter_config["base_model_name_or_path"] == str(out / "base")
     weights = load_file(str(adapter / "adapter_model.safetensors"))
-    expected = {f"base_model.model.transformer.layers.{n}.attention.query_key_value.lora_{ab}.weight"
-                for n in range(config.num_layers) for ab in "AB"}
-    assert set(weights) == expected
+    expected = {f"base_model.model.transformer.layers.{n}.attention.{m}.lora_{ab}.weight"
+                for n in range(config.num_layers) for m in ("query_key_value", "dense") for ab in "AB"}
+    assert set(weights) == expected  # the original parameter paths: PEFT on the original model loads it
     assert weights["base_model.model.transformer.layers.0.attention.query_key_value.lora_B.weight"].abs().max() > 0
     for name in ("train.json", "test.json", "warmup.json"):
         rows = json.loads((out / "data" / name).read_text(encoding="utf-8"))
@@ -126,3 +141,21 @@ def test_chat_with_the_demo_adapter_answers_correctly(demo):
     assert result.returncode == 0, result.stderr
     for q in questions:
         assert f"ChatGLM-6B: {q['expected']}\n" in result.stdout
+
+
+def test_demo_adapter_loads_with_peft_itself(demo):
+    """peft.PeftModel.from_pretrained on the plain base gives the same logits as our loader's --adapter path."""
+    import torch
+    from peft import PeftModel
+
+    from chatglm_ft import load
+
+    out, _, summary = demo
+    ours, tokenizer = load(out / "base", dtype="float32", device="cpu", adapter=out / "adapter")
+    base, _ = load(out / "base", dtype="float32", device="cpu")
+    with torch.no_grad():
+        plain = base(torch.tensor([tokenizer.encode(summary["samples"][0]["question"])])).logits
+        peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        ids = torch.tensor([tokenizer.encode(summary["samples"][0]["question"])])
+        torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+        assert (peft_model(ids).logits - plain).abs().max() > 1e-2  # the adapter changes the output

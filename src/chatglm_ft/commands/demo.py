@@ -14,8 +14,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default: demo-out)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split, weights and training (default: 0)")
     p.add_argument("--steps", type=int, default=300, help="LoRA training steps (default: 300)")
-    p.add_argument("--base-steps", type=int, default=200,
-                   help="steps of the base model's warm-up pre-training (default: 200)")
+    p.add_argument("--base-steps", type=int, default=300,
+                   help="steps of the base model's warm-up pre-training (default: 300)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu; the model is tiny)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default: 1; the model is so small that more threads rarely help)")
@@ -23,11 +23,17 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    import importlib.util
+
     from ..errors import ChatGLMError
 
     if args.steps < 1 or args.base_steps < 1 or args.threads < 1:
         raise ChatGLMError("--steps, --base-steps and --threads must be at least 1")
+    missing = [name for name in ("peft", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ChatGLMError(f"the demo trains a LoRA adapter and needs {', '.join(missing)}: pip install 'chatglm-ft[train]'")
+    from ..demo import run_demo
+
     run_demo(out=args.out, seed=args.seed, steps=args.steps, base_steps=args.base_steps, device=args.device,
              threads=args.threads)
     return 0
