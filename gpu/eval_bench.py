@@ -28,32 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from chatglm_ft.bench import random_model  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
 from chatglm_ft.evaluate import generate_answers  # noqa: E402
 from chatglm_ft.generate import GenerationConfig, generate  # noqa: E402
-from chatglm_ft.model import ChatGLMForConditionalGeneration  # noqa: E402
 
 COMPILE_ENV = "CHATGLM_FT_COMPILE"
 TIME_LIMIT_S = 150  # start no further mode after this, to stay inside 4 minutes
-
-
-def random_model(config: ChatGLMConfig) -> ChatGLMForConditionalGeneration:
-    """Full-size weights ~ N(0, 0.02) (layernorms 1, biases 0), lm_head tied, float16 on the GPU."""
-    model = ChatGLMForConditionalGeneration(config, device="meta")
-    model.to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    model.tie_lm_head()
-    model.to(torch.float16)
-    model.reset_buffers()
-    return model.eval()
 
 
 def synthetic_prompts(config: ChatGLMConfig, count: int, seed: int = 0) -> list[list[int]]:
@@ -103,7 +84,7 @@ def main() -> None:
         sys.exit("eval_bench.py needs a CUDA GPU")
     began = time.perf_counter()
     config = ChatGLMConfig.full()
-    model = random_model(config)
+    model = random_model(config, dtype=torch.float16, device=torch.device("cuda"))
     prompts = synthetic_prompts(config, args.prompts)
     # stop_token_ids=(): <eop> never ends a row, so every prompt gets exactly new_tokens tokens
     gen = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=())

@@ -18,27 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from chatglm_ft.checkpoint import save_model  # noqa: E402
+from chatglm_ft.bench import random_model  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
-from chatglm_ft.model import ChatGLMForConditionalGeneration  # noqa: E402
-
-
-def random_model(config: ChatGLMConfig, dtype=torch.float16, device="cuda") -> ChatGLMForConditionalGeneration:
-    with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(config)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    model.tie_lm_head()  # as in the released checkpoint
-    model.to(dtype)
-    model.reset_buffers()
-    return model
 
 
 def main() -> None:
@@ -49,7 +30,7 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "."))
     config = ChatGLMConfig.full()
     t0 = time.perf_counter()
-    model = random_model(config)
+    model = random_model(config, dtype=torch.float16, device=torch.device("cuda"))
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatglm_ft import load
-from chatglm_ft.batching import IncrementalDecoder, RowSampling, nucleus, sample_tokens
+from chatglm_ft.batching import RowSampling, nucleus, sample_tokens
 from chatglm_ft.engine import Engine, EngineClosedError, QueueFullError
 from chatglm_ft.errors import ChatGLMError, PromptTooLongError
 from chatglm_ft.generate import GenerationConfig, generate, process_logits
@@ -192,7 +192,7 @@ def test_idle_engine_waits_without_spinning(make_engine):
     assert engine.stats.decode_steps == before and engine.alive
 
 
-def test_incremental_decoder_gives_the_full_decode(tokenizer):
+def test_stream_decoder_gives_the_full_decode(tokenizer):
     import random
 
     texts = ["Hello world.\nNew line\tTab   three spaces", "你好👋！我是人工智能助手 ChatGLM-6B，很高兴见到你。",
@@ -202,6 +202,9 @@ def test_incremental_decoder_gives_the_full_decode(tokenizer):
     sequences += [[rng.choice([rng.randrange(130528), rng.randrange(300), rng.randrange(130000, 130400), 5])
                    for _ in range(rng.randrange(1, 60))] for _ in range(200)]  # byte pieces, controls, unused ids
     for ids in sequences:
-        fast, full = IncrementalDecoder(tokenizer), StreamDecoder(tokenizer)
-        pieces = [fast.push(i) for i in ids]
-        assert "".join(pieces) + fast.flush() == "".join(full.push(i) for i in ids) + full.flush() == tokenizer.decode(ids)
+        decoder = StreamDecoder(tokenizer)
+        pieces = [decoder.push(i) for i in ids]
+        full = tokenizer.decode(ids)
+        if "\ufffd" not in full:  # random byte pieces can form invalid UTF-8: then U+FFFD is the real text
+            assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) + decoder.flush() == full

@@ -1,5 +1,3 @@
-import pytest
-
 from chatglm_ft.tokenizer import StreamDecoder
 
 

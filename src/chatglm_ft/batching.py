@@ -1,15 +1,13 @@
-"""Building blocks of continuous batching (engine.py): per-row sampling on the device, an
-incremental detokenizer, and the decode step over cache slots with its CUDA graphs."""
+"""Building blocks of continuous batching (engine.py): per-row sampling on the device and the
+decode step over cache slots with its CUDA graphs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from .generate import GenerationConfig, TextStream, process_logits
+from .generate import GenerationConfig, process_logits
 from .positions import PrefixLayout, attention_mask_for, position_ids_for
-from .tokenizer import ChatGLMTokenizer
 
 GREEDY = GenerationConfig()
 
@@ -54,64 +52,6 @@ def sample_tokens(logits: torch.Tensor, rows: RowSampling | None) -> torch.Tenso
     pick = torch.searchsorted(cdf, target).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     sampled = order.gather(-1, pick).squeeze(-1)
     return torch.where(rows.do_sample, sampled, greedy)
-
-
-# -- text -----------------------------------------------------------------------------------------
-class IncrementalDecoder:
-    """`tokenizer.StreamDecoder`'s text at a cost per token that does not grow with the answer.
-
-    StreamDecoder decodes all ids on every token (quadratic in the answer; 128 streams x 2k tokens
-    would starve the GPU). Here only a window is decoded (the prefix/read offsets of vLLM's
-    detokenizer): the text of ids[start:] minus that of ids[start:read] is what the new ids add. A
-    window starts on text (so the first piece's leading-space rule applies to both decodes alike),
-    a half-done character holds the window open, and anything unexpected falls back to a full decode.
-    """
-
-    def __init__(self, tokenizer: ChatGLMTokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # ids[:read] are in self.text
-        self.text = ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        return self._delta(final=True)
-
-    def _delta(self, *, final: bool) -> str:
-        decode = self.tokenizer.decode
-        start = self.prefix
-        before = decode(self.ids[start:self.read])
-        while start > 0 and not before.strip():
-            start -= 1
-            before = decode(self.ids[start:self.read])
-        after = decode(self.ids[start:])
-        if not final and after.endswith("\ufffd"):
-            return ""  # a multi-byte character is still arriving
-        if after.startswith(before):
-            delta = after[len(before):]
-        else:
-            full = decode(self.ids)
-            full = full if final else full.rstrip("\ufffd")
-            if not full.startswith(self.text):
-                return ""
-            delta = full[len(self.text):]
-        if not delta and not final:
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        self.text += delta
-        return delta
-
-
-class SlotTextStream(TextStream):
-    """generate.TextStream (stop strings, complete characters) on the incremental decoder."""
-
-    def __init__(self, tokenizer: ChatGLMTokenizer, stop_strings: Sequence[str]):
-        super().__init__(tokenizer, stop_strings)
-        self.decoder = IncrementalDecoder(tokenizer)
 
 
 # -- the decode step --------------------------------------------------------------------------------

@@ -293,5 +293,5 @@ def format_report(report: BenchReport) -> str:
                 f"context {d.mean_context:.0f}): {d.roofline_fraction:5.1%} of the {d.roofline_tokens_per_second:.0f} "
                 f"tokens/s roofline")
     if report.profile:
-        lines += ["", f"profile of decode steps (short context):", report.profile]
+        lines += ["", "profile of decode steps (short context):", report.profile]
     return "\n".join(lines)

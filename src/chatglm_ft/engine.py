@@ -31,7 +31,7 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 
-from .batching import DecodeGraphs, RowSampling, SlotTextStream, batch_bucket, decode_step, sample_tokens
+from .batching import DecodeGraphs, RowSampling, batch_bucket, decode_step, sample_tokens
 from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig, TextStream, new_token_budget
 from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
@@ -368,7 +368,7 @@ class Engine:
         layout = prefix_layout(torch.tensor([prompt_ids]), self.config, left_padded=False)
         stop_ids = frozenset(gen.stop_token_ids if gen.stop_token_ids is not None else (self.config.eos_token_id,))
         handle = RequestHandle(self, loop)
-        text = SlotTextStream(self.tokenizer, gen.stop_strings) if self.tokenizer is not None else None
+        text = TextStream(self.tokenizer, gen.stop_strings) if self.tokenizer is not None else None
         request = _Request(prompt_ids, gen, budget, (int(layout.context), int(layout.mask)), stop_ids, text, handle)
         handle._request = request
         with self._lock:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RESIDUAL_ALPHA, ChatGLMConfig
-from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
+from .positions import attention_mask_for, position_ids_for, prefix_layout
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -119,15 +119,22 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> list[list[int]]:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text deltas without ever emitting half a character.
+    """Turns a growing list of ids into text deltas without ever emitting half a character, at a cost
+    per token that does not grow with the answer.
 
-    Byte-fallback pieces make a multi-byte character arrive over several tokens; until it is
-    complete, sentencepiece decodes it as U+FFFD, which we hold back.
+    Byte-fallback pieces make a multi-byte character arrive over several tokens; until it is complete,
+    sentencepiece decodes it as U+FFFD, which we hold back. Only a window is decoded (the prefix/read
+    offsets of vLLM's detokenizer): the text of ids[start:] minus that of ids[start:read] is what the
+    new ids add. A window starts on text (so the first piece's leading-space rule applies to both
+    decodes alike), a half-done character holds the window open, and anything unexpected falls back
+    to a full decode.
     """
 
     def __init__(self, tokenizer: ChatGLMTokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids[:read] are in self.text
         self.text = ""  # what has been emitted so far
 
     def push(self, token_id: int) -> str:
@@ -138,12 +145,25 @@ class StreamDecoder:
         return self._delta(final=True)
 
     def _delta(self, *, final: bool) -> str:
-        full = self.tokenizer.decode(self.ids)
-        if not final:
-            full = full.rstrip("\ufffd")
-        if not full.startswith(self.text):
-            # Decoding is not prefix-stable only around held-back characters; emit nothing until it is.
+        decode = self.tokenizer.decode
+        start = self.prefix
+        before = decode(self.ids[start:self.read])
+        while start > 0 and not before.strip():
+            start -= 1
+            before = decode(self.ids[start:self.read])
+        after = decode(self.ids[start:])
+        if not final and after.endswith("\ufffd"):
+            return ""  # a multi-byte character is still arriving
+        if after.startswith(before):
+            delta = after[len(before):]
+        else:
+            full = decode(self.ids)
+            full = full if final else full.rstrip("\ufffd")
+            if not full.startswith(self.text):
+                return ""  # not prefix-stable around a held-back character: wait
+            delta = full[len(self.text):]
+        if not delta and not final:
             return ""
-        delta = full[len(self.text):]
-        self.text = full
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
         return delta
