@@ -84,10 +84,3 @@ def load(
         model = apply_adapters(model, adapter)
     return model, tokenizer
 
-
-def check_loadable(path: Path) -> None:
-    """Cheap check used by commands before spending time: config and tokenizer readable."""
-    ChatGLMConfig.from_dir(path)
-    ChatGLMTokenizer.from_dir(path)
-    if not any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
-        raise CheckpointError(f"{path}: no weight files (*.bin or *.safetensors)")

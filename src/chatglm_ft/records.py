@@ -131,7 +131,7 @@ def load_records(
                 new = _convert(_rename(row, columns), file_format, source, last_turn_only=last_turn_only)
             except BadRow as e:
                 if on_bad_row == "error":
-                    raise DataError(f"{source}: {e} (fix the row, or skip bad rows with on_bad_row='skip')") from None
+                    raise DataError(f"{source}: {e} (fix the row, or skip bad rows with --on-bad-row skip)") from None
                 report.bad_rows.append((source, str(e)))
                 continue
             for record in new:
