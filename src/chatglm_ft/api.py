@@ -8,7 +8,7 @@ import torch
 
 from .checkpoint import expected_shapes, load_weights
 from .config import ChatGLMConfig
-from .errors import ChatGLMError, CheckpointError
+from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
 from .tokenizer import ChatGLMTokenizer
 
