@@ -10,6 +10,7 @@ from .checkpoint import expected_shapes, load_weights
 from .config import ChatGLMConfig
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
+from .multigpu import parse_devices, split_layers
 from .tokenizer import ChatGLMTokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -62,21 +63,30 @@ def load(
     quantize: str | dict | None = None,  # "int8", "int4" or {"bits": 4, "group_size": 128, "embeddings": True}
     adapter: str | Path | list | None = None,
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
-    """Load a ChatGLM-6B checkpoint directory: `model, tokenizer = load(path, dtype="float16", device="cuda")`."""
+    """Load a ChatGLM-6B checkpoint directory: `model, tokenizer = load(path, dtype="float16", device="cuda")`.
+
+    `device="cuda:0,cuda:1"` spreads the layers over several GPUs (multigpu.py)."""
     path = model_path(path)
     config = ChatGLMConfig.from_dir(path)
     tokenizer = ChatGLMTokenizer.from_dir(path)
     tokenizer.check_model(config.vocab_size)
-    device = resolve_device(device)
+    devices = parse_devices(device)  # "cuda:0,cuda:1": layers spread over several devices
+    device = devices[0] if devices else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if config.quantization_bit or config.quantization or quantize:
+    quantized = bool(config.quantization_bit or config.quantization or quantize)
+    # a split float model is assembled in host memory (it does not fit one of the cards by assumption);
+    # a quantized one is small enough to be quantized on the first card, as usual
+    load_device = torch.device("cpu") if devices and not quantized else device
+    if quantized:
         from .quantize import load_quantized
 
-        model = load_quantized(path, config, dtype=dtype, device=device, quantize=quantize)
+        model = load_quantized(path, config, dtype=dtype, device=load_device, quantize=quantize)
     else:
         model = ChatGLMForConditionalGeneration(config, device="meta")
-        load_weights(model, path, dtype=dtype, device=device, expected=expected_shapes(config))
+        load_weights(model, path, dtype=dtype, device=load_device, expected=expected_shapes(config))
         model.reset_buffers()
+    if devices:
+        split_layers(model, devices)
     model.eval()
     if adapter:
         from .lora import apply_adapters

@@ -34,6 +34,7 @@ import torch
 from .batching import DecodeGraphs, RowSampling, batch_bucket, decode_step, sample_tokens
 from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig, TextStream, new_token_budget
+from .multigpu import is_split
 from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
 from .tokenizer import ChatGLMTokenizer
 
@@ -273,7 +274,8 @@ class Engine:
             raise ChatGLMError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         if decode not in DECODE_MODES:
             raise ChatGLMError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-        self.decode_mode = ("graphs" if model.device.type == "cuda" else "eager") if decode == "auto" else decode
+        on_one_gpu = model.device.type == "cuda" and not is_split(model)
+        self.decode_mode = ("graphs" if on_one_gpu else "eager") if decode == "auto" else decode
         self._graphs: DecodeGraphs | None = None
         self.model = model
         self.tokenizer = tokenizer

@@ -76,7 +76,9 @@ def fast_options(model, fast: "bool | FastOptions | None") -> FastOptions | None
     None (auto): the fast path on CUDA unless $CHATGLM_FT_COMPILE=0; True: also on the CPU
     (compiled, no graphs); False: eager.
     """
-    if fast is False or model.training:
+    from .multigpu import is_split
+
+    if fast is False or model.training or is_split(model):  # graphs and compiled steps stay on one device
         return None
     if isinstance(fast, FastOptions):
         return fast

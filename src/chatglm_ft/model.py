@@ -305,9 +305,11 @@ class ChatGLMForConditionalGeneration(nn.Module):
         ):
             return
         self.kv_caches = None  # free the old cache before allocating the new one
+        # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
         self.kv_caches = nn.ModuleList(
-            KVCache(batch_size, c.num_attention_heads, max_length, c.head_dim, dtype=self.compute_dtype, device=self.device)
-            for _ in range(c.num_layers)
+            KVCache(batch_size, c.num_attention_heads, max_length, c.head_dim, dtype=self.compute_dtype,
+                    device=layer.input_layernorm.weight.device)
+            for layer in self.transformer.layers
         )
 
     def clear_caches(self) -> None:

@@ -8,7 +8,7 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
     p.add_argument("--model", help="ChatGLM-6B checkpoint directory (default: $CHATGLM_FT_MODEL)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: float16 on GPU, float32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or a list such as cuda:0,cuda:1 to spread the layers over several GPUs (auto: cuda when available)")
     if quantize:
         p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                        help="weight-only quantization applied while loading")
