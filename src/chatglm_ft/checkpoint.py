@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -94,13 +95,9 @@ def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if "mmap" not in str(e):
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{file}: cannot read ({first_line}); {hint}")
-    except Exception as e:  # unpickling errors of damaged files come in many types
-        if type(e).__name__ in ("UnpicklingError",):
-            raise CheckpointError(f"{file}: cannot unpickle ({e}); {hint}")
-        raise
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
     yield from state.items()

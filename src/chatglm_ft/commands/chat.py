@@ -19,6 +19,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..chat import ResponseStreamer
+    from ..errors import ChatGLMError
     from ..generate import stream_text
     from ..prompt import chat_prompt
 
@@ -56,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(streamer.finish())
         except KeyboardInterrupt:
             sys.stdout.write(streamer.finish() + " [interrupted]")
-        except Exception as e:
-            from ..errors import ChatGLMError
-
-            if not isinstance(e, ChatGLMError):
-                raise
+        except ChatGLMError as e:  # e.g. the history grew past the context: say so, keep the session
             print(f"\n(error: {e})")
             continue
         print()
