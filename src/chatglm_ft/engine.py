@@ -118,16 +118,21 @@ class RequestHandle:
             self._taken_done = self._done is not None
             return chunk
 
+    def _next(self) -> tuple[Chunk | None, bool]:
+        """(the chunk to hand out, if it carries anything; whether the request has ended) after a wake-up."""
+        chunk = self._take()
+        if chunk is None:
+            return None, True
+        return (chunk if chunk.text or chunk.tokens or chunk.done else None), bool(chunk.done)
+
     def __iter__(self) -> Iterator[Chunk]:
         while True:
             self._thread_wake.wait()
             self._thread_wake.clear()
-            chunk = self._take()
-            if chunk is None:
-                return
-            if chunk.text or chunk.tokens or chunk.done:
+            chunk, ended = self._next()
+            if chunk is not None:
                 yield chunk
-            if chunk.done:
+            if ended:
                 return
 
     async def chunks(self) -> AsyncIterator[Chunk]:
@@ -136,12 +141,10 @@ class RequestHandle:
         while True:
             await self._async_wake.wait()
             self._async_wake.clear()  # clear before taking: a later put sets it again
-            chunk = self._take()
-            if chunk is None:
-                return
-            if chunk.text or chunk.tokens or chunk.done:
+            chunk, ended = self._next()
+            if chunk is not None:
                 yield chunk
-            if chunk.done:
+            if ended:
                 return
 
     def result(self, timeout: float | None = None) -> Completion:
