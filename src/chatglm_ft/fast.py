@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from .errors import ChatGLMError
+from .multigpu import is_split
 from .model import PromptMask
 from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
 
@@ -76,8 +77,6 @@ def fast_options(model, fast: "bool | FastOptions | None") -> FastOptions | None
     None (auto): the fast path on CUDA unless $CHATGLM_FT_COMPILE=0; True: also on the CPU
     (compiled, no graphs); False: eager.
     """
-    from .multigpu import is_split
-
     if fast is False or model.training or is_split(model):  # graphs and compiled steps stay on one device
         return None
     if isinstance(fast, FastOptions):
