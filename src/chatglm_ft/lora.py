@@ -71,8 +71,11 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: int = 32, dropout: float 
     return get_peft_model(model, config).train(training)  # PEFT switches to train mode; keep the caller's
 
 
-def save_adapter(peft_model, out: str | Path, *, base_model: str | Path | None = None) -> Path:
-    """Save the adapter in the PEFT layout (adapter_config.json + adapter_model.safetensors), atomically."""
+def save_adapter(peft_model, out: str | Path, *, base_model: str | Path | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """Save the adapter in the PEFT layout (adapter_config.json + adapter_model.safetensors), atomically.
+
+    `state_dict`: the model's weights when its own are not plain tensors (FSDP shards gathered by the caller)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp-partial")
     if tmp.exists():
@@ -80,7 +83,7 @@ def save_adapter(peft_model, out: str | Path, *, base_model: str | Path | None =
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = str(base_model) if base_model else None
     # Embeddings never train here; "auto" would probe the base config with transformers-only calls.
-    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     replace_dir(tmp, out)
     return out
 
