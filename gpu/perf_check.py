@@ -104,7 +104,7 @@ def table(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated variants to run: float16, int8, int4 (the default set), "
-                                       "float16/cublas (cuBLAS GEMVs), float16/prefill (compiled prefill)")
+                                       "float16/cublas (cuBLAS GEMVs), float16/kernel (our Triton GEMV), float16/prefill (compiled prefill)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the GPU tests")
     options = parser.parse_args()
     has_quantize = (REPO / "src" / "chatglm_ft" / "quantize.py").exists()
@@ -114,6 +114,7 @@ def main() -> int:
         runs += [("int8", "int8", ["--dtype", "float16", "--quantize", "int8", "--quantize-embeddings"], None, 80),
                  ("int4", "int4", ["--dtype", "float16", "--quantize", "int4", "--quantize-embeddings"], None, 80)]
     variants = [("float16/cublas", "float16", ["--dtype", "float16"], {"CHATGLM_FT_GEMV": "cublas"}, 0),
+                ("float16/kernel", "float16", ["--dtype", "float16", "--profile", "20"], {"CHATGLM_FT_GEMV": "kernel"}, 0),
                 ("float16/prefill", "float16", ["--dtype", "float16"], {"CHATGLM_FT_COMPILE_PREFILL": "1"}, 0)]
     if options.only:
         wanted = options.only.split(",")

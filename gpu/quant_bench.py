@@ -9,14 +9,14 @@
    as a checkpoint shard would), then a 2048-token chat (1536-token prompt + 512 new tokens) through
    the project's generate path -> peak GPU memory; then batch-1 decode tokens/s (32-token prompt,
    200 new tokens, warm) with the default (compiled, CUDA-graph) path and the eager one.
-3. if time is left: a sweep of GEMV tile sizes per shape (to tune kernels.gemv_config).
+(Tile sweeps of the kernels: gpu/gemv_sweep.py.)
 
-    python3 gpu/quant_bench.py [--parts kernels,variants,sweep] [--variants fp16,int4,int8,int4+emb,int8+emb]
+    python3 gpu/quant_bench.py [--parts kernels,variants] [--variants fp16,int4,int8,int4+emb,int8+emb]
                                [--budget 200]
 
 Parts and variants run in that order until --budget seconds have passed (compiling the decode
 step takes most of a variant's time on a cold cache), so a 4-minute run covers the kernels and
-fp16/int4/int8; for the rest: `--parts variants --variants int4+emb,int8+emb`, `--parts sweep`.
+fp16/int4/int8; for the rest: `--parts variants --variants int4+emb,int8+emb`.
 Every part catches its own errors and the run continues. Writes $OUT/quant_bench.json when $OUT
 is set; prints a table last.
 """
@@ -181,41 +181,6 @@ def kernel_speed(configs: dict | None = None) -> dict:
 
 
 # (rows, columns) per loop step, from long thin row slices to square tiles of about 2-8 KB of weights
-SWEEP_TILES = {8: [(2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 128), (64, 64)],
-               4: [(2, 2048), (4, 1024), (4, 2048), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]}
-
-
-def sweep() -> dict:
-    """GEMV tile sizes per shape and width, fastest first, next to the default (to tune kernels.gemv_config)."""
-    out = {}
-    for bits in (8, 4):
-        for name, (n, k) in SHAPES.items():
-            if elapsed() > ARGS.budget:
-                return out
-            size = weight_bytes(bits, n, k)
-            copies = max(1, min(16, -(-320_000_000 // size)))
-            ws = [quantized_weight(bits, n, k) for _ in range(copies)]
-            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            timings = []
-            default = kernels.gemv_config(bits, n, k)
-            for block_n, block_k in SWEEP_TILES[bits]:
-                for warps in (4, 8):
-                    config = kernels.GemvConfig(block_n, block_k, warps)
-                    try:
-                        ms = graph_time_ms(lambda i: gemv(bits, x, *ws[i], config=config), copies, calls=12, replays=3)
-                    except Exception as e:
-                        timings.append((float("inf"), f"{config}: {type(e).__name__}"))
-                        continue
-                    timings.append((ms, f"block_n={block_n} block_k={block_k} warps={warps}"
-                                    + (" (default)" if config == default else "")))
-            timings.sort()
-            out[f"int{bits} {name}"] = [{"ms": ms, "GB_per_s": size / ms / 1e6, "config": c}
-                                        for ms, c in timings[:4] + [t for t in timings[4:] if "default" in t[1]]]
-            ws = None  # free the copies before the next shape
-            torch.cuda.empty_cache()
-    return out
-
-
 # -- 2. variants ---------------------------------------------------------------------------------
 def random_tensor(name: str, shape) -> torch.Tensor:
     """~N(0, 0.02) weights, layernorm weights 1, biases 0; made on the GPU, handed over from host memory."""
@@ -370,8 +335,6 @@ def main() -> None:
             continue
         print(f"[{elapsed():.0f}s] variant {label}", file=sys.stderr)
         results["variants"][label] = guarded(f"variant {label}", run_variant, label)
-    if "sweep" in parts and DEVICE.type == "cuda" and elapsed() < ARGS.budget:
-        results["gemv_sweep"] = guarded("sweep", sweep)
     results["seconds"] = elapsed()
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
@@ -384,7 +347,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="fp16,int4,int8,int4+emb,int8+emb")
     parser.add_argument("--budget", type=float, default=200, help="seconds after which remaining parts are skipped")
-    parser.add_argument("--parts", default="kernels,variants,sweep", help="which parts to run, comma-separated")
+    parser.add_argument("--parts", default="kernels,variants", help="which parts to run, comma-separated")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks that the script runs")
     ARGS = parser.parse_args()
     main()

@@ -8,10 +8,15 @@ against the plain `generate` path (its default fast path, and eager). Decode mod
 (the server's default on CUDA) for every level, "eager" at 1 and 128 streams, and "compile" at
 1 stream if time allows. Each section fails on its own (the error is recorded, the rest runs).
 
+First, decode attention alone (issue 6): the Triton kernel against the PyTorch path of
+model.attend at batch 1 / 2k context and 128 rows / 256 columns, with a sweep of the kernel's
+tile sizes and splits. The engine levels then run with the default ($CHATGLM_FT_DECODE_ATTENTION,
+triton unless set to torch: run once with each for an end-to-end A/B).
+
     python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
 
-Finishes in under 4 minutes on an H200; prints a table last.
+Finishes in about 5 minutes on an H200; prints a table last.
 """
 from __future__ import annotations
 
@@ -31,11 +36,12 @@ from chatglm_ft.api import build_model  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
 from chatglm_ft.engine import Engine  # noqa: E402
 from chatglm_ft.generate import GenerationConfig  # noqa: E402
+from chatglm_ft.positions import PrefixLayout, attention_mask_for  # noqa: E402
 from chatglm_ft.tokenizer import ChatGLMTokenizer  # noqa: E402
 
 PROMPT_TOKENS, ANSWER_TOKENS = 128, 128
 LEVELS = (1, 8, 32, 128)
-BUDGET_SECONDS = 225  # stop starting optional sections after this
+BUDGET_SECONDS = 270  # stop starting optional sections after this (225 before the attention section came first)
 BEGAN = time.perf_counter()
 
 
@@ -90,7 +96,24 @@ def run_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int, 
     }
 
 
-def engine_levels(model, tokenizer, config, decode: str, levels, answer: int) -> dict:
+def profile_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int) -> dict:
+    """One level under torch.profiler (CUDA activity only, so the host side runs at its own speed):
+    how busy the GPU is and which kernels take its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: the smoke run
+    with profile(activities=[activity]) as prof:
+        level = run_level(engine, config, streams, answer, seed=5000 + streams)
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    level["gpu_busy"] = gpu_us / 1e6 / level["seconds"]
+    table = events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60)
+    print(f"  profile of {streams} streams: GPU busy {level['gpu_busy']:.0%} of {level['seconds']:.2f} s\n{table}",
+          file=sys.stderr, flush=True)
+    return level
+
+
+def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, profile: bool = False) -> dict:
     """Warm up each level (captures its graphs), then time it."""
     engine = Engine(model, tokenizer, max_batch=max(levels), max_queue=max(levels),
                     max_context=PROMPT_TOKENS + answer, decode=decode).start()
@@ -105,6 +128,8 @@ def engine_levels(model, tokenizer, config, decode: str, levels, answer: int) ->
             out["levels"].append(level)
             print(f"  [{decode}] {streams:>3} streams: {level['tokens_per_s']:8.0f} tok/s, TPOT p50 "
                   f"{level['tpot_ms_p50']:.2f} ms (warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
+        if profile:
+            out["profile"] = profile_level(engine, config, levels[-1], answer)
     finally:
         engine.stop(drain=False, timeout=60)
         out["graphs_captured"] = len(engine._graphs.graphs) if engine._graphs is not None else 0
@@ -131,6 +156,96 @@ def generate_latency(model, config, *, fast: bool | None, answer: int) -> dict:
     warm = time.perf_counter() - began
     tpot, ttft = once()
     return {"fast": fast, "tpot_ms": 1e3 * tpot, "ttft_ms": 1e3 * ttft, "warmup_seconds": warm}
+
+
+def time_graph(calls, repeats: int = 5) -> float:
+    """Seconds per call of `calls` (a list of no-argument launches), captured once as a CUDA graph and
+    replayed: no launch overhead in the number, as in the engine's captured decode step."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls[:2]:
+            call()  # Triton compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / (repeats * len(calls))
+
+
+ATTENTION_CASES = ((1, 2048, "full"), (128, 256, "full"), (128, 256, "engine"))  # engine: columns 128..255 as at 128 streams
+
+
+def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: str = "cuda") -> dict:
+    """Decode attention alone, one layer: the Triton kernel (decode_attention.py, with a sweep of its
+    tile sizes and splits) against the PyTorch path of `model.attend`. GB/s counts the K and V bytes
+    of the visible columns. Each timed call reads a different copy of the cache (>= 256 MB in all),
+    so the numbers come from HBM, not from the 50 MB L2 (batch 1 at 2k context is 32 MB per layer)."""
+    from chatglm_ft import decode_attention as da
+    from chatglm_ft.model import attend
+
+    nh, hd = config.num_attention_heads, config.head_dim
+    out: dict = {"cases": []}
+    for B, S, kind in cases:
+        per_copy = 2 * B * nh * (S + 1) * hd * 2
+        copies = max(2, -(-256 * 2**20 // per_copy))
+        caches = [(torch.randn(B, nh, S + 1, hd, device=device, dtype=torch.float16),
+                   torch.randn(B, nh, S + 1, hd, device=device, dtype=torch.float16)) for _ in range(copies)]
+        kv = [(k[:, :, :S], v[:, :, :S]) for k, v in caches]  # cache views with the scratch column's row stride
+        q = torch.randn(B, 1, nh, hd, device=device, dtype=torch.float16).transpose(1, 2)
+        if kind == "full":
+            column = torch.full((B, 1), S - 1, device=device)
+        else:
+            column = torch.randint(S // 2, S, (B, 1), device=device)
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
+        mask = attention_mask_for(PrefixLayout(start=zeros, context=zeros + 1, mask=zeros), column, S)
+        visible_bytes = 2 * nh * hd * 2 * int(mask.sum())
+        reference = da.decode_attention_reference(q, *kv[0], mask).float()
+        row = {"batch": B, "kv_length": S, "mask": kind, "copies": copies, "visible_mb": visible_bytes / 1e6, "variants": []}
+
+        def record(name: str, fn) -> None:
+            try:
+                error = ((fn(*kv[0]).float() - reference).abs().max() / reference.abs().max()).item()
+                seconds = time_graph([lambda k=k, v=v: fn(k, v) for k, v in kv] * max(1, 64 // copies))
+                row["variants"].append({"name": name, "us": seconds * 1e6, "gb_per_s": visible_bytes / seconds / 1e9,
+                                        "rel_error": error})
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
+                row["variants"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:300]})
+
+        backend = da.BACKEND
+        try:
+            da.BACKEND = "torch"
+            record("torch", lambda k, v: attend(q, k, v, mask))
+        finally:
+            da.BACKEND = backend
+        record("triton", lambda k, v: torch.ops.chatglm_ft.decode_attention(q, k, v, mask))
+        splits_sweep = (None,) if B * nh >= 1024 else (None, 4, 8, 16, 32)
+        for block_s in (32, 64, 128):
+            for warps in (4, 8):
+                for splits in splits_sweep:
+                    name = f"triton block_s={block_s} warps={warps} splits={splits or 'auto'}"
+                    record(name, lambda k, v, b=block_s, w=warps, n=splits: da.decode_attention(
+                        q, k, v, mask, block_s=b, splits=n, num_warps=w))
+        timed = [v for v in row["variants"] if "us" in v]
+        kernels = [v for v in timed if v["name"] != "torch"]
+        best = min(kernels, key=lambda v: v["us"]) if kernels else None
+        row["best"] = best["name"] if best else None
+        out["cases"].append(row)
+        torch_us = next((v["us"] for v in timed if v["name"] == "torch"), None)
+        triton_us = next((v["us"] for v in timed if v["name"] == "triton"), None)
+        print(f"  attention B={B} S={S} ({kind}): torch {torch_us or float('nan'):.1f} us, triton "
+              f"{triton_us or float('nan'):.1f} us, best {best['name'] if best else '-'} "
+              f"{best['us'] if best else float('nan'):.1f} us", file=sys.stderr, flush=True)
+        del caches, kv
+    return out
 
 
 def section(results: dict, name: str, fn, *args, **kwargs) -> None:
@@ -167,6 +282,17 @@ def main(argv: list[str]) -> int:
     }
     print(f"model built in {elapsed():.0f} s; tokenizer {'found' if tokenizer else 'not found (tokens only)'}",
           file=sys.stderr, flush=True)
+    results["decode_attention"] = os.environ.get("CHATGLM_FT_DECODE_ATTENTION", "triton")  # what the engine levels use
+    if "--profile" in argv:  # only the top level, profiled (what bounds 128 streams)
+        section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[-1],), answer,
+                profile=True)
+        results["total_seconds"] = elapsed()
+        print_table(results)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "serve_profile.json").write_text(json.dumps(results, indent=2))
+        return 0
+    if not smoke:  # the kernel needs a GPU (the smoke's CPU engine runs the PyTorch path)
+        section(results, "attention", attention_microbench, config)
     # the headline numbers first; each engine is stopped before the next section sets up its own cache
     section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", levels, answer)
     section(results, "generate_fast", generate_latency, model, config, fast=None, answer=answer)
@@ -203,6 +329,11 @@ def print_table(results: dict) -> None:
         one = next((lv for lv in levels if lv["streams"] == 1), None)
         if one and reference:
             print(f"batch-1 {key} / generate: {one['tpot_ms_p50'] / reference:.2f}x (goal <= 1.10)")
+    for case in results.get("attention", {}).get("cases", []):
+        timed = {v["name"]: v for v in case["variants"] if "us" in v}
+        line = "  ".join(f"{name} {timed[name]['us']:.1f} us ({timed[name]['gb_per_s']:.0f} GB/s)"
+                         for name in dict.fromkeys(("torch", "triton", case["best"])) if name in timed)
+        print(f"attention B={case['batch']} S={case['kv_length']} {case['mask']}: {line}")
     top = next((lv for lv in results.get("engine_graphs", {}).get("levels", []) if lv["streams"] == 128), None)
     if top:
         print(f"128 streams: {top['tokens_per_s']:.0f} output tokens/s (goal >= 15000)")

@@ -4,6 +4,7 @@
 
   A  LoRA, batch 4, no checkpointing         goal >= 16,000 tokens/s at <= 40 GB peak
   B  LoRA, batch 1, gradient checkpointing   goal >=  9,000 tokens/s at <= 14 GB peak
+  B-compile  B with --compile (torch.compile of each layer): batch 1 is host-bound, this is the fast setting
   C  QLoRA int4 base, batch 1, checkpointing goal peak <= 6 GB
   (original implementation + PEFT on the same H200: A 10,632 tokens/s at 81.7 GB, B 5,996 at 15.4 GB)
 
@@ -12,7 +13,7 @@ one repeated batch. tokens/s counts every token of every sequence (no padding he
 step; peak is torch.cuda.max_memory_allocated during the run (weights included: 12.35 GB for the
 tied bfloat16 model).
 
-    python3 gpu/train_bench.py [--only A,B,C] [--steps 12] [--profile]
+    python3 gpu/train_bench.py [--only A,B,B-compile,C] [--steps 12] [--profile B]
 
 Writes $OUT/train_bench.json when $OUT is set; prints a table last.
 """
@@ -42,6 +43,7 @@ from chatglm_ft.train import TrainConfig, train  # noqa: E402
 
 SEQ = 1024
 GOALS = {"A": {"tokens_per_second": 16000, "peak_gb": 40}, "B": {"tokens_per_second": 9000, "peak_gb": 14},
+         "B-compile": {"tokens_per_second": 9000, "peak_gb": 14},
          "C": {"peak_gb": 6}}
 BASELINE = {"A": {"tokens_per_second": 10632, "peak_gb": 81.7}, "B": {"tokens_per_second": 5996, "peak_gb": 15.4}}
 
@@ -59,7 +61,9 @@ def loss_check(model, config: ChatGLMConfig) -> dict:
 
 
 def run_config(name: str, model, config: ChatGLMConfig, *, batch: int, checkpointing: bool, steps: int,
-               learning_rate: float, data: list[Example], profile: bool = False) -> dict:
+               learning_rate: float, data: list[Example], profile: bool = False,
+               compile_layers: bool = False) -> dict:
+    layers = model.transformer.layers
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -67,21 +71,31 @@ def run_config(name: str, model, config: ChatGLMConfig, *, batch: int, checkpoin
         cfg = TrainConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
                           gradient_checkpointing=checkpointing, learning_rate=learning_rate, warmup_steps=0,
                           logging_steps=steps, save_steps=0, eval_steps=0, progress=False, report_to=["none"],
-                          max_source_length=SEQ, max_target_length=SEQ)
+                          max_source_length=SEQ, max_target_length=SEQ, compile=compile_layers)
         if profile:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
+            t0 = time.perf_counter()
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 result = train(cfg, model=model, examples=data)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+            wall = time.perf_counter() - t0
+            events = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+            print(f"--- profile {name}: wall {wall:.2f} s, GPU kernels {gpu_us / 1e6:.2f} s "
+                  f"({100 * gpu_us / 1e6 / wall:.0f}% busy), {steps} steps", file=sys.stderr)
+            print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), file=sys.stderr)
         else:
             result = train(cfg, model=model, examples=data)
     remove_adapters(model)  # the next configuration starts from the plain base again
+    if compile_layers:
+        for layer in layers:
+            layer._compiled_call_impl = None  # back to eager
     losses = [v for _, v in result.losses]
     row = {
         "config": name, "batch": batch, "seq": SEQ, "gradient_checkpointing": checkpointing, "steps": result.steps,
         "tokens_per_second": round(result.tokens_per_second), "step_ms": round(1000 * batch * SEQ / result.tokens_per_second, 1),
         "peak_gb": round(result.peak_memory_bytes / 1e9, 2), "first_loss": losses[0], "last_loss": losses[-1],
+        "compiled_layers": compile_layers,
         "losses_finite": all(v == v and abs(v) != float("inf") for v in losses),
     }
     goal = GOALS.get(name, {})
@@ -94,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="A,B,C")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of config A")
+    ap.add_argument("--profile", default="", help="configs to profile (e.g. B): print GPU busy time and the top kernels")
     args = ap.parse_args()
     wanted = args.only.split(",")
     started = time.perf_counter()
@@ -116,8 +130,12 @@ def main() -> None:
     plans = [
         # A trains on one repeated batch (4 sequences): its loss must fall (sanity) while throughput is measured.
         ("A", dict(batch=4, checkpointing=False, steps=args.steps, learning_rate=1e-3, data=one_batch,
-                   profile=args.profile)),
-        ("B", dict(batch=1, checkpointing=True, steps=args.steps + 8, learning_rate=1e-4, data=eight)),
+                   profile="A" in args.profile.split(","))),
+        ("B", dict(batch=1, checkpointing=True, steps=args.steps + 8, learning_rate=1e-4, data=eight,
+                   profile="B" in args.profile.split(","))),
+        # B with --compile: compiled layers (fused elementwise work, far fewer launches)
+        ("B-compile", dict(batch=1, checkpointing=True, steps=args.steps + 8, learning_rate=1e-4, data=eight,
+                           compile_layers=True, profile="B-compile" in args.profile.split(","))),
     ]
     for name, plan in plans:
         if name not in wanted:

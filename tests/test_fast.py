@@ -130,7 +130,7 @@ def test_bench_command_on_a_tiny_random_model(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())
     config = ChatGLMConfig.tiny()
-    assert report["fast_path"] == {"compile": False, "cuda_graphs": False, "gemv": "cublas", "compile_prefill": False}
+    assert report["fast_path"] == {"compile": False, "cuda_graphs": False, "gemv": "kernel", "compile_prefill": False}
     assert [p["tokens"] for p in report["prefill"]] == [8, 32]
     assert report["kv_bytes_per_token"] == 2 * config.num_layers * config.hidden_size * 4
     assert [d["name"] for d in report["decode"]] == ["short context", "2k context"]

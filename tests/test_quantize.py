@@ -15,7 +15,7 @@ from chatglm_ft import load
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.quantize import (
-    Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, QuantScheme, dequantize_reference, pack_int4,
+    Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, QuantScheme, dequantize_reference, pack_int4, pack_pairs_to_halves,
     quantize_int4, quantize_int8, quantize_model, save_quantized, unpack_int4,
 )
 
@@ -61,11 +61,13 @@ def test_int8_is_symmetric_per_output_channel():
     assert (error <= scale.float()[:, None] / 2 + 1e-6).all()
 
 
-def test_int4_packing_is_thudm_nibble_order():
-    q = torch.tensor([[1, 2, 15, 0, 7, 8]], dtype=torch.uint8)
-    packed = pack_int4(q)
-    assert packed.tolist() == [[0x12, 0xF0, 0x78]]  # even column in the high nibble
-    assert torch.equal(unpack_int4(packed), q)
+def test_int4_packing_is_by_group_halves():
+    q = torch.tensor([[1, 2, 15, 0, 7, 8, 3, 4]], dtype=torch.uint8)  # two groups of 4
+    packed = pack_int4(q, 4)
+    assert packed.tolist() == [[0xF1, 0x02, 0x37, 0x48]]  # column j low, column j + G/2 high
+    assert torch.equal(unpack_int4(packed, 4), q)
+    thudm = torch.tensor([[0x12, 0xF0, 0x78, 0x34]], dtype=torch.uint8)  # column 2j in the high nibble
+    assert torch.equal(pack_pairs_to_halves(thudm, 4), packed)
 
 
 def test_int4_is_asymmetric_grouped_and_bounded():
@@ -293,13 +295,15 @@ KERNEL_CHECK = textwrap.dedent("""
     w, x, b = torch.randn(N, K), torch.randn(2, K), torch.randn(N)
     q, s = quantize_int8(w)
     ref = x.double() @ dequantize_reference(q, s, None, torch.float64).T + b.double()
-    err8 = (kernels.int8_gemv(x, q, s, b, kernels.GemvConfig(8, 64)).double() - ref).abs().max().item()
+    err8 = (kernels.int8_gemv(x, q, s, b, kernels.GemvConfig(block_n=16, block_k=64)).double() - ref).abs().max().item()
     q4, s4, z4 = quantize_int4(w, 64)
     ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
-    err4 = (kernels.int4_gemv(x, q4, s4, z4, None, kernels.GemvConfig(8, 128)).double() - ref).abs().max().item()
+    err4 = (kernels.int4_gemv(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2)).double() - ref).abs().max().item()
+    ref = x.double() @ w.double().T + b.double()
+    err16 = (kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128)).double() - ref).abs().max().item()
     same8 = torch.equal(kernels.dequantize(q, s, None, torch.float16), dequantize_reference(q, s, None, torch.float16))
     same4 = torch.equal(kernels.dequantize(q4, s4, z4, torch.float32), dequantize_reference(q4, s4, z4, torch.float32))
-    print(err8, err4, same8, same4, kernels.gemv_supported(q, s), kernels.gemv_supported(q4, s4))
+    print(err8, err4, err16, same8, same4, kernels.gemv_supported(q, s), kernels.gemv_supported(q4, s4))
 """)
 
 
@@ -308,8 +312,8 @@ def test_triton_kernels_match_reference_in_interpreter():
     result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr
-    err8, err4, *flags = result.stdout.split()
-    assert float(err8) < 1e-4 and float(err4) < 1e-4
+    err8, err4, err16, *flags = result.stdout.split()
+    assert float(err8) < 1e-4 and float(err4) < 1e-4 and float(err16) < 1e-4
     assert flags == ["True"] * 4
 
 
@@ -325,7 +329,7 @@ def test_cuda_gemv_and_prefill_paths(bits):
         layer.set_quantized(*((*quantize_int8(w), None) if bits == 8 else quantize_int4(w, 128)))
         layer.bias = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.float16))
         assert kernels.gemv_supported(layer.weight, layer.weight_scale)
-        for tokens in (1, 3, 64):  # GEMV, GEMV with several rows, dequantize + cuBLAS
+        for tokens in (1, 3, 16, 64):  # GEMV, GEMV with several rows, dequantize + cuBLAS
             x = torch.randn(1, tokens, k, device="cuda", dtype=torch.float16)
             ref = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
             with torch.no_grad():
@@ -346,7 +350,7 @@ def test_cuda_gemv_compiles_and_matches_eager():
 
 
 @pytest.mark.parametrize("cls, tokens, op", [(Int4Linear, 1, "int4_gemv"), (Int8Linear, 2, "int8_gemv"),
-                                             (Int4Linear, 16, "dequantize")])
+                                             (Int4Linear, 32, "dequantize")])
 def test_cuda_path_traces_into_one_graph(cls, tokens, op):
     """What fast.py compiles on a GPU: dynamo traces the custom ops without a graph break
     (checked here with fake CUDA tensors, so it runs on CPU-only machines too)."""

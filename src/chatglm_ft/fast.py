@@ -38,7 +38,7 @@ from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefi
 log = logging.getLogger("chatglm_ft.fast")
 
 ENV = "CHATGLM_FT_COMPILE"  # 0: eager; 1 (default): compile + CUDA graphs; graphs: graphs only; nographs: compile only
-ENV_GEMV = "CHATGLM_FT_GEMV"  # triton (default): inductor-generated GEMV reductions; cublas: cuBLAS matmuls
+ENV_GEMV = "CHATGLM_FT_GEMV"  # kernel (default): ours (kernels.py); cublas: cuBLAS matmuls; triton: inductor's reductions
 ENV_PREFILL = "CHATGLM_FT_COMPILE_PREFILL"  # 1: also compile the prefill of single prompts (dynamic length)
 NAN_GUARD_TOKEN_ID = 5  # the original replaces bad logits by zeros with 5e4 at id 5 (as generate.py)
 FIRST_BUCKET = 256
@@ -49,10 +49,9 @@ WARMUP_RUNS = 2  # direct runs of a step before it is captured
 class FastOptions:
     compile: bool = True
     cuda_graphs: bool = True  # ignored off CUDA
-    # "cublas" (default): one-token matmuls stay cuBLAS calls; "triton": inductor turns them into tuned
-    # reductions. Measured on an H200 (docs/benchmarks.md): equal at short context, cuBLAS 8% faster at
-    # 2k context and half the compile time (40 s vs 87 s).
-    gemv: str = "cublas"
+    # "kernel" (default): one-token matmuls run our Triton skinny matmul (model.SKINNY_ROWS); "cublas":
+    # cuBLAS calls; "triton": inductor turns them into tuned reductions (docs/benchmarks.md has the A/B).
+    gemv: str = "kernel"
     compile_prefill: bool = False  # single unpadded prompts only; fuses the elementwise work between matmuls
 
     @classmethod
@@ -64,9 +63,9 @@ class FastOptions:
             return None
         if value not in modes:
             raise ChatGLMError(f"{ENV}={value!r}: use 0 (eager), 1 (compile + CUDA graphs), graphs or nographs")
-        gemv = os.environ.get(ENV_GEMV, "cublas").strip().lower()
-        if gemv not in ("triton", "cublas"):
-            raise ChatGLMError(f"{ENV_GEMV}={gemv!r}: use triton or cublas")
+        gemv = os.environ.get(ENV_GEMV, "kernel").strip().lower()
+        if gemv not in ("triton", "cublas", "kernel"):
+            raise ChatGLMError(f"{ENV_GEMV}={gemv!r}: use cublas, triton or kernel")
         compile_prefill = os.environ.get(ENV_PREFILL, "0").strip().lower() in ("1", "true", "on")
         return replace(modes[value], gemv=gemv, compile_prefill=compile_prefill and modes[value].compile)
 
@@ -140,15 +139,30 @@ def guarded_scores(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tens
     A penalty of 1 leaves every value exactly as it is."""
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     logits = torch.where(seen, penalised, logits)
-    bad = ~torch.isfinite(logits).all(dim=-1, keepdim=True)  # (B, 1)
+    bad = ~torch.isfinite(chunked(logits)).all(dim=-1).all(dim=-1, keepdim=True)  # (B, 1)
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     guard = torch.where(vocab == min(NAN_GUARD_TOKEN_ID, logits.shape[-1] - 1), 5e4, 0.0)  # (V,)
     return torch.where(bad, guard, logits)
 
 
+def chunked(x: torch.Tensor, chunks: int = 32) -> torch.Tensor:
+    """(B, V) as (B, chunks, V / chunks): a reduction over the vocabulary in two stages, so the compiled
+    kernel spreads one row over `chunks` programs (one program per row took 35 us of a 3.8 ms token)."""
+    B, V = x.shape
+    return x.view(B, chunks, V // chunks) if V % chunks == 0 else x.view(B, 1, V)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of (B, V) (the first maximum, as torch.argmax), in two stages."""
+    parts = chunked(x)
+    values, index = parts.max(dim=-1)  # (B, chunks): first maximum of each chunk
+    best = values.argmax(dim=-1, keepdim=True)  # the first chunk holding the row maximum
+    return (index.gather(1, best) + best * parts.shape[-1]).squeeze(1)
+
+
 def pick_greedy(logits: torch.Tensor, token: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
     """Write the argmax token of each row into `token` (B, 1) and mark it in `seen`."""
-    chosen = guarded_scores(logits, seen, penalty).argmax(dim=-1)  # (B,)
+    chosen = argmax_rows(guarded_scores(logits, seen, penalty))  # (B,)
     token.copy_(chosen[:, None])
     seen.scatter_(1, token, True)
 

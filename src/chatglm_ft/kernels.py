@@ -1,125 +1,194 @@
-"""Triton kernels for the quantized layers of `quantize.py` (CUDA; CPU only under TRITON_INTERPRET=1).
+"""Triton kernels: the skinny matmul that decoding's one-token (up to 16-token) matmuls run on CUDA,
+for float16/bfloat16, int8 and int4 weights, and the dequantize kernel (CPU only under TRITON_INTERPRET=1).
 
-Batch-1 decoding reads every weight once per token, so its speed is set by bytes read: the GEMV
-kernels read the packed weights exactly once, unpack them in registers and accumulate in float32
-(no float16 copy of the weight is ever written). Multi-token inputs (prefill, training) instead
-dequantize a layer's weight to float16 with `dequantize` and let cuBLAS do the matmul.
-
-Integer to float conversion uses the exponent trick (`bits | 0x4B000000` read as float32 is
-2**23 + bits, one integer op and one add) instead of a cvt instruction, which runs at a fraction
-of the FMA rate on recent GPUs and would cap an int4 GEMV (two conversions per byte) below memory
-bandwidth.
+Batch-1 decoding reads every weight once per token, so its speed is set by bytes read. The skinny
+matmul streams the weight tiles through `tl.dot` (tensor cores, token rows padded to 16), which lets
+Triton's pipeliner keep several tiles per program in flight: float16 weights stream at 3.0-4.5 TB/s
+on an H200 (cuBLAS one-row GEMMs: 2.5-4.0). Integer weights are unpacked in registers with packed
+PTX conversions (`_int8_to_f16`, `_nibbles_to_f16`: a cvt per value runs at a fraction of the FMA
+rate) and never written out as float16. Multi-token inputs (prefill, training) instead dequantize a
+layer's weight to float16 with `dequantize` and let cuBLAS do the matmul.
 
 K is a compile-time constant (the model has two: 4096 and 16384): fixed trip counts and known
-alignment for the compiler. Tile sizes are fixed per shape (`gemv_config`), not autotuned, so
-results are reproducible; gpu/quant_bench.py sweeps alternatives. The entry points are torch
-custom ops (`torch.ops.chatglm_ft.*`): torch.compile traces through them and CUDA graphs capture
-them (no host sync inside).
+alignment. Tile sizes are fixed per shape (`gemv_config`, from gpu/gemv_sweep.py), not autotuned,
+so results are reproducible. The entry points are torch custom ops (`torch.ops.chatglm_ft.*`):
+torch.compile traces through them and CUDA graphs capture them (no host sync inside).
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# 2**23 as float32 bits: OR-ing a small non-negative integer into the mantissa gives 2**23 + value.
-MAGIC = tl.constexpr(0x4B000000)
-MAGIC_F = tl.constexpr(8388608.0)  # 2**23
-# For int8: XOR with this both adds 128 to the byte (two's complement -> offset binary) and sets 2**23.
-MAGIC_I8 = tl.constexpr(0x4B000080)
-MAGIC_I8_F = tl.constexpr(8388736.0)  # 2**23 + 128
-
-
 @dataclass(frozen=True)
 class GemvConfig:
-    block_n: int  # output rows per program
-    block_k: int  # input columns per loop step
+    """Tiles of the skinny-matmul kernels: BLOCK_M token rows (padded: tl.dot needs 16) x BLOCK_N output
+    rows per program, BLOCK_K input columns (int4: groups of GROUP columns, `groups` of them) per
+    pipelined loop step, `stages` loads in flight."""
+
+    block_n: int = 32
+    block_k: int = 256  # float16/int8 only
+    groups: int = 2  # int4 only: groups per loop step
+    stages: int = 4
     num_warps: int = 4
-
-
-def block_k_for(bits: int, k: int) -> int:
-    """Columns per loop step: a 512-byte slice of each row for both widths (vectorised 16-byte loads)."""
-    return min(512 if bits == 8 else 1024, k)
+    asm: bool = True  # packed PTX integer -> float16 conversion (off in the CPU interpreter)
+    block_m: int = 16
 
 
 def gemv_config(bits: int, n: int, k: int) -> GemvConfig:
-    """Tile sizes for one weight shape: enough programs (>= ~8 per SM of an H100/H200) to keep loads in flight."""
-    return GemvConfig(block_n=8 if n >= 8192 else 4, block_k=block_k_for(bits, k), num_warps=4)
+    """Tile sizes per weight width and shape: the fastest of gpu/gemv_sweep.py on an H200 for the
+    model's shapes (wide outputs take 64-row tiles, the 4096-row ones longer K steps).
+    $CHATGLM_FT_GEMV_CONFIGS names a sweep result (JSON) to use instead, for tuning on another GPU."""
+    tuned = _tuned_configs().get((bits, n, k))
+    if tuned is not None:
+        return tuned
+    if bits == 4:
+        return GemvConfig(block_n=64, groups=2, stages=3) if n >= 16384 else GemvConfig(block_n=32, groups=4, stages=3)
+    if n >= 16384:
+        return GemvConfig(block_n=64, block_k=128 if bits == 16 else 256, stages=4 if bits == 16 else 3)
+    if n >= 8192:
+        return GemvConfig(block_n=32, block_k=128 if bits == 16 else 256, stages=4)
+    return GemvConfig(block_n=32, block_k=512, stages=4)
 
 
-# -- kernels -------------------------------------------------------------------------------------
+_TUNED: dict | None = None
+
+
+def _tuned_configs() -> dict:
+    """{(bits, n, k): GemvConfig} from $CHATGLM_FT_GEMV_CONFIGS (gpu/gemv_sweep.py's `best` entries)."""
+    global _TUNED
+    if _TUNED is None:
+        _TUNED = {}
+        path = os.environ.get("CHATGLM_FT_GEMV_CONFIGS")
+        if path and os.path.exists(path):
+            sweep = json.loads(open(path).read())
+            for bits, table in sweep.get("widths", {}).items():
+                for entry in table.values():
+                    best = [c for c in entry.get("best", []) if c != "cublas"]
+                    if best:
+                        _TUNED[(int(bits), entry["n"], entry["k"])] = GemvConfig(**json.loads(best[0]))
+    return _TUNED
+
+
+# -- integer -> float16 conversions --------------------------------------------------------------
+# Four int8 (or 8 int4) values per 32-bit register become float16 pairs with byte permutes and
+# bitwise ops: `0x64XY` read as float16 is 1024 + 0xXY, so one subtraction (one fused multiply-add
+# for a high nibble) per two values gives the exact integer. A cvt per value would cap the kernels
+# well below memory bandwidth (int4: ~30 values per clock per SM at 4 TB/s).
 @triton.jit
-def _int8_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """y[m, n] = scale[n] * sum_k w[n, k] * x[m, k] + bias[n]; w int8 (N, K), K % BLOCK_K == 0."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]  # (BLOCK_N, BLOCK_K)
-    x_ptrs = x_ptr + m * K + cols
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs).to(tl.float32)
-        w = tl.load(w_ptrs, mask=row_ok[:, None], other=0, eviction_policy="evict_first")
-        # byte b (two's complement) -> 2**23 + (b + 128) -> b
-        q = ((w.to(tl.int32) & 0xFF) ^ MAGIC_I8).to(tl.float32, bitcast=True) - MAGIC_I8_F
-        acc += q * x[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-    tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+def _int8_to_f16(w):
+    """int8 tensor -> float16 tensor with the same values (exact)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, 0x64646464, 0x5140;
+        prmt.b32 $1, t, 0x64646464, 0x7362;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4,
+    )
 
 
 @triton.jit
-def _int4_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, N, K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """y[m, n] = sum_g scale[n, g] * sum_{k in g} (q[n, k] - zero[n, g]) * x[m, k] + bias[n].
+def _nibbles_to_f16(w):
+    """uint8 tensor -> (low nibble, high nibble) as float16 tensors (exact values 0..15)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, c, s, o;
+        mov.b32 c, 0x64006400;
+        mov.b32 s, 0x2C002C00;
+        mov.b32 o, 0xD400D400;
+        prmt.b32 t0, $4, 0x64646464, 0x5140;
+        prmt.b32 t1, $4, 0x64646464, 0x7362;
+        and.b32 $0, t0, 0xFF0FFF0F;
+        and.b32 $1, t1, 0xFF0FFF0F;
+        and.b32 $2, t0, 0xFFF0FFF0;
+        and.b32 $3, t1, 0xFFF0FFF0;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        fma.rn.f16x2 $2, $2, s, o;
+        fma.rn.f16x2 $3, $3, s, o;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float16, tl.float16), is_pure=True, pack=4,
+    )
 
-    w uint8 (N, K/2): byte j holds column 2j in the high nibble and 2j+1 in the low one;
-    scale/zero (N, K/GROUP); BLOCK_K % GROUP == 0 and K % BLOCK_K == 0.
-    """
-    HALF: tl.constexpr = BLOCK_K // 2
-    NG: tl.constexpr = BLOCK_K // GROUP
+
+# -- skinny matmul kernels: y (M, N) = x (M, K) @ W.T for M <= a few tokens ----------------------
+# Weights stream through tl.dot (tensor cores; the token rows padded to BLOCK_M), so Triton's
+# pipeliner keeps `stages` tiles of every program in flight: what a memory-bound GEMV needs.
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, ACT: tl.constexpr,
+):
+    """BITS 16: w float (N, K). BITS 8: w int8 (N, K), scale (N,). BITS 4: w uint8 (N, K/2) packed by
+    group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP)."""
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    byte_cols = tl.arange(0, HALF)
-    groups = K // GROUP
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte_cols[None, :]  # (BLOCK_N, HALF)
-    x_ptrs = x_ptr + m * K + 2 * byte_cols  # even columns; odd ones are x_ptrs + 1
-    meta_offsets = rows[:, None] * groups + tl.arange(0, NG)[None, :]  # (BLOCK_N, NG)
-    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        x_even = tl.load(x_ptrs).to(tl.float32)
-        x_odd = tl.load(x_ptrs + 1).to(tl.float32)
-        w = tl.load(w_ptrs, mask=row_ok[:, None], other=0, eviction_policy="evict_first").to(tl.int32)
-        high = ((w >> 4) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
-        low = ((w & 0xF) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
-        part = high * x_even[None, :] + low * x_odd[None, :]  # (BLOCK_N, HALF)
-        dot = tl.sum(tl.reshape(part, [BLOCK_N, NG, GROUP // 2]), axis=2)  # (BLOCK_N, NG)
-        x_sum = tl.sum(tl.reshape(x_even + x_odd, [NG, GROUP // 2]), axis=1)  # (NG,)
-        scale = tl.load(scale_ptr + meta_offsets, mask=row_ok[:, None], other=0).to(tl.float32)
-        zero = tl.load(zero_ptr + meta_offsets, mask=row_ok[:, None], other=0).to(tl.float32)
-        acc += (dot - zero * x_sum[None, :]) * scale
-        w_ptrs += HALF
-        x_ptrs += BLOCK_K
-        meta_offsets += NG
-    y = tl.sum(acc, axis=1)
+    pid_m = tl.program_id(1)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows_m < M
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows_n < N
+    rows_n64 = rows_n.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rows_m[:, None] * K
+    dt = x_ptr.dtype.element_ty
+    if BITS == 4:
+        HALF: tl.constexpr = GROUP // 2
+        NG: tl.constexpr = K // GROUP
+        j = tl.arange(0, HALF)
+        w_rows = w_ptr + rows_n64[:, None] * (K // 2) + j[None, :]
+        for step in tl.range(0, NG // GROUPS, num_stages=STAGES):
+            for gi in tl.static_range(GROUPS):
+                g = step * GROUPS + gi
+                wb = tl.load(w_rows + g * HALF, mask=n_ok[:, None], other=0, eviction_policy="evict_first")
+                if ASM:
+                    lo, hi = _nibbles_to_f16(wb)
+                else:
+                    lo = (wb & 0xF).to(tl.float16)
+                    hi = (wb >> 4).to(tl.float16)
+                meta = rows_n64 * NG + g
+                # (q - zero) is exact and the product rounds once: bit-identical to `dequantize` in x's dtype
+                # (float16 math for float16 x; float32 math, then rounding, for bfloat16/float32 x)
+                md = tl.float16 if dt == tl.float16 else tl.float32
+                sc = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(md)[:, None]
+                zp = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(md)[:, None]
+                w_lo = ((lo.to(md) - zp) * sc).to(dt)
+                w_hi = ((hi.to(md) - zp) * sc).to(dt)
+                x_lo = tl.load(x_rows + g * GROUP + j[None, :], mask=m_ok[:, None], other=0)
+                x_hi = tl.load(x_rows + g * GROUP + HALF + j[None, :], mask=m_ok[:, None], other=0)
+                acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+                acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+    else:
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows_n64[:, None] * K + cols[None, :]
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            w = tl.load(w_rows + k, mask=n_ok[:, None], other=0, eviction_policy="evict_first")
+            if BITS == 8:
+                if ASM:
+                    w = _int8_to_f16(w)
+                w = w.to(dt)
+            x = tl.load(x_rows + k + cols[None, :], mask=m_ok[:, None], other=0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if BITS == 8:
+        acc *= tl.load(scale_ptr + rows_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_ok, other=0).to(tl.float32)
-    tl.store(y_ptr + m * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+        acc += tl.load(bias_ptr + rows_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    if ACT == 1:  # GELU, tanh approximation: 0.5 * (1 + tanh(z)) = sigmoid(2z)
+        acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+    out = y_ptr + rows_m[:, None] * N + rows_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
 
 
 @triton.jit
@@ -136,8 +205,11 @@ def _dequantize_kernel(
         q = tl.load(w_ptr + rows64 * K + cols[None, :], mask=ok, other=0).to(tl.float32)
         w = q * tl.load(scale_ptr + rows, mask=rows < N, other=0).to(tl.float32)[:, None]
     else:
-        byte = tl.load(w_ptr + rows64 * (K // 2) + cols[None, :] // 2, mask=ok, other=0).to(tl.int32)
-        q = tl.where(cols[None, :] % 2 == 0, byte >> 4, byte & 0xF).to(tl.float32)
+        # group halves: column g*GROUP + j sits in byte g*GROUP/2 + j % (GROUP/2), high nibble for the second half
+        half = cols[None, :] % GROUP
+        byte_col = (cols[None, :] // GROUP) * (GROUP // 2) + half % (GROUP // 2)
+        byte = tl.load(w_ptr + rows64 * (K // 2) + byte_col, mask=ok, other=0).to(tl.int32)
+        q = tl.where(half < GROUP // 2, byte & 0xF, byte >> 4).to(tl.float32)
         meta = rows64 * (K // GROUP) + cols[None, :] // GROUP
         zero = tl.load(zero_ptr + meta, mask=ok, other=0).to(tl.float32)
         scale = tl.load(scale_ptr + meta, mask=ok, other=0).to(tl.float32)
@@ -146,18 +218,18 @@ def _dequantize_kernel(
 
 
 # -- launchers (plain functions: also usable on CPU tensors under TRITON_INTERPRET=1) -----------
-def gemv_supported(weight: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the GEMV kernels take this weight (the real model's and the tiny test model's shapes do).
+def gemv_supported(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether the kernels take this weight (the real model's and the tiny test model's shapes do).
     Plain integer logic on shapes, so torch.compile traces it without a graph break."""
-    bits = 8 if weight.dtype == torch.int8 else 4
-    k = weight.shape[1] * (8 // bits)
-    block_k = block_k_for(bits, k)
-    if block_k < 16 or block_k & (block_k - 1) or k % block_k:
-        return False
-    if bits == 4:
-        group = k // scale.shape[1]
-        return group >= 16 and group & (group - 1) == 0 and block_k % group == 0
-    return True
+    if weight.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        k = weight.shape[1]
+        return k >= 16 and k % 16 == 0
+    if weight.dtype == torch.int8:
+        k = weight.shape[1]
+        return k >= 16 and k % 16 == 0
+    k = weight.shape[1] * 2
+    group = k // scale.shape[1]
+    return 32 <= group and group & (group - 1) == 0
 
 
 def device_of(t: torch.Tensor):
@@ -165,38 +237,50 @@ def device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _block_k(k: int, block_k: int) -> int:
+    """The largest power of two <= block_k that divides k."""
+    while k % block_k:
+        block_k //= 2
+    return block_k
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, config: GemvConfig | None = None, act: int = 0) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ W.T + bias for a float16/bfloat16/float32 (N, K), int8 (N, K) + scale or
+    int4 (N, K/2) + scale/zero weight; in x's dtype. Meant for M up to a few tokens (decoding).
+    act=1 applies GELU (tanh approximation) to the result in float32 before rounding."""
+    M, K = x.shape
+    N = weight.shape[0]
+    bits = 4 if weight.dtype == torch.uint8 else 8 if weight.dtype == torch.int8 else 16
+    config = config or gemv_config(bits, N, K)
+    group = K // scale.shape[1] if bits == 4 else K
+    groups = max(1, min(config.groups, K // group))
+    while (K // group) % groups:
+        groups //= 2
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m))
+    with device_of(x):
+        _gemv_kernel[grid](
+            x.contiguous(), weight, scale if scale is not None else weight, zero if zero is not None else weight,
+            bias if bias is not None else weight, y, M, N, K,
+            BITS=bits, GROUP=group, HAS_BIAS=bias is not None, ASM=config.asm and x.is_cuda,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(K, config.block_k), GROUPS=groups,
+            STAGES=config.stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT=act,
+            num_warps=config.num_warps,
+        )
+    return y
+
+
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
               config: GemvConfig | None = None) -> torch.Tensor:
     """x (M, K) float, weight int8 (N, K), scale (N,) -> (M, N) in x's dtype."""
-    M, K = x.shape
-    N = weight.shape[0]
-    config = config or gemv_config(8, N, K)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, config.block_n), M)
-    with device_of(x):
-        _int8_gemv_kernel[grid](
-            x.contiguous(), weight, scale, bias if bias is not None else scale, y, N, K,
-            HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        )
-    return y
+    return skinny_matmul(x, weight, scale, None, bias, config)
 
 
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               bias: torch.Tensor | None, config: GemvConfig | None = None) -> torch.Tensor:
     """x (M, K) float, weight uint8 (N, K/2), scale/zero (N, K/G) -> (M, N) in x's dtype."""
-    M, K = x.shape
-    N = weight.shape[0]
-    group = K // scale.shape[1]
-    config = config or gemv_config(4, N, K)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, config.block_n), M)
-    with device_of(x):
-        _int4_gemv_kernel[grid](
-            x.contiguous(), weight, scale, zero, bias if bias is not None else scale, y, N, K,
-            HAS_BIAS=bias is not None, GROUP=group, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps,
-        )
-    return y
+    return skinny_matmul(x, weight, scale, zero, bias, config)
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -227,6 +311,19 @@ def int8_gemv_op(x, weight, scale, bias):
 
 @int8_gemv_op.register_fake
 def _(x, weight, scale, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op(
+    "chatglm_ft::gemv", mutates_args=(), device_types="cuda",
+    schema="(Tensor x, Tensor weight, Tensor? bias, int act=0) -> Tensor",
+)
+def gemv_op(x, weight, bias, act=0):
+    return skinny_matmul(x, weight, None, None, bias, act=act)
+
+
+@gemv_op.register_fake
+def _(x, weight, bias, act=0):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

@@ -4,6 +4,8 @@ Batch-first throughout: hidden states are (B, T, H), attention tensors (B, nh, T
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -42,10 +44,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
+# Inference matmuls of at most this many token rows on CUDA run our Triton skinny-matmul kernel
+# (kernels.py, op chatglm_ft::gemv): it streams the weights at 3.9-4.5 TB/s on an H200 where cuBLAS's
+# one-row GEMMs reach 2.5-4.0 (gpu/gemv_sweep.py). $CHATGLM_FT_GEMV=cublas|triton turns it off.
+SKINNY_ROWS = 16 if (os.environ.get("CHATGLM_FT_GEMV", "kernel").strip().lower() == "kernel"
+                     and importlib.util.find_spec("triton") is not None and torch.cuda.is_available()) else 0
+if SKINNY_ROWS:
+    from . import kernels  # noqa: F401  (registers torch.ops.chatglm_ft.gemv)
+
+
+def skinny(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer(x)` runs the skinny-matmul kernel (a plain Linear, a few token rows, inference on CUDA)."""
+    return bool(SKINNY_ROWS and type(layer) is nn.Linear and x.is_cuda and x.numel() <= SKINNY_ROWS * x.shape[-1]
+                and not torch.is_grad_enabled())
+
+
+def skinny_linear(layer: nn.Linear, x: torch.Tensor, act: int = 0) -> torch.Tensor:
+    y = torch.ops.chatglm_ft.gemv(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, act)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def gelu_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GELU(layer(x)) (tanh approximation); the skinny kernel applies it before rounding its output."""
+    if skinny(layer, x):
+        return skinny_linear(layer, x, act=1)
+    return F.gelu(linear(layer, x), approximate="tanh")
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; under torch.compile a plain nn.Linear adds its bias after the matmul instead, because
     inductor turns a bias-free one-token matmul into a tuned reduction (GEMV) and fuses the bias and
     what follows into it, where an addmm stays a separate cuBLAS call."""
+    if skinny(layer, x):
+        return skinny_linear(layer, x)
     if type(layer) is nn.Linear and layer.bias is not None and torch.compiler.is_compiling():
         return F.linear(x, layer.weight) + layer.bias
     return layer(x)
@@ -61,6 +92,11 @@ class PromptMask:
     context: int  # column of <sop>, >= 1
 
 
+# Decoding on CUDA uses the Triton kernel of decode_attention.py where Triton is installed
+# ($CHATGLM_FT_DECODE_ATTENTION=torch keeps the PyTorch path below).
+DECODE_KERNEL = importlib.util.find_spec("triton") is not None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | PromptMask | None) -> torch.Tensor:
     """Softmax attention of q (B, nh, T, hd) over k, v (B, nh, S, hd) where `mask` (B, 1, T, S) is True."""
     if isinstance(mask, PromptMask):
@@ -69,6 +105,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         sop = F.scaled_dot_product_attention(q[:, :, c:], k, v)  # (B, nh, 1, hd)
         return torch.cat([before, sop], dim=2)
     if q.shape[2] == 1:
+        if q.is_cuda and DECODE_KERNEL:
+            from . import decode_attention  # imported here: Triton is loaded on a GPU only
+
+            if decode_attention.use_kernel(q, k, v, mask):  # one streaming pass over the cache (flash-decoding)
+                return torch.ops.chatglm_ft.decode_attention(q, k, v, mask)
         # One query row (decoding): two batched matrix-vector products spread over all keys, where
         # the fused kernels give each head's single row to one block; compiled, they become reductions.
         scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()  # (B, nh, 1, S)
@@ -159,7 +200,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.dense_4h_to_h, F.gelu(linear(self.dense_h_to_4h, x), approximate="tanh"))
+        return linear(self.dense_4h_to_h, gelu_linear(self.dense_h_to_4h, x))
 
 
 class GLMBlock(nn.Module):
@@ -360,7 +401,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
                 return CausalLMOutput(logits=None, loss=loss)
         if last_logits_only:
             h = h[:, -1:]
-        return CausalLMOutput(logits=self.lm_head(h), loss=loss)
+        return CausalLMOutput(logits=linear(self.lm_head, h), loss=loss)
 
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""

@@ -85,4 +85,7 @@ def split_layers(model: nn.Module, devices: list[torch.device]) -> nn.Module:
 
 
 def is_split(model: nn.Module) -> bool:
-    return len(set(getattr(model, "layer_devices", None) or [])) > 1
+    """Whether the model spans several devices (the embeddings' device counts: with tiny layers and
+    large embeddings every layer may sit on the second device)."""
+    placement = getattr(model, "layer_devices", None) or []
+    return len({*placement, model.transformer.word_embeddings.weight.device}) > 1 if placement else False

@@ -1,4 +1,4 @@
-"""The training loop: LoRA (through PEFT) or full fine-tuning, in one process or under torchrun (DDP).
+"""The training loop: LoRA (through PEFT) or full fine-tuning, in one process or under torchrun (DDP, or FSDP: fsdp.py).
 
     train(TrainConfig(model="chatglm-6b", data=["alpaca.json"], learning_rate=1e-4))
 
@@ -131,7 +131,7 @@ class Run:
 
     config: TrainConfig
     procs: Processes
-    net: nn.Module  # what forward runs through: DDP(PeftModel | model) or the model itself
+    net: nn.Module  # what forward runs through: DDP(PeftModel | model) or the model itself (FSDP-sharded or not)
     trained: nn.Module  # PeftModel (LoRA) or the model (full)
     base: nn.Module  # the ChatGLMForConditionalGeneration inside
     optimizer: torch.optim.Optimizer
@@ -143,6 +143,7 @@ class Run:
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    sharded: bool = False  # --fsdp with several processes: parameters are DTensor shards (fsdp.py)
 
     @property
     def lora(self) -> bool:
@@ -163,16 +164,32 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_weights(run: Run, out: Path) -> None:
-    """The trained weights in a directory other tools read: adapter/ (PEFT) or model/ (original layout)."""
+def save_weights(run: Run, out: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained weights in a directory other tools read: adapter/ (PEFT) or model/ (original layout).
+
+    `weights`: the full tensors gathered from the FSDP shards (`gather_for_saving`); None: the model's own."""
     if run.lora:
-        save_adapter(run.trained, out / "adapter", base_model=run.config.model)
+        save_adapter(run.trained, out / "adapter", base_model=run.config.model, state_dict=weights)
     else:
-        save_checkpoint(run.base.state_dict(), run.base.config, out / "model", tokenizer_dir=run.tokenizer_dir)
+        save_checkpoint(weights if weights is not None else run.base.state_dict(), run.base.config, out / "model",
+                        tokenizer_dir=run.tokenizer_dir)
+
+
+def gather_for_saving(run: Run, *, optimizer: bool) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """FSDP: (full weights, full optimizer state) on rank 0 in the single-process layout; (None, None)
+    otherwise. A collective under FSDP: every process calls it."""
+    if not run.sharded:
+        return None, None
+    from . import fsdp
+
+    weights = fsdp.full_weights(run.trained, trainable_only=run.lora)
+    state = fsdp.full_optimizer_state(run.trained, run.optimizer) if optimizer else None
+    return weights, state
 
 
 def save_training_checkpoint(run: Run, output_dir: Path) -> None:
     """checkpoint-<step>/ with weights and trainer state, written to a temporary name and renamed into place."""
+    weights, optimizer_state = gather_for_saving(run, optimizer=True)
     rng = rng_state(run.procs.device)
     rngs = [None] * run.procs.world
     if run.procs.world > 1:
@@ -185,11 +202,12 @@ def save_training_checkpoint(run: Run, output_dir: Path) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_weights(run, tmp)
+        save_weights(run, tmp, weights)
         torch.save({
             "step": run.step, "total_steps": run.total_steps, "world_size": run.procs.world,
             "finetuning_type": run.config.finetuning_type,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "optimizer": optimizer_state if run.sharded else run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "sampler": run.sampler.state_dict(), "rng": rngs,
             "losses": run.losses, "eval_losses": run.eval_losses,
@@ -221,10 +239,13 @@ def prune_checkpoints(output_dir: Path, limit: int) -> None:
 
 def restore(run: Run, path: Path) -> None:
     """Continue exactly where checkpoint `path` stopped: weights, optimizer, schedule, data position, RNG."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    # mmap: every process reads the file; the optimizer state (2x the weights) stays in the page cache
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     if state["finetuning_type"] != run.config.finetuning_type:
         raise ChatGLMError(f"{path}: was a {state['finetuning_type']} run; resume it with the same --finetuning-type")
-    if run.lora:
+    if run.sharded:
+        restore_sharded(run, path, state["optimizer"])
+    elif run.lora:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -238,7 +259,8 @@ def restore(run: Run, path: Path) -> None:
         for file in weight_files(path / "model"):
             for name, tensor in read_shard(file):
                 params[name].data.copy_(tensor)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if not run.sharded:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state["scaler"] is not None:
         run.scaler.load_state_dict(state["scaler"])
@@ -257,6 +279,28 @@ def restore(run: Run, path: Path) -> None:
     run.eval_losses = [tuple(x) for x in state["eval_losses"]]
 
 
+def restore_sharded(run: Run, path: Path, optimizer_state: dict[str, Any]) -> None:
+    """FSDP: every process reads the full weights of checkpoint `path` and keeps its shards."""
+    from . import fsdp
+
+    if run.lora:
+        from safetensors.torch import load_file
+
+        saved = load_file(path / "adapter" / "adapter_model.safetensors")
+        adapter = f".{run.trained.active_adapter}."  # PEFT files drop the adapter name from the keys
+        weights = {name: saved.get(name.replace(adapter, ".")) for name, p in run.trained.named_parameters()
+                   if p.requires_grad}
+        unmatched = sorted(set(saved) - {name.replace(adapter, ".") for name in weights}) + [
+            name for name, tensor in weights.items() if tensor is None]
+        if unmatched:
+            raise ChatGLMError(f"{path}: adapter does not match the LoRA settings (e.g. {unmatched[0]});"
+                               " resume with the same --lora-* flags")
+    else:
+        weights = {name: tensor for file in weight_files(path / "model") for name, tensor in read_shard(file)}
+    fsdp.load_full_weights(run.trained, weights, strict=not run.lora)
+    fsdp.load_full_optimizer_state(run.trained, run.optimizer, optimizer_state)
+
+
 # -- one optimizer step --------------------------------------------------------------------------------
 def target_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss is taken over: labels after the shift, not -100."""
@@ -269,14 +313,16 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]], autocast) -> tu
     counts = [target_count(b) for b in batches]
     total = procs.sum(torch.tensor(float(sum(counts)), device=device)).clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    ddp = isinstance(run.net, nn.parallel.DistributedDataParallel)
     for k, (batch, count) in enumerate(zip(batches, counts)):
         last = k == len(batches) - 1
-        sync = contextlib.nullcontext() if last or procs.world == 1 else run.net.no_sync()  # all-reduce once per step
+        # DDP all-reduces once per step; FSDP reduce-scatters every micro-batch (no full-size gradient kept)
+        sync = run.net.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync:
             with autocast:
                 out = run.net(batch["input_ids"].to(device, non_blocking=True),
                               labels=batch["labels"].to(device, non_blocking=True), return_logits=False)
-            # mean over this micro-batch -> its share of the step's token mean; x world because DDP averages
+            # mean over this micro-batch -> its share of the step's token mean; x world because DDP/FSDP average
             loss = out.loss.float() * (count * procs.world) / total
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         loss_sum += out.loss.detach().float() * count
@@ -306,9 +352,13 @@ def evaluate(run: Run, examples: list[Example], autocast) -> float:
     count = torch.zeros((), dtype=torch.float32, device=device)
     model.eval()
     size = run.config.per_device_eval_batch_size
-    for start in range(0, len(mine), size):
-        batch = collate(mine[start:start + size], run.base.config.pad_token_id)
-        n = target_count(batch)
+    rounds = math.ceil(len(mine) / size)
+    if run.sharded:  # every forward all-gathers weights: all processes run as many as rank 0 (the most examples)
+        rounds = math.ceil(math.ceil(len(examples) / run.procs.world) / size)
+    for start in range(0, rounds * size, size):
+        chunk = mine[start:start + size]
+        batch = collate(chunk or examples[:1], run.base.config.pad_token_id)  # a stand-in batch counts 0 tokens
+        n = target_count(batch) if chunk else 0
         with autocast:
             out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), return_logits=False)
         loss_sum += out.loss.float() * n
@@ -386,25 +436,32 @@ def prepare_data(config: TrainConfig, procs: Processes, tokenizer, records, exam
 
 
 def prepare_model(config: TrainConfig, procs: Processes, model, tokenizer):
-    """(model on this process's device in the training dtype, tokenizer, autocast dtype, tokenizer dir)."""
+    """(model on this process's device (the CPU under FSDP) in the training dtype, tokenizer, autocast dtype,
+    tokenizer dir)."""
     tokenizer_dir = None
     stored, amp = precision(config, procs.device, model)
+    # FSDP: the whole model stays on the host; fully_shard moves only this process's shards to its GPU
+    home = torch.device("cpu") if uses_fsdp(config, procs) else procs.device
     if model is None:
         from .api import load
 
         if not config.model:
             raise ChatGLMError("no model given; pass --model DIR (a ChatGLM-6B checkpoint directory)")
-        model, loaded_tokenizer = load(config.model, dtype=stored, device=procs.device, quantize=config.quantize)
+        model, loaded_tokenizer = load(config.model, dtype=stored, device=home, quantize=config.quantize)
         tokenizer = tokenizer or loaded_tokenizer
         tokenizer_dir = Path(config.model)
     else:
-        if model.device != procs.device:
-            model.to(procs.device)
+        if model.device != home:
+            model.to(home)
         if config.finetuning_type == "full" and model.dtype != torch.float32:
             model.float()  # trained weights need float32 (autocast still computes in 16 bit on GPU)
     if tokenizer_dir is None and getattr(tokenizer, "model_file", None):
         tokenizer_dir = Path(tokenizer.model_file).parent
     return model, tokenizer, amp, tokenizer_dir
+
+
+def uses_fsdp(config: TrainConfig, procs: Processes) -> bool:
+    return config.fsdp and procs.world > 1
 
 
 def make_trainable(config: TrainConfig, model: nn.Module) -> nn.Module:
@@ -444,6 +501,7 @@ def describe(run: Run, n_train: int, n_val: int, amp, steps_per_epoch: int) -> s
     total = sum(p.numel() for p in {id(p): p for p in run.trained.parameters()}.values())
     what = (f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {','.join(sorted(run.trained.peft_config['default'].target_modules))}"
             if run.lora else "full fine-tuning")
+    what += f", FSDP over {procs.world} processes" if run.sharded else ""
     global_batch = c.per_device_train_batch_size * procs.world * c.gradient_accumulation_steps
     return (f"train: {n_train:,} examples" + (f" (+{n_val:,} validation)" if n_val else "")
             + f"; {run.total_steps:,} steps ({steps_per_epoch:,} per epoch) of {global_batch} examples"
@@ -478,13 +536,24 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     trained = make_trainable(config, model)
     base = trained.get_base_model() if config.finetuning_type == "lora" else model
     base.set_gradient_checkpointing(config.gradient_checkpointing)
+    if config.compile and procs.device.type == "cuda":
+        # each GLMBlock (with its LoRA layers) compiled: fused elementwise work and far fewer kernel launches,
+        # which is what bounds small batches; dynamo reuses one graph for all 28 blocks
+        for layer in base.transformer.layers:
+            layer.compile()
     torch.manual_seed(config.seed + procs.rank)  # dropout: one stream per process
     random.seed(config.seed + procs.rank)
     net = trained
-    if procs.world > 1:
+    if uses_fsdp(config, procs):
+        from .fsdp import shard
+
+        shard(trained, base.transformer.layers, device=procs.device, amp=amp)  # in place: net stays `trained`
+    elif procs.world > 1:
         net = nn.parallel.DistributedDataParallel(
             trained, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
             broadcast_buffers=False)  # no buffer changes while training: skip the per-forward broadcast
+    elif config.fsdp:
+        info("note: --fsdp with one process: nothing to shard, training the whole model as usual")
     sampler = LengthGroupedBatches([len(e) for e in train_examples], batch_size=config.per_device_train_batch_size,
                                    seed=config.seed, num_replicas=procs.world, rank=procs.rank)
     accumulation = config.gradient_accumulation_steps
@@ -493,7 +562,7 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     optimizer = make_optimizer(config, trained, procs.device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None  # float16 gradients need loss scaling
     run = Run(config, procs, net, trained, base, optimizer, linear_schedule(optimizer, config.warmup_steps, total_steps),
-              scaler, sampler, total_steps, tokenizer_dir)
+              scaler, sampler, total_steps, tokenizer_dir, sharded=uses_fsdp(config, procs))
 
     found = checkpoints(output_dir)
     if config.resume and found:
@@ -525,8 +594,9 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     finally:
         reporter.close()
 
+    weights, _ = gather_for_saving(run, optimizer=False)
     if procs.main:
-        save_weights(run, output_dir)
+        save_weights(run, output_dir, weights)
     trained.eval()
     window = [loss for _, loss in run.losses[-config.logging_steps:]]
     result = TrainResult(

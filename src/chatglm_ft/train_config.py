@@ -54,6 +54,8 @@ class TrainConfig:
     max_target_length: int = 512
     val_size: float = 0.0
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    compile: bool = False  # torch.compile each layer (CUDA only)
     on_bad_row: str = "skip"
     resume: bool = False
     progress: bool = True
@@ -88,6 +90,8 @@ class TrainConfig:
             raise bad(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not {self.finetuning_type!r}")
         if self.finetuning_type == "full" and self.quantize:
             raise bad("full fine-tuning needs float weights; drop --quantize (QLoRA is --finetuning-type lora)")
+        if self.fsdp and self.quantize:
+            raise bad("--fsdp shards float weights; a --quantize base cannot be sharded (drop one of the two)")
         if self.quantize not in (None, "int8", "int4"):
             raise bad(f"quantize must be int8 or int4, not {self.quantize!r}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -42,6 +42,8 @@ HELP = {
     "max_target_length": "answer tokens at most",
     "val_size": "held-out split: a fraction (0.05) or a count (200); 0: none",
     "gradient_checkpointing": "recompute activations in backward: much less memory, about 30%% slower",
+    "compile": "on a GPU, compile each layer with torch.compile (a minute at start; faster small batches)",
+    "fsdp": "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP",
     "on_bad_row": "skip bad data rows (reported with line numbers) or stop at the first (error)",
     "resume": "continue from the newest checkpoint in --output-dir, exactly as if never stopped",
     "progress": "show the progress bar",

@@ -1,0 +1,222 @@
+"""Decode attention: one query token per row over a KV cache, as a Triton kernel (CUDA; CPU only
+under TRITON_INTERPRET=1).
+
+A decode step's attention reads every visible cache column of every row and head once (128
+streams at ~256 columns: ~0.5 GB per layer), so its speed is set by bytes read. Eager PyTorch
+does it as a batched (1 x hd) @ (hd x S) matmul per (row, head), a poor cuBLAS case, plus
+separate kernels for the float cast, the mask and the softmax. Here one program streams a range
+of keys and values of one (row, head) once, with 16-byte loads, and keeps an online softmax in
+float32 (flash-decoding). When rows x heads alone cannot fill the GPU (batch 1: 32 programs) the
+keys are split over several programs and a second, tiny kernel combines their partial results.
+
+The mask is the model's own bool mask (B, 1, 1, S), read in the kernel (S bytes per row against
+512 bytes of K and V per column and head): whatever a row may see (a left-padded batch sees
+[start, column], an engine slot [0, column], an idle slot everything) needs no conversion, and
+masked columns are never loaded, so padding past a row's length costs no memory traffic.
+
+$CHATGLM_FT_DECODE_ATTENTION=torch turns the kernel off (the eager PyTorch path in model.attend),
+for A/B measurements; triton (the default) uses it on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .errors import ChatGLMError
+
+ENV = "CHATGLM_FT_DECODE_ATTENTION"
+BACKENDS = ("triton", "torch")
+BLOCK_S = 128  # keys per loop step: a 32 KB tile of K (and of V) at head_dim 128 (fastest of serve_bench's sweep)
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 8  # below this many (row, head) programs per SM, keys are split over more programs
+LOG2E = 1.4426950408889634
+
+
+def backend_from_env() -> str:
+    value = os.environ.get(ENV, "triton").strip().lower()
+    if value not in BACKENDS:
+        raise ChatGLMError(f"{ENV}={value!r}: use triton or torch")
+    return value
+
+
+BACKEND = backend_from_env()  # read once: a module global is what a compiled step can guard on
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_o_ptr, part_ml_ptr,
+    S, split_len, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ms,
+    NH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Program (row * NH + head, split): softmax(q . k) @ v over keys [split * split_len, +split_len) of S.
+
+    Without SPLIT the normalised result goes to out (B, NH, hd); with it, the unnormalised sum,
+    the running max (log2 units) and the exponent sum go to the partial buffers for the combine.
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // NH).to(tl.int64)  # row offsets exceed 2**31 bytes in a large cache
+    h = bh % NH
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale  # scale and log2(e) folded in
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    lo = split * split_len
+
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for offset in range(0, split_len, BLOCK_S):  # split_len is a multiple of BLOCK_S; the last split may pass S
+        cols = lo + offset + tl.arange(0, BLOCK_S)
+        visible = cols < S
+        if HAS_MASK:
+            visible = visible & (tl.load(mask_ptr + b * stride_mb + cols * stride_ms, mask=visible, other=0) != 0)
+        # masked lanes issue no memory traffic: columns a row cannot see are never read
+        k = tl.load(k_base + cols[:, None] * stride_ks + d[None, :], mask=visible[:, None], other=0.0)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
+        scores = tl.where(visible, scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing visible yet: exp2(-inf - 0) = 0, not NaN
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(scores - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + d[None, :], mask=visible[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+
+    if SPLIT:
+        n_splits = tl.num_programs(1)
+        part = bh * n_splits + split
+        tl.store(part_o_ptr + part.to(tl.int64) * HEAD_DIM + d, acc)
+        tl.store(part_ml_ptr + 2 * part, m_i)
+        tl.store(part_ml_ptr + 2 * part + 1, l_i)
+    else:
+        tl.store(out_ptr + bh.to(tl.int64) * HEAD_DIM + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """out[bh] = sum_s o_s * 2**(m_s - m) / sum_s l_s * 2**(m_s - m) over the splits of (row, head) bh."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_P2)
+    used = s < n_splits
+    part = bh * n_splits + s
+    m = tl.load(part_ml_ptr + 2 * part, mask=used, other=-float("inf"))
+    sums = tl.load(part_ml_ptr + 2 * part + 1, mask=used, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == -float("inf"), 0.0, m_max))  # splits that saw nothing weigh 0
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(sums * w, axis=0)
+    tl.store(out_ptr + bh * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+# -- launcher (a plain function: also usable on CPU tensors under TRITON_INTERPRET=1) ---------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: an H200's count, so tests exercise the same split choices
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(rows_heads: int, S: int, block_s: int, sm_count: int) -> tuple[int, int]:
+    """(splits, keys per split): keys are split only while (row, head) programs are too few to
+    keep every SM streaming; each split is a whole number of BLOCK_S tiles and none is empty."""
+    tiles = triton.cdiv(S, block_s)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, rows_heads)
+    tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, wanted)))
+    split_len = tiles_per_split * block_s
+    return triton.cdiv(S, split_len), split_len
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the kernel takes these inputs: q (B, nh, 1, hd), k/v (B, nh, S, hd) with the model's
+    dtypes and a power-of-two head_dim, and a (B or 1, 1, 1, S) bool mask or none. Shape logic only,
+    so a compiled step traces it without a graph break; anything needing a gradient stays eager."""
+    B, nh, T, hd = q.shape
+    if T != 1 or hd < 16 or hd > 256 or hd & (hd - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if k.dim() != 4 or k.shape[0] != B or k.shape[1] != nh or k.shape[3] != hd or v.shape != k.shape:
+        return False
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, B)
+                             or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != k.shape[2]):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    return BACKEND == "triton" and q.is_cuda and supported(q, k, v, mask)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                     block_s: int = BLOCK_S, splits: int | None = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), masked) v for q (B, nh, 1, hd) over k, v (B, nh, S, hd) -> (B, nh, 1, hd).
+
+    k and v may be views of a larger cache (any strides but a contiguous head_dim); `splits`
+    overrides the automatic choice (benchmarks sweep it).
+    """
+    B, nh, _, hd = q.shape
+    S = k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(B, nh, 1, hd, dtype=q.dtype, device=q.device)
+    if S == 0:
+        return out.fill_(float("nan"))  # as softmax over no columns
+    if mask is not None:
+        mask = mask.expand(B, 1, 1, S).view(torch.uint8)  # same bytes; Triton reads bytes, not int1
+    if splits is None:
+        splits, split_len = num_splits(B * nh, S, block_s, _sm_count(q.device))
+    else:
+        split_len = triton.cdiv(triton.cdiv(S, max(1, splits)), block_s) * block_s
+        splits = triton.cdiv(S, split_len)
+    split = splits > 1
+    part_o = torch.empty(B * nh * splits, hd, dtype=torch.float32, device=q.device) if split else out
+    part_ml = torch.empty(B * nh * splits, 2, dtype=torch.float32, device=q.device) if split else out
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _decode_attention_kernel[(B * nh, splits)](
+            q, k, v, mask if mask is not None else q, out, part_o, part_ml,
+            S, split_len, LOG2E / math.sqrt(hd),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            mask.stride(0) if mask is not None else 0, mask.stride(3) if mask is not None else 0,
+            NH=nh, HEAD_DIM=hd, BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split, num_warps=num_warps,
+        )
+        if split:
+            _combine_kernel[(B * nh,)](part_o, part_ml, out, splits, HEAD_DIM=hd,
+                                       SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The same result in plain PyTorch, computed in float32 (what the kernel is tested against)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, 1, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+# -- the custom op the model calls (opaque to dynamo, capturable by CUDA graphs: no host sync) ------
+@torch.library.custom_op(
+    "chatglm_ft::decode_attention", mutates_args=(), device_types="cuda",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor",
+)
+def decode_attention_op(q, k, v, mask):
+    return decode_attention(q, k, v, mask)
+
+
+@decode_attention_op.register_kernel("cpu")
+def _(q, k, v, mask):
+    return decode_attention_reference(q, k, v, mask)
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, mask):
+    return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])

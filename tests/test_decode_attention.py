@@ -1,0 +1,256 @@
+"""Decode attention kernel (issue 6): the Triton kernel of decode_attention.py against the PyTorch
+reference in Triton's interpreter on the CPU, the masks the model really decodes with, and the
+model's use of it (a custom op that torch.compile traces; the switch back to PyTorch)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from chatglm_ft.errors import ChatGLMError
+from chatglm_ft.positions import PrefixLayout, attention_mask_for
+
+triton = pytest.importorskip("triton")
+
+from chatglm_ft import decode_attention as da  # noqa: E402  (imports Triton)
+
+# Interpreter runs of the kernel: each line prints the worst |kernel - reference| relative to the
+# output's scale for one case. Runtime loop bounds need int(<1-element array>), which NumPy >= 2.3
+# refuses: the shim gives the interpreter's scalars the __index__ they are meant to have.
+INTERPRETER_SHIM = textwrap.dedent("""
+    import numpy as np
+    try:
+        int(np.array([1]))
+    except TypeError:
+        import triton.runtime.interpreter as interp
+        _patch = interp._patch_lang_tensor
+
+        def _patched(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+        interp._patch_lang_tensor = _patched
+""")
+
+KERNEL_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
+    import torch
+    from chatglm_ft.decode_attention import decode_attention, decode_attention_reference
+    from chatglm_ft.positions import PrefixLayout, attention_mask_for
+
+    torch.manual_seed(0)
+
+    def case(name, dtype, B, nh, S, hd, mask_kind, **kw):
+        # q as the model makes it (a transposed view); k/v a slice of a larger cache (row stride > S * hd)
+        q = torch.randn(B, 1, nh, hd).to(dtype).transpose(1, 2)
+        cache_k, cache_v = (torch.randn(B + 2, nh, S + 7, hd).to(dtype) for _ in range(2))
+        k, v = cache_k[1:B + 1, :, :S], cache_v[1:B + 1, :, :S]
+        if mask_kind == "none":
+            mask = None
+        elif mask_kind == "broadcast":  # one (1, 1, 1, S) mask for every row
+            mask = torch.arange(S)[None, None, None, :] <= S // 2
+        elif mask_kind == "random":  # not a range: the kernel reads the mask itself
+            mask = torch.rand(B, 1, 1, S) < 0.5
+            mask[..., 0] = True
+        else:  # what the model decodes with: left-padded rows see [start, column]
+            start = torch.randint(0, S // 2 + 1, (B,))
+            column = torch.randint(S // 2, S + 3, (B,))  # past S: an idle engine slot at the scratch column
+            if mask_kind == "late_start":  # a row that sees nothing of the first splits
+                start[0] = S - 2
+            layout = PrefixLayout(start=start, context=start + 1, mask=start)
+            mask = attention_mask_for(layout, column[:, None], S)
+        out = decode_attention(q, k, v, mask, **kw)
+        ref = decode_attention_reference(q.double(), k.double(), v.double(), mask)
+        assert out.dtype == dtype and out.shape == (B, nh, 1, hd), (out.dtype, out.shape)
+        print(name, str(dtype).split(".")[1], ((out.double() - ref).abs().max() / ref.abs().max()).item())
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        case("engine", dtype, 3, 2, 130, 64, "prefix")                       # auto: split, 3 x 2 programs too few
+        case("split3", dtype, 3, 2, 130, 32, "prefix", splits=3, block_s=16)  # several tiles per split
+        case("nosplit", dtype, 2, 2, 130, 32, "prefix", splits=1, block_s=16)
+    case("tiny", torch.float32, 2, 3, 1, 16, "prefix")
+    case("late_start", torch.float32, 2, 2, 96, 16, "late_start", splits=6, block_s=16)
+    case("nomask", torch.float32, 2, 2, 40, 16, "none", splits=2, block_s=16)
+    case("broadcast", torch.float32, 3, 2, 40, 16, "broadcast", block_s=16)
+    case("random", torch.float32, 2, 2, 70, 16, "random", splits=3, block_s=16)
+    case("hd128", torch.float16, 1, 2, 70, 128, "prefix")
+""")
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # output rounding (bf16: 2**-8) plus float32 sums
+
+
+def interpret(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_kernel_matches_reference_in_interpreter():
+    result = interpret(KERNEL_CHECK)
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert len(lines) == 15
+    for name, dtype, error in lines:
+        assert float(error) < TOLERANCE[dtype], (name, dtype, error)
+
+
+# The golden model decoding through the (interpreted) kernel wherever a GPU would use it: the
+# left-padded batch of `generate` and the engine's bucketed step (slots as cache views, idle rows
+# at the scratch column). Prints whether the tokens equal the golden ids, and the kernel's calls.
+GOLDEN_DECODE = INTERPRETER_SHIM + textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import chatglm_ft.model as model_module
+    from chatglm_ft import decode_attention, load
+    from chatglm_ft.engine import Engine
+    from chatglm_ft.generate import GenerationConfig, generate
+
+    eager_attend, calls = model_module.attend, []
+
+    def attend(q, k, v, mask):
+        if not isinstance(mask, model_module.PromptMask) and decode_attention.supported(q, k, v, mask):
+            calls.append(q.shape[0])
+            return decode_attention.decode_attention(q, k, v, mask)
+        return eager_attend(q, k, v, mask)
+
+    model_module.attend = attend
+    golden_dir = Path(sys.argv[1])
+    golden = json.loads((golden_dir / "golden.json").read_text())
+    model, tokenizer = load(golden_dir, dtype="float32", device="cpu")
+    gen = GenerationConfig(max_new_tokens=6, stop_token_ids=())
+    prompts, expected = [c["input_ids"] for c in golden["greedy"]], [c["new_ids"][:6] for c in golden["greedy"]]
+    batched = [r.token_ids for r in generate(model, None, prompts, gen)]
+    engine = Engine(model, tokenizer, max_batch=len(prompts) + 1, max_context=256, decode="graphs").start()
+    served = [h.result(300).token_ids for h in [engine.submit(p, gen) for p in prompts]]
+    engine.stop()
+    print(batched == expected, served == expected, len(calls))
+""")
+
+
+def test_golden_decoding_through_the_kernel_in_interpreter(golden_dir):
+    flags = interpret(GOLDEN_DECODE, str(golden_dir)).stdout.split()
+    assert flags[:2] == ["True", "True"] and int(flags[2]) >= 4 * 5  # 5 decode steps x 2 layers x 2 paths at least
+
+
+def test_split_choice_fills_the_gpu_only_when_rows_do_not():
+    sms = 132
+    splits, split_len = da.num_splits(1 * 32, 2048, 64, sms)  # batch 1 at 2k context: 32 (row, head) pairs
+    assert splits >= 8 and split_len % 64 == 0
+    assert (splits - 1) * split_len < 2048 <= splits * split_len  # every split has keys, all keys covered
+    assert da.num_splits(128 * 32, 256, 64, sms) == (1, 256)  # 4096 pairs: one program each
+    assert da.num_splits(32, 40, 64, sms) == (1, 64)  # one tile: nothing to split
+
+
+def test_supported_inputs():
+    q = torch.zeros(2, 4, 1, 128, dtype=torch.float16)
+    k = torch.zeros(2, 4, 300, 128, dtype=torch.float16)
+    mask = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    assert da.supported(q, k, k, mask) and da.supported(q, k, k, None) and da.supported(q, k, k, mask[:1])
+    assert not da.supported(q, k, k, mask.float())  # an additive mask is not ours
+    assert not da.supported(q, k.float(), k.float(), mask)
+    assert not da.supported(torch.zeros(2, 4, 1, 96), torch.zeros(2, 4, 300, 96), torch.zeros(2, 4, 300, 96), None)
+    assert not da.supported(torch.zeros(2, 4, 3, 128, dtype=torch.float16), k, k, None)  # several queries
+    grad_q = q.clone().requires_grad_()
+    assert not da.supported(grad_q, k, k, mask)  # the op has no backward
+    with torch.no_grad():
+        assert da.supported(grad_q, k, k, mask)
+    assert not da.use_kernel(q, k, k, mask)  # CPU tensors: the model keeps its PyTorch path
+
+
+def test_decoding_masks_are_what_the_kernel_expects():
+    """A generated token at column i of a row starting at `start` sees exactly [start, i] (SPEC.md
+    section 3), whatever its <sop> column; an idle engine slot at the scratch column sees everything."""
+    start, context = torch.tensor([0, 3, 0]), torch.tensor([5, 9, 1])
+    layout = PrefixLayout(start=start, context=context, mask=context - 1)
+    column = torch.tensor([[7], [12], [40]])  # the third: the scratch column, past the 16 attended columns
+    mask = attention_mask_for(layout, column, 16)[:, 0, 0]
+    j = torch.arange(16)
+    assert torch.equal(mask[0], j <= 7) and torch.equal(mask[1], (j >= 3) & (j <= 12)) and mask[2].all()
+
+
+def test_cpu_op_and_fake_agree_with_reference():
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 1, 16)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    mask = torch.rand(3, 1, 1, 20) < 0.7
+    mask[..., 0] = True
+    torch.testing.assert_close(torch.ops.chatglm_ft.decode_attention(q, k, v, mask),
+                               da.decode_attention_reference(q, k, v, mask))
+    torch.library.opcheck(torch.ops.chatglm_ft.decode_attention.default, (q, k, v, mask),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_model_decode_step_traces_the_op_and_the_switch_turns_it_off(monkeypatch):
+    """What fast.py compiles on a GPU: dynamo traces `attend` into the custom op with no graph break
+    (fake CUDA tensors, so it runs on CPU-only machines), with the cache slice and mask the decode step
+    passes; CHATGLM_FT_DECODE_ATTENTION=torch keeps the PyTorch path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from chatglm_ft.model import attend
+
+    with FakeTensorMode(), torch.no_grad():
+        q = torch.empty_strided((4, 2, 1, 128), (256, 128, 256, 1), device="cuda", dtype=torch.float16)
+        k = torch.empty_strided((4, 2, 33, 128), (2 * 65 * 128, 65 * 128, 128, 1), device="cuda", dtype=torch.float16)
+        mask = torch.empty(4, 1, 1, 33, device="cuda", dtype=torch.bool)
+        graph, _ = torch._dynamo.export(attend)(q, k, k, mask)
+        assert "torch.ops.chatglm_ft.decode_attention" in graph.code
+        assert da.use_kernel(q, k, k, mask)
+        monkeypatch.setattr(da, "BACKEND", "torch")
+        assert not da.use_kernel(q, k, k, mask)
+
+
+def test_backend_from_env(monkeypatch):
+    monkeypatch.setenv(da.ENV, " Torch ")
+    assert da.backend_from_env() == "torch"
+    monkeypatch.delenv(da.ENV)
+    assert da.backend_from_env() == "triton"
+    monkeypatch.setenv(da.ENV, "flash")
+    with pytest.raises(ChatGLMError, match="use triton or torch"):
+        da.backend_from_env()
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, S", [(1, 2048), (128, 256), (8, 1000)])
+def test_cuda_kernel_matches_reference_and_is_captured(B, S):
+    torch.manual_seed(0)
+    nh, hd = 32, 128
+    cache_k, cache_v = (torch.randn(B, nh, S + 1, hd, device="cuda", dtype=torch.float16) for _ in range(2))
+    q = torch.randn(B, 1, nh, hd, device="cuda", dtype=torch.float16).transpose(1, 2)
+    start = torch.randint(0, 4, (B,), device="cuda")
+    column = torch.randint(S // 2, S, (B, 1), device="cuda")
+    mask = attention_mask_for(PrefixLayout(start=start, context=start + 1, mask=start), column, S)
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    ref = da.decode_attention_reference(q, k, v, mask).float()
+    out = torch.ops.chatglm_ft.decode_attention(q, k, v, mask)
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 2e-3
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.chatglm_ft.decode_attention(q, k, v, mask)  # warm-up (compiles) outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.chatglm_ft.decode_attention(q, k, v, mask)
+    torch.cuda.current_stream().wait_stream(stream)
+    q.normal_()
+    graph.replay()
+    torch.testing.assert_close(captured, torch.ops.chatglm_ft.decode_attention(q, k, v, mask))
+
+
+@pytest.mark.gpu
+def test_cuda_decoding_matches_with_and_without_the_kernel(golden_dir, golden, monkeypatch):
+    """A left-padded batch of the golden prompts on the GPU: the eager loop and the compiled, captured
+    fast path with the kernel against the eager PyTorch attention."""
+    from chatglm_ft import load
+    from chatglm_ft.generate import GenerationConfig, stream_tokens
+
+    model, _ = load(golden_dir, dtype="float16", device="cuda")
+    prompts = [c["input_ids"] for c in golden["greedy"]]
+    gen = GenerationConfig(max_new_tokens=8, stop_token_ids=())
+    monkeypatch.setattr(da, "BACKEND", "torch")
+    reference = list(stream_tokens(model, prompts, gen, fast=False))
+    monkeypatch.setattr(da, "BACKEND", "triton")
+    for fast in (False, None):  # eager, then compiled + CUDA graphs
+        steps = list(stream_tokens(model, prompts, gen, fast=fast))
+        assert steps[:2] == reference[:2]  # float16 near-ties may flip later tokens

@@ -1,0 +1,54 @@
+"""The float skinny-matmul kernel (kernels.skinny_matmul, what decoding's one-token matmuls run on CUDA)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CHECK = textwrap.dedent("""
+    import torch
+    from chatglm_ft import kernels
+    torch.manual_seed(0)
+    worst = 0.0
+    for n, k, m in [(48, 64, 1), (30, 128, 3), (64, 256, 17)]:  # rows not a multiple of the tile; M over one tile
+        w, x, b = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
+        ref = x.double() @ w.double().T + b.double()
+        y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=32, stages=2))
+        worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+        y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=32), act=1)
+        gelu = torch.nn.functional.gelu(ref, approximate="tanh")
+        worst = max(worst, ((y.double() - gelu).abs().max() / gelu.abs().max()).item())
+    print(worst)
+""")
+
+
+def test_skinny_matmul_matches_linear_in_interpreter():
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_skinny_matmul_matches_cublas(dtype):
+    from chatglm_ft import kernels
+
+    torch.manual_seed(0)
+    for n, k in [(12288, 4096), (4096, 16384), (130528, 4096), (192, 64)]:
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = F.linear(x.double(), w.double(), b.double())
+            tolerance = 2e-3 if dtype == torch.float16 else 1e-2  # the output's rounding
+            for act, expected in ((0, ref), (1, F.gelu(ref, approximate="tanh"))):
+                y = torch.ops.chatglm_ft.gemv(x, w, b, act)
+                assert y.dtype == dtype and y.shape == (m, n)
+                assert ((y.double() - expected).norm() / expected.norm()).item() < tolerance
