@@ -136,6 +136,9 @@ def main() -> int:
     if fp16 and results["float16"]["misses"] and fp16.get("profile"):
         print("\nfloat16 decode is below its goal; profile of 20 decode steps (CUDA graph replays):")
         print(fp16["profile"])
+    if fp16 and fp16.get("prefill_profile") and any("prefill" in m for m in results["float16"]["misses"]):
+        print("\nfloat16 prefill is above its goal; profile of one prefill of the longest length:")
+        print(fp16["prefill_profile"])
     if fp16 and fp16.get("eager_decode"):
         eager = fp16["eager_decode"]
         print("eager loop (no compile/graphs): " + ", ".join(f"{d['name']} {d['tokens_per_second']:.1f} tokens/s" for d in eager))

@@ -125,13 +125,15 @@ def test_bench_command_on_a_tiny_random_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CHATGLM_FT_COMPILE", "graphs")  # the fast loop without compiling (CPU, no graphs)
     out = tmp_path / "bench.json"
     code = main(["bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--path", "fast", "--json",
-                 "--decode-tokens", "4", "--prefill-lengths", "8,32", "--bandwidth", "1e10", "--out", str(out)])
+                 "--decode-tokens", "4", "--prefill-lengths", "8,32", "--bandwidth", "1e10", "--out", str(out),
+                 "--profile", "2"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())
     config = ChatGLMConfig.tiny()
     assert report["fast_path"] == {"compile": False, "cuda_graphs": False, "gemv": "kernel", "compile_prefill": False}
     assert [p["tokens"] for p in report["prefill"]] == [8, 32]
+    assert "aten::" in report["profile"] and "aten::mm" in report["prefill_profile"]  # decode steps; the 32-token prefill
     assert report["kv_bytes_per_token"] == 2 * config.num_layers * config.hidden_size * 4
     assert [d["name"] for d in report["decode"]] == ["short context", "2k context"]
     for d in report["decode"]:

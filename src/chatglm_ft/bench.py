@@ -138,15 +138,15 @@ class BenchReport:
     memory_after_load: int = 0
     peak_memory: int = 0
     profile: str | None = None
+    prefill_profile: str | None = None  # of the longest prefill length
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@torch.inference_mode()
-def time_prefill(model, length: int, *, repeats: int, generator: torch.Generator, options=None) -> float:
-    """Median seconds to prefill one `length`-token prompt (cache writes and the last logits included),
-    the way `stream_tokens` does with these fast-path options (None: the eager loop)."""
+def prefill_runner(model, length: int, *, generator: torch.Generator, options=None):
+    """A callable that prefills one random `length`-token prompt (cache writes and the last logits
+    included) the way `stream_tokens` does with these fast-path options (None: the eager loop)."""
     config = model.config
     rows = [random_prompt(config, length, generator)]
     input_ids = torch.tensor(rows, device=model.device)
@@ -159,15 +159,38 @@ def time_prefill(model, length: int, *, repeats: int, generator: torch.Generator
         decoder = decoder_for(model, 1, options)
         model.kv_caches = decoder.caches
         prefill = decoder.prefill
+    return lambda: prefill(input_ids, layout, mask)
+
+
+@torch.inference_mode()
+def time_prefill(model, length: int, *, repeats: int, generator: torch.Generator, options=None) -> float:
+    """Median seconds to prefill one `length`-token prompt (see prefill_runner)."""
+    run = prefill_runner(model, length, generator=generator, options=options)
     times = []
     for i in range(repeats + 1):
         sync(model.device)
         began = time.perf_counter()
-        prefill(input_ids, layout, mask)
+        run()
         sync(model.device)
         if i:  # the first run warms up (cuDNN/cuBLAS heuristics, allocator)
             times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+@torch.inference_mode()
+def profile_prefill(model, length: int, *, generator: torch.Generator, options=None) -> str:
+    """torch.profiler table of one warm `length`-token prefill (kernels by device time): what bounds it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = prefill_runner(model, length, generator=generator, options=options)
+    run()  # warm
+    sync(model.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(model.device)
+    sort = "self_device_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=20)
 
 
 def time_decode(model, name: str, prompt: list[int], new_tokens: int, *, fast, bandwidth: float,
@@ -263,6 +286,9 @@ def run_bench(
                                                    weights=weights))
     if profile_steps:
         report.profile = profile_decode(model, short, profile_steps, fast=fast)
+        longest = min(max(prefill_lengths), config.max_sequence_length) if prefill_lengths else 0
+        if longest:
+            report.prefill_profile = profile_prefill(model, longest, generator=generator, options=options)
     report.peak_memory = peak_memory(device)
     return report
 
@@ -294,4 +320,6 @@ def format_report(report: BenchReport) -> str:
                 f"tokens/s roofline")
     if report.profile:
         lines += ["", "profile of decode steps (short context):", report.profile]
+    if report.prefill_profile:
+        lines += ["", f"profile of one {max(p['tokens'] for p in report.prefill)}-token prefill:", report.prefill_profile]
     return "\n".join(lines)

@@ -29,7 +29,8 @@ def register(sub) -> None:
                    help="decode loop: auto (compiled + CUDA graphs on GPU, eager on CPU), fast (also on CPU), eager")
     p.add_argument("--compare-eager", action="store_true", help="also time the eager decode loop")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="print a torch.profiler table of STEPS decode steps (top kernels by device time)")
+                   help="print torch.profiler tables of STEPS decode steps and of one prefill of the longest"
+                        " length (top kernels by device time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--out", help="also write the JSON results to this file")
