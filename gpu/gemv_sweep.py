@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from graph_timing import graph_seconds  # noqa: E402  (gpu/, the script's own folder)
 
 SHAPES = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384),
           "lm_head": (130528, 4096)}
@@ -91,25 +92,7 @@ def compile_worker(jobs: list[tuple[int, int, dict]]) -> list[str]:
 
 def graph_time(fn_list, repeats: int = 5) -> float:
     """Mean us per call of the functions in fn_list, replayed from one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fn_list:  # warm-up
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fn_list:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (repeats * len(fn_list))
+    return graph_seconds(fn_list, repeats) * 1e6
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from graph_timing import graph_seconds  # noqa: E402  (gpu/, the script's own folder)
+
 from chatglm_ft import kernels  # noqa: E402
 from chatglm_ft.checkpoint import assign_tensor, expected_shapes  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
@@ -130,25 +132,7 @@ def check_kernels() -> dict:
 
 def graph_time_ms(fn, copies: int, calls: int = 24, replays: int = 5) -> float:
     """Milliseconds per call of fn(i) (i picks a weight copy), from a CUDA graph of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i % copies)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * calls)
+    return graph_seconds([lambda i=i: fn(i % copies) for i in range(calls)], replays) * 1e3
 
 
 def weight_bytes(bits: int, n: int, k: int) -> int:

@@ -38,6 +38,7 @@ from chatglm_ft.engine import Engine  # noqa: E402
 from chatglm_ft.generate import GenerationConfig  # noqa: E402
 from chatglm_ft.positions import PrefixLayout, attention_mask_for  # noqa: E402
 from chatglm_ft.tokenizer import ChatGLMTokenizer  # noqa: E402
+from graph_timing import graph_seconds  # noqa: E402  (gpu/, the script's own folder)
 
 PROMPT_TOKENS, ANSWER_TOKENS = 128, 128
 LEVELS = (1, 8, 32, 128)
@@ -158,29 +159,6 @@ def generate_latency(model, config, *, fast: bool | None, answer: int) -> dict:
     return {"fast": fast, "tpot_ms": 1e3 * tpot, "ttft_ms": 1e3 * ttft, "warmup_seconds": warm}
 
 
-def time_graph(calls, repeats: int = 5) -> float:
-    """Seconds per call of `calls` (a list of no-argument launches), captured once as a CUDA graph and
-    replayed: no launch overhead in the number, as in the engine's captured decode step."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls[:2]:
-            call()  # Triton compiles outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for call in calls:
-                call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / (repeats * len(calls))
-
-
 ATTENTION_CASES = ((1, 2048, "full"), (128, 256, "full"), (128, 256, "engine"))  # engine: columns 128..255 as at 128 streams
 
 
@@ -214,7 +192,7 @@ def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: s
         def record(name: str, fn) -> None:
             try:
                 error = ((fn(*kv[0]).float() - reference).abs().max() / reference.abs().max()).item()
-                seconds = time_graph([lambda k=k, v=v: fn(k, v) for k, v in kv] * max(1, 64 // copies))
+                seconds = graph_seconds([lambda k=k, v=v: fn(k, v) for k, v in kv] * max(1, 64 // copies))
                 row["variants"].append({"name": name, "us": seconds * 1e6, "gb_per_s": visible_bytes / seconds / 1e9,
                                         "rel_error": error})
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal

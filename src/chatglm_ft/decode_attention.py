@@ -19,7 +19,6 @@ for A/B measurements; triton (the default) uses it on CUDA.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .errors import ChatGLMError
+from .kernels import device_of
 
 ENV = "CHATGLM_FT_DECODE_ATTENTION"
 BACKENDS = ("triton", "torch")
@@ -181,7 +181,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     split = splits > 1
     part_o = torch.empty(B * nh * splits, hd, dtype=torch.float32, device=q.device) if split else out
     part_ml = torch.empty(B * nh * splits, 2, dtype=torch.float32, device=q.device) if split else out
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with device_of(q):
         _decode_attention_kernel[(B * nh, splits)](
             q, k, v, mask if mask is not None else q, out, part_o, part_ml,
             S, split_len, LOG2E / math.sqrt(hd),

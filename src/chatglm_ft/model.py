@@ -45,18 +45,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 # Inference matmuls of at most this many token rows on CUDA run our Triton skinny-matmul kernel
-# (kernels.py, op chatglm_ft::gemv): it streams the weights at 3.9-4.5 TB/s on an H200 where cuBLAS's
+# (kernels.py, op chatglm_ft::gemv): it streams the weights at 3.0-4.5 TB/s on an H200 where cuBLAS's
 # one-row GEMMs reach 2.5-4.0 (gpu/gemv_sweep.py). $CHATGLM_FT_GEMV=cublas|triton turns it off.
-SKINNY_ROWS = 16 if (os.environ.get("CHATGLM_FT_GEMV", "kernel").strip().lower() == "kernel"
-                     and importlib.util.find_spec("triton") is not None and torch.cuda.is_available()) else 0
-if SKINNY_ROWS:
-    from . import kernels  # noqa: F401  (registers torch.ops.chatglm_ft.gemv)
+SKINNY_ROWS = 0
+if (os.environ.get("CHATGLM_FT_GEMV", "kernel").strip().lower() == "kernel"
+        and importlib.util.find_spec("triton") is not None and torch.cuda.is_available()):
+    from . import kernels  # registers torch.ops.chatglm_ft.gemv
+
+    SKINNY_ROWS = kernels.MAX_ROWS
 
 
 def skinny(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether `layer(x)` runs the skinny-matmul kernel (a plain Linear, a few token rows, inference on CUDA)."""
     return bool(SKINNY_ROWS and type(layer) is nn.Linear and x.is_cuda and x.numel() <= SKINNY_ROWS * x.shape[-1]
-                and not torch.is_grad_enabled())
+                and not torch.is_grad_enabled() and kernels.gemv_supported(layer.weight, None))
 
 
 def skinny_linear(layer: nn.Linear, x: torch.Tensor, act: int = 0) -> torch.Tensor:

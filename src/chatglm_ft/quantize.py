@@ -38,7 +38,6 @@ USE_TRITON = importlib.util.find_spec("triton") is not None
 if USE_TRITON:
     from . import kernels
 
-GEMV_MAX_ROWS = 16  # up to this many tokens per call the fused kernel costs what one token does, 4-5x less than dequantize+cuBLAS
 FORMAT = "chatglm-ft"
 INT4_PACKING = "group-halves"  # config.json `quantization.packing`; absent = "pairs" (THUDM's order)
 DEFAULT_GROUP_SIZE = 128
@@ -188,7 +187,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     rows = x.numel() // K
     # the custom ops have no backward: anything that needs a gradient takes the autograd path
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if x.is_cuda and USE_TRITON and rows <= GEMV_MAX_ROWS and not needs_grad and kernels.gemv_supported(weight, scale):
+    if x.is_cuda and USE_TRITON and rows <= kernels.MAX_ROWS and not needs_grad and kernels.gemv_supported(weight, scale):
         x2 = x.reshape(rows, K)
         if zero is None:
             y = torch.ops.chatglm_ft.int8_gemv(x2, weight, scale, bias)
