@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = 345  # leave a margin under 6 minutes
+BUDGET_S = float(os.environ.get("PERF_CHECK_BUDGET_S", 345))  # default: a margin under 6 minutes
 SPEC_BANDWIDTH = 4.3e12  # bytes/s, SPEC.md section 8
 GOALS = {  # SPEC/issue 7: batch-1 decode tokens/s at short context; 2k: fraction of the KV-inclusive roofline
     "float16": {"short_tokens_per_second": 290, "long_roofline_fraction": 0.85, "prefill_2048_ms": 45},
@@ -28,6 +28,9 @@ GOALS = {  # SPEC/issue 7: batch-1 decode tokens/s at short context; 2k: fractio
     "int4": {"short_tokens_per_second": 800},
 }
 STARTED = time.monotonic()
+# the test files with GPU tests whose imports the GPU machine has (the server's and evaluation's need more packages)
+GPU_TESTS = ["tests/test_kernels.py", "tests/test_decode_attention.py", "tests/test_rotary_kernel.py", "tests/test_fast.py",
+             "tests/test_quantize.py", "tests/test_multigpu.py", "tests/test_train.py", "tests/test_engine.py"]
 
 
 def remaining() -> float:
@@ -41,7 +44,7 @@ def env() -> dict:
 def run_tests(timeout: float) -> dict:
     began = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
                               cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "summary": f"timed out after {timeout:.0f} s", "seconds": timeout}
@@ -104,7 +107,8 @@ def table(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated variants to run: float16, int8, int4 (the default set), "
-                                       "float16/cublas (cuBLAS GEMVs), float16/kernel (our Triton GEMV), float16/prefill (compiled prefill)")
+                                       "float16/cublas (cuBLAS GEMVs), float16/kernel (our Triton GEMV), float16/prefill (compiled prefill), "
+                                       "float16/nopdl (no programmatic dependent launch)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the GPU tests")
     options = parser.parse_args()
     has_quantize = (REPO / "src" / "chatglm_ft" / "quantize.py").exists()
@@ -115,7 +119,8 @@ def main() -> int:
                  ("int4", "int4", ["--dtype", "float16", "--quantize", "int4", "--quantize-embeddings"], None, 80)]
     variants = [("float16/cublas", "float16", ["--dtype", "float16"], {"CHATGLM_FT_GEMV": "cublas"}, 0),
                 ("float16/kernel", "float16", ["--dtype", "float16", "--profile", "20"], {"CHATGLM_FT_GEMV": "kernel"}, 0),
-                ("float16/prefill", "float16", ["--dtype", "float16"], {"CHATGLM_FT_COMPILE_PREFILL": "1"}, 0)]
+                ("float16/prefill", "float16", ["--dtype", "float16"], {"CHATGLM_FT_COMPILE_PREFILL": "1"}, 0),
+                ("float16/nopdl", "float16", ["--dtype", "float16"], {"CHATGLM_FT_PDL": "0"}, 0)]
     if options.only:
         wanted = options.only.split(",")
         runs = [r for r in runs + variants if r[0] in wanted]

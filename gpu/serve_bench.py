@@ -4,14 +4,14 @@ float16 weights, in process (no HTTP).
 Measures output tokens/s at 1/8/32/128 concurrent streams (128-token prompts, exactly 128-token
 answers: <eop> is not a stop token here), time per output token (per request, p50/p99), the gap
 between a stream's tokens (p50/p99) and time to first token; then batch-1 latency of the engine
-against the plain `generate` path (its default fast path, and eager). Decode modes: "graphs"
-(the server's default on CUDA) for every level, "eager" at 1 and 128 streams, and "compile" at
-1 stream if time allows. Each section fails on its own (the error is recorded, the rest runs).
+against the plain `generate` path (its default fast path, and eager). Decode modes: the server's
+default ("compile" on CUDA: compiled at engine start, the start's time recorded) for every level,
+"graphs" (no compile) at 1 and 128 streams. Each section fails on its own (the error is recorded,
+the rest runs).
 
-First, decode attention alone (issue 6): the Triton kernel against the PyTorch path of
+With --attention, first decode attention alone: the Triton kernel against the PyTorch path of
 model.attend at batch 1 / 2k context and 128 rows / 256 columns, with a sweep of the kernel's
-tile sizes and splits. The engine levels then run with the default ($CHATGLM_FT_DECODE_ATTENTION,
-triton unless set to torch: run once with each for an end-to-end A/B).
+tile sizes and splits ($CHATGLM_FT_DECODE_ATTENTION=torch runs the engine levels on the PyTorch path).
 
     python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
@@ -118,7 +118,7 @@ def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, pr
     """Warm up each level (captures its graphs), then time it."""
     engine = Engine(model, tokenizer, max_batch=max(levels), max_queue=max(levels),
                     max_context=PROMPT_TOKENS + answer, decode=decode).start()
-    out = {"decode": engine.decode_mode, "levels": []}
+    out = {"decode": engine.decode_mode, "start_warm_up_seconds": engine.warm_up_seconds, "levels": []}
     try:
         for streams in levels:
             began = time.perf_counter()
@@ -262,22 +262,22 @@ def main(argv: list[str]) -> int:
           file=sys.stderr, flush=True)
     results["decode_attention"] = os.environ.get("CHATGLM_FT_DECODE_ATTENTION", "triton")  # what the engine levels use
     if "--profile" in argv:  # only the top level, profiled (what bounds 128 streams)
-        section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[-1],), answer,
+        section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", (levels[-1],), answer,
                 profile=True)
         results["total_seconds"] = elapsed()
         print_table(results)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "serve_profile.json").write_text(json.dumps(results, indent=2))
         return 0
-    if not smoke:  # the kernel needs a GPU (the smoke's CPU engine runs the PyTorch path)
+    if not smoke and "--attention" in argv:  # the kernel needs a GPU (the smoke's CPU engine runs the PyTorch path)
         section(results, "attention", attention_microbench, config)
-    # the headline numbers first; each engine is stopped before the next section sets up its own cache
-    section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", levels, answer)
+    # the headline numbers first (the server's default: compile on CUDA, eager on the CPU); each engine is
+    # stopped before the next section sets up its own cache
+    section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer)
     section(results, "generate_fast", generate_latency, model, config, fast=None, answer=answer)
+    if not smoke:
+        section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[0], levels[-1]), answer)
     section(results, "generate_eager", generate_latency, model, config, fast=False, answer=answer)
-    section(results, "engine_eager", engine_levels, model, tokenizer, config, "eager", (levels[0], levels[-1]), answer)
-    if not smoke:  # compiling on the CPU takes minutes
-        section(results, "engine_compile", engine_levels, model, tokenizer, config, "compile", (1,), answer)
     results["total_seconds"] = elapsed()
     results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     if os.environ.get("OUT"):
@@ -290,8 +290,10 @@ def print_table(results: dict) -> None:
     print(f"\nserve_bench on {results['device']} (torch {results['torch']}), {results['dtype']} random weights, "
           f"{PROMPT_TOKENS}-token prompts, {results['answer_tokens']}-token answers, total {results['total_seconds']:.0f} s")
     print(f"{'decode':<8} {'streams':>7} {'tok/s':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'gap p99':>8} {'TTFT p50':>9}  (ms)")
-    for key in ("engine_graphs", "engine_eager", "engine_compile"):
+    for key in ("engine_default", "engine_graphs", "engine_eager", "engine_compile"):
         section_ = results.get(key, {})
+        if not section_:
+            continue
         if "levels" not in section_:
             print(f"{key:<16} {section_.get('error') or section_.get('skipped')}")
             continue
@@ -302,7 +304,7 @@ def print_table(results: dict) -> None:
         g = results.get(key, {})
         print(f"{key:<16} " + (f"batch-1 {g['tpot_ms']:.2f} ms/token" if "tpot_ms" in g else str(g.get("error") or g.get("skipped"))))
     reference = results.get("generate_fast", {}).get("tpot_ms")
-    for key in ("engine_graphs", "engine_compile"):
+    for key in ("engine_default", "engine_graphs", "engine_compile"):
         levels = results.get(key, {}).get("levels", [])
         one = next((lv for lv in levels if lv["streams"] == 1), None)
         if one and reference:
@@ -312,7 +314,7 @@ def print_table(results: dict) -> None:
         line = "  ".join(f"{name} {timed[name]['us']:.1f} us ({timed[name]['gb_per_s']:.0f} GB/s)"
                          for name in dict.fromkeys(("torch", "triton", case["best"])) if name in timed)
         print(f"attention B={case['batch']} S={case['kv_length']} {case['mask']}: {line}")
-    top = next((lv for lv in results.get("engine_graphs", {}).get("levels", []) if lv["streams"] == 128), None)
+    top = next((lv for lv in results.get("engine_default", {}).get("levels", []) if lv["streams"] == 128), None)
     if top:
         print(f"128 streams: {top['tokens_per_s']:.0f} output tokens/s (goal >= 15000)")
 

@@ -45,7 +45,7 @@ def golden_generate(tiny, golden):
     return expected
 
 
-@pytest.mark.parametrize("decode", ["eager", "graphs"])  # graphs: the bucketed static-buffer step (captured on CUDA only)
+@pytest.mark.parametrize("decode", ["eager", "graphs", "compile"])  # graphs: bucketed static buffers (captured on CUDA only); compile: dynamic batch
 def test_slot_prefill_and_decode_match_generate_on_golden_prompts(make_engine, golden_generate, golden, decode):
     """All golden prompts at once (different lengths in one prefill), then with staggered arrivals and
     slot reuse: every row equals plain `generate` and the golden ids."""
@@ -208,3 +208,21 @@ def test_stream_decoder_gives_the_full_decode(tokenizer):
         if "\ufffd" not in full:  # random byte pieces can form invalid UTF-8: then U+FFFD is the real text
             assert all("\ufffd" not in p for p in pieces)
         assert "".join(pieces) + decoder.flush() == full
+
+
+@pytest.mark.gpu
+def test_default_engine_on_cuda_compiles_and_matches_generate(golden_dir, golden):
+    """On one GPU the engine compiles its decode step (dynamic batch: 1 row, 2-16 rows, more) and
+    captures it; every golden prompt, alone and all together, gives plain `generate`'s tokens."""
+    model, _ = load(golden_dir, dtype="float32", device="cuda")
+    cases = golden["greedy"]
+    expected = [generate(model, None, [c["input_ids"]], GREEDY16)[0].token_ids for c in cases]
+    assert expected == [c["new_ids"] for c in cases]
+    engine = Engine(model, None, max_batch=32, max_context=256).start()
+    try:
+        assert engine.decode_mode == "compile" and engine.warm_up_seconds > 0
+        assert engine.generate(cases[0]["input_ids"], GREEDY16, timeout=120).token_ids == expected[0]
+        handles = [engine.submit(c["input_ids"], GREEDY16) for c in cases * 5]  # more than 16 rows
+        assert [h.result(120).token_ids for h in handles] == expected * 5
+    finally:
+        engine.stop(drain=False, timeout=30)

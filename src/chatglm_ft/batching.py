@@ -2,6 +2,7 @@
 decode step over cache slots with its CUDA graphs."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -111,10 +112,14 @@ class DecodeGraphs:
         self.positions = torch.arange(max_kv, device=device)
         self.cuda = device.type == "cuda"
         self.step = decode_step
+        self.compiled = compile
         if compile:
-            # one compiled step per batch bucket, with the attention length dynamic (as fast.py)
+            from .fast import inductor_options
+
+            # the attention length and the batch dynamic: three compiles in all (1 row; 2-16 rows, the skinny
+            # matmul's range; more), each reused by every bucket in its range
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.step = torch.compile(decode_step, dynamic=False)
+            self.step = torch.compile(decode_step, dynamic=False, options=inductor_options(device))
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.runs: dict[tuple[int, int], int] = {}
         if self.cuda:
@@ -126,12 +131,28 @@ class DecodeGraphs:
 
     def _kv_positions(self, size: int) -> torch.Tensor:
         positions = self.positions[:size]
-        if self.step is not decode_step:
+        if self.compiled:
             torch._dynamo.mark_dynamic(positions, 0, min=2, max=self.max_kv)
         return positions
 
     def _run_step(self, rows: int, size: int) -> None:
-        self.logits[:rows].copy_(self.step(self.model, self.last_token[:rows, None], self.meta[:rows], self._kv_positions(size)))
+        token, meta = self.last_token[:rows, None], self.meta[:rows]
+        if self.compiled and rows > 1:  # one row stays a static graph of its own (dynamo specialises size 1)
+            torch._dynamo.maybe_mark_dynamic(token, 0)
+            torch._dynamo.maybe_mark_dynamic(meta, 0)
+        self.logits[:rows].copy_(self.step(self.model, token, meta, self._kv_positions(size)))
+
+    def warm_up(self, batch_sizes: list[int]) -> float:
+        """Compile and capture the steps of these batch buckets now (at the smallest attention bucket),
+        so no request waits for a compile; seconds taken. Idle rows write only the scratch column."""
+        began = time.perf_counter()
+        idle = torch.tensor([self.max_kv, 1, 0], device=self.meta.device)
+        for rows in batch_sizes:
+            for _ in range(self.WARMUP_RUNS + 1):
+                self.run(idle.expand(rows, 3), 1)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - began
 
     def run(self, meta: torch.Tensor, kv_length: int) -> torch.Tensor:
         """Logits (rows, V) for `meta` (rows, 3) with rows a batch bucket."""

@@ -28,7 +28,9 @@ import triton
 import triton.language as tl
 
 from .errors import ChatGLMError
-from .kernels import device_of
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .kernels import device_of, use_pdl
 
 ENV = "CHATGLM_FT_DECODE_ATTENTION"
 BACKENDS = ("triton", "torch")
@@ -55,12 +57,16 @@ def _decode_attention_kernel(
     S, split_len, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ms,
     NH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row * NH + head, split): softmax(q . k) @ v over keys [split * split_len, +split_len) of S.
 
     Without SPLIT the normalised result goes to out (B, NH, hd); with it, the unnormalised sum,
     the running max (log2 units) and the exponent sum go to the partial buffers for the combine.
     """
+    if PDL:  # launched early: wait for the kernels that wrote q and the cache (kernels.use_pdl)
+        gdc_wait()
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // NH).to(tl.int64)  # row offsets exceed 2**31 bytes in a large cache
@@ -103,8 +109,12 @@ def _decode_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+def _combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+                    PDL: tl.constexpr):
     """out[bh] = sum_s o_s * 2**(m_s - m) / sum_s l_s * 2**(m_s - m) over the splits of (row, head) bh."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_P2)
     used = s < n_splits
@@ -179,6 +189,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         split_len = triton.cdiv(triton.cdiv(S, max(1, splits)), block_s) * block_s
         splits = triton.cdiv(S, split_len)
     split = splits > 1
+    pdl = use_pdl(q)
     part_o = torch.empty(B * nh * splits, hd, dtype=torch.float32, device=q.device) if split else out
     part_ml = torch.empty(B * nh * splits, 2, dtype=torch.float32, device=q.device) if split else out
     with device_of(q):
@@ -187,11 +198,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             S, split_len, LOG2E / math.sqrt(hd),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             mask.stride(0) if mask is not None else 0, mask.stride(3) if mask is not None else 0,
-            NH=nh, HEAD_DIM=hd, BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split, num_warps=num_warps,
+            NH=nh, HEAD_DIM=hd, BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
         )
         if split:
             _combine_kernel[(B * nh,)](part_o, part_ml, out, splits, HEAD_DIM=hd,
-                                       SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+                                       SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 

@@ -90,6 +90,7 @@ class RequestHandle:
         self.loop = loop
         self._async_wake = asyncio.Event() if loop is not None else None
         self._thread_wake = threading.Event()
+        self._thread_streaming = False  # a thread iterates the chunks: wake it every step (else only at the end)
         self._request: _Request | None = None
 
     # worker side
@@ -102,7 +103,10 @@ class RequestHandle:
                 self._done = done
 
     def _wake_thread(self) -> None:
-        self._thread_wake.set()
+        # A thread waiting in result() needs the end only: waking it per token would make every waiting
+        # thread compete with the worker for the GIL at every step (at 128 streams, a third of the GPU's time).
+        if self._thread_streaming or self._done is not None:
+            self._thread_wake.set()
 
     # client side
     @property
@@ -126,14 +130,15 @@ class RequestHandle:
         return (chunk if chunk.text or chunk.tokens or chunk.done else None), bool(chunk.done)
 
     def __iter__(self) -> Iterator[Chunk]:
-        while True:
-            self._thread_wake.wait()
-            self._thread_wake.clear()
+        self._thread_streaming = True
+        while True:  # take first: what arrived before streaming began was not announced
             chunk, ended = self._next()
             if chunk is not None:
                 yield chunk
             if ended:
                 return
+            self._thread_wake.wait()
+            self._thread_wake.clear()
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         if self._async_wake is None:
@@ -266,8 +271,9 @@ class Engine:
     """Continuous-batching generation on one model. Thread-safe `submit`; one worker thread.
 
     `decode`: "eager" runs each step as plain PyTorch at its exact size; "graphs" replays CUDA
-    graphs of bucketed sizes (DecodeGraphs); "compile" compiles that step first; "auto" is graphs
-    on CUDA and eager elsewhere. The engine owns the model's KV cache while it runs: do not call
+    graphs of bucketed sizes (DecodeGraphs); "compile" compiles that step first (on CUDA at `start`,
+    three compiles: about a minute the first time, seconds once inductor's disk cache has them);
+    "auto" is compile on one GPU and eager elsewhere. The engine owns the model's KV cache while it runs: do not call
     `generate` on the same model object meanwhile.
     """
 
@@ -278,7 +284,8 @@ class Engine:
         if decode not in DECODE_MODES:
             raise ChatGLMError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         on_one_gpu = model.device.type == "cuda" and not is_split(model)
-        self.decode_mode = ("graphs" if on_one_gpu else "eager") if decode == "auto" else decode
+        self.decode_mode = ("compile" if on_one_gpu else "eager") if decode == "auto" else decode
+        self.warm_up_seconds = 0.0
         self._graphs: DecodeGraphs | None = None
         self.model = model
         self.tokenizer = tokenizer
@@ -315,6 +322,13 @@ class Engine:
             if self.decode_mode != "eager":
                 self._graphs = DecodeGraphs(self.model, self._last_token, self.max_batch, self.max_context,
                                             compile=self.decode_mode == "compile")
+                if self.decode_mode == "compile" and self.device.type == "cuda":
+                    # one batch size per compiled range (1; 2-16; more): later buckets only capture a graph
+                    sizes = sorted({1, min(2, self.max_batch), batch_bucket(min(17, self.max_batch), self.max_batch)})
+                    log.warning("compiling the decode steps for batch sizes %s (cached on disk for the next start)", sizes)
+                    with torch.inference_mode():
+                        self.warm_up_seconds = self._graphs.warm_up(sizes)
+                    log.warning("decode steps ready in %.1f s", self.warm_up_seconds)
             self._thread = threading.Thread(target=self._worker, name="chatglm-engine", daemon=True)
             self._thread.start()
         return self

@@ -103,7 +103,7 @@ def prefill_logits(model, input_ids: torch.Tensor, layout: PrefixLayout, prompt_
         input_ids,
         position_ids_for(layout, columns),
         prompt_mask if prompt_mask is not None else attention_mask_for(layout, columns, T),
-        cache_columns=columns,
+        cache_columns=slice(0, T),
         kv_length=T,
         last_logits_only=True,
     ).logits[:, -1].float()
@@ -192,15 +192,24 @@ def pick_sampled(logits: torch.Tensor, token: torch.Tensor, seen: torch.Tensor, 
     seen.scatter_(1, token, True)
 
 
+def inductor_options(device: torch.device, gemv: str = "kernel") -> dict | None:
+    """torch.compile options of the decode steps (fast.py's and the server's)."""
+    if device.type != "cuda":
+        return None
+    # coordinate_descent_tuning also makes inductor turn one-row matmuls into reductions it tunes and
+    # fuses (the gpt-fast recipe); unique kernel names make profiles readable.
+    options = {"coordinate_descent_tuning": gemv == "triton", "triton.unique_kernel_names": True}
+    from .kernels import pdl_supported
+
+    if hasattr(torch._inductor.config.triton, "enable_pdl") and pdl_supported(device.index or 0):
+        options["triton.enable_pdl"] = True  # inductor's kernels launch early too (kernels.pdl_supported)
+    return options
+
+
 def _compiled(fn, options: FastOptions, device: torch.device):
     if not options.compile:
         return fn
-    inductor = {}
-    if device.type == "cuda":
-        # coordinate_descent_tuning also makes inductor turn one-row matmuls into reductions it tunes and
-        # fuses (the gpt-fast recipe); unique kernel names make profiles readable.
-        inductor = {"coordinate_descent_tuning": options.gemv == "triton", "triton.unique_kernel_names": True}
-    return torch.compile(fn, dynamic=False, options=inductor or None)
+    return torch.compile(fn, dynamic=False, options=inductor_options(device, options.gemv))
 
 
 def _step_functions(options: FastOptions, device: torch.device) -> tuple:

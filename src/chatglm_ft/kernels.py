@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # Token rows per call up to which the skinny matmul costs what one row does (gpu/gemv_sweep.py: 1, 4 and
 # 16 rows take the same time, 4-5x less than dequantize + cuBLAS for int8/int4, below cuBLAS for float16).
@@ -131,7 +132,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-    PRECISION: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
 ):
     """BITS 16: w float (N, K). BITS 8: w int8 (N, K), scale (N,). BITS 4: w uint8 (N, K/2) packed by
     group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP)."""
@@ -142,6 +143,9 @@ def _gemv_kernel(
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows_n < N
     rows_n64 = rows_n.to(tl.int64)
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel that writes x, let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rows_m[:, None] * K
     dt = x_ptr.dtype.element_ty
@@ -220,6 +224,23 @@ def _dequantize_kernel(
 
 
 # -- launchers (plain functions: also usable on CPU tensors under TRITON_INTERPRET=1) -----------
+ENV_PDL = "CHATGLM_FT_PDL"  # 0 turns programmatic dependent launch off
+
+
+@functools.cache
+def pdl_supported(index: int) -> bool:
+    """Programmatic dependent launch (Hopper and later): a kernel's blocks start while the previous
+    kernel drains and wait in-kernel (`gdc_wait`) for its results, hiding the launch latency between
+    the ~300 small kernels of a decode step. Off with $CHATGLM_FT_PDL=0."""
+    if os.environ.get(ENV_PDL, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    return t.is_cuda and pdl_supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def gemv_supported(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
     """Whether the kernels take this weight (the real model's and the tiny test model's shapes do).
     Plain integer logic on shapes, so torch.compile traces it without a graph break."""
@@ -258,6 +279,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
         groups //= 2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m))
+    pdl = use_pdl(x)
     with device_of(x):
         _gemv_kernel[grid](
             x.contiguous(), weight, scale if scale is not None else weight, zero if zero is not None else weight,
@@ -265,7 +287,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None, ASM=config.asm and x.is_cuda,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(K, config.block_k), GROUPS=groups,
             STAGES=config.stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT=act,
-            num_warps=config.num_warps,
+            PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
         )
     return y
 

@@ -34,8 +34,9 @@ def register(sub) -> None:
                    help="prompt + answer tokens per request (default: the model's max_sequence_length)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
     s.add_argument("--decode", default="auto", choices=["auto", "eager", "graphs", "compile"],
-                   help="decode step: CUDA graphs of bucketed sizes (graphs), plus torch.compile (compile: slow start),"
-                        " or plain PyTorch (eager); auto = graphs on CUDA, eager on the CPU")
+                   help="decode step: torch.compile + CUDA graphs of bucketed sizes (compile: compiles at start, about"
+                        " a minute the first time), graphs without compiling (graphs), or plain PyTorch (eager);"
+                        " auto = compile on one GPU, eager otherwise")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=run)
 
