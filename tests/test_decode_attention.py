@@ -1,13 +1,11 @@
 """Decode attention kernel (issue 6): the Triton kernel of decode_attention.py against the PyTorch
 reference in Triton's interpreter on the CPU, the masks the model really decodes with, and the
 model's use of it (a custom op that torch.compile traces; the switch back to PyTorch)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import interpret  # tests/triton_interpreter.py
 
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.positions import PrefixLayout, attention_mask_for
@@ -80,16 +78,8 @@ KERNEL_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # output rounding (bf16: 2**-8) plus float32 sums
 
 
-def interpret(script: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def test_kernel_matches_reference_in_interpreter():
-    result = interpret(KERNEL_CHECK)
-    lines = [line.split() for line in result.stdout.splitlines()]
+    lines = [line.split() for line in interpret(KERNEL_CHECK).splitlines()]
     assert len(lines) == 15
     for name, dtype, error in lines:
         assert float(error) < TOLERANCE[dtype], (name, dtype, error)
@@ -129,7 +119,7 @@ GOLDEN_DECODE = INTERPRETER_SHIM + textwrap.dedent("""
 
 
 def test_golden_decoding_through_the_kernel_in_interpreter(golden_dir):
-    flags = interpret(GOLDEN_DECODE, str(golden_dir)).stdout.split()
+    flags = interpret(GOLDEN_DECODE, str(golden_dir)).split()
     assert flags[:2] == ["True", "True"] and int(flags[2]) >= 4 * 5  # 5 decode steps x 2 layers x 2 paths at least
 
 
