@@ -120,7 +120,8 @@ def main() -> int:
     variants = [("float16/cublas", "float16", ["--dtype", "float16"], {"CHATGLM_FT_GEMV": "cublas"}, 0),
                 ("float16/kernel", "float16", ["--dtype", "float16", "--profile", "20"], {"CHATGLM_FT_GEMV": "kernel"}, 0),
                 ("float16/prefill", "float16", ["--dtype", "float16"], {"CHATGLM_FT_COMPILE_PREFILL": "1"}, 0),
-                ("float16/nopdl", "float16", ["--dtype", "float16"], {"CHATGLM_FT_PDL": "0"}, 0)]
+                ("float16/nopdl", "float16", ["--dtype", "float16"], {"CHATGLM_FT_PDL": "0"}, 0),
+                ("float16/unfused", "float16", ["--dtype", "float16"], {"CHATGLM_FT_FUSED": "0"}, 0)]
     if options.only:
         wanted = options.only.split(",")
         runs = [r for r in runs + variants if r[0] in wanted]
