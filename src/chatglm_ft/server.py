@@ -381,6 +381,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     def stream_error(c: Completion) -> str:
         return _sse({"error": {"message": f"generation failed: {c.error}", "type": "server_error", "param": None, "code": None}})
 
+    def stream_end(done: Completion, finish: str, usage_event: dict | None) -> list[str]:
+        """The last events of a stream: its finish chunk and, when asked for, the usage chunk (or the error)."""
+        if done.finish_reason == "error":
+            return [stream_error(done)]
+        return [finish] + ([_sse({**usage_event, "usage": usage(done)})] if usage_event is not None else [])
+
     # -- routes --
     @app.get("/health")
     async def health():
@@ -414,7 +420,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
             return {**meta, "object": "chat.completion", "usage": usage(done), "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": clean_response(done.text)},
                 "finish_reason": done.finish_reason, "logprobs": None}]}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        wants_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage_event = {**meta, "object": "chat.completion.chunk", "choices": []} if wants_usage else None
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
             return _sse({**meta, "object": "chat.completion.chunk",
@@ -429,12 +436,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
                 if text:
                     yield chunk({"content": text})
                 if c.done is not None:
-                    if c.done.finish_reason == "error":
-                        yield stream_error(c.done)
-                    else:
-                        yield chunk({}, c.done.finish_reason)
-                        if include_usage:
-                            yield _sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(c.done)})
+                    for event in stream_end(c.done, chunk({}, c.done.finish_reason), usage_event):
+                        yield event
             yield "data: [DONE]\n\n"
 
         return _EngineStream(events(), handle)
@@ -457,7 +460,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
             done = await finished(handle, request)
             return {**meta, "object": "text_completion", "usage": usage(done), "choices": [{
                 "index": 0, "text": done.text, "finish_reason": done.finish_reason, "logprobs": None}]}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        wants_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage_event = {**meta, "object": "text_completion", "choices": []} if wants_usage else None
 
         def chunk(text: str, finish_reason: str | None = None) -> str:
             return _sse({**meta, "object": "text_completion",
@@ -468,12 +472,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
                 if c.text:
                     yield chunk(c.text)
                 if c.done is not None:
-                    if c.done.finish_reason == "error":
-                        yield stream_error(c.done)
-                    else:
-                        yield chunk("", c.done.finish_reason)
-                        if include_usage:
-                            yield _sse({**meta, "object": "text_completion", "choices": [], "usage": usage(c.done)})
+                    for event in stream_end(c.done, chunk("", c.done.finish_reason), usage_event):
+                        yield event
             yield "data: [DONE]\n\n"
 
         return _EngineStream(events(), handle)
