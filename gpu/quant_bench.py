@@ -102,10 +102,8 @@ def quantized_weight(bits: int, n: int, k: int):
 
 def gemv(bits, x, q, scale, zero, bias=None, config=None):
     if config is not None:
-        return kernels.int8_gemv(x, q, scale, bias, config) if bits == 8 else kernels.int4_gemv(x, q, scale, zero, bias, config)
-    if bits == 8:
-        return torch.ops.chatglm_ft.int8_gemv(x, q, scale, bias)
-    return torch.ops.chatglm_ft.int4_gemv(x, q, scale, zero, bias)
+        return kernels.skinny_matmul(x, q, scale, zero, bias, config)
+    return torch.ops.chatglm_ft.gemv(x, q, bias, 0, scale, zero)
 
 
 def check_kernels() -> dict:

@@ -293,10 +293,10 @@ KERNEL_CHECK = textwrap.dedent("""
     w, x, b = torch.randn(N, K), torch.randn(2, K), torch.randn(N)
     q, s = quantize_int8(w)
     ref = x.double() @ dequantize_reference(q, s, None, torch.float64).T + b.double()
-    err8 = (kernels.int8_gemv(x, q, s, b, kernels.GemvConfig(block_n=16, block_k=64)).double() - ref).abs().max().item()
+    err8 = (kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=64)).double() - ref).abs().max().item()
     q4, s4, z4 = quantize_int4(w, 64)
     ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
-    err4 = (kernels.int4_gemv(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2)).double() - ref).abs().max().item()
+    err4 = (kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2)).double() - ref).abs().max().item()
     ref = x.double() @ w.double().T + b.double()
     err16 = (kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128)).double() - ref).abs().max().item()
     same8 = torch.equal(kernels.dequantize(q, s, None, torch.float16), dequantize_reference(q, s, None, torch.float16))
@@ -344,7 +344,7 @@ def test_cuda_gemv_compiles_and_matches_eager():
         torch.testing.assert_close(compiled(x), layer(x))
 
 
-@pytest.mark.parametrize("cls, tokens, op", [(Int4Linear, 1, "int4_gemv"), (Int8Linear, 2, "int8_gemv"),
+@pytest.mark.parametrize("cls, tokens, op", [(Int4Linear, 1, "gemv"), (Int8Linear, 2, "gemv"),
                                              (Int4Linear, 32, "dequantize")])
 def test_cuda_path_traces_into_one_graph(cls, tokens, op):
     """What fast.py compiles on a GPU: dynamo traces the custom ops without a graph break

@@ -292,18 +292,6 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return y
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              config: GemvConfig | None = None) -> torch.Tensor:
-    """x (M, K) float, weight int8 (N, K), scale (N,) -> (M, N) in x's dtype."""
-    return skinny_matmul(x, weight, scale, None, bias, config)
-
-
-def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-              bias: torch.Tensor | None, config: GemvConfig | None = None) -> torch.Tensor:
-    """x (M, K) float, weight uint8 (N, K/2), scale/zero (N, K/G) -> (M, N) in x's dtype."""
-    return skinny_matmul(x, weight, scale, zero, bias, config)
-
-
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The float (N, K) weight of an int8 (zero None) or int4 layer."""
     N = weight.shape[0]
@@ -323,41 +311,16 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
 
 # -- custom ops: what the model calls on CUDA (opaque to dynamo, capturable by CUDA graphs) -----
 @torch.library.custom_op(
-    "chatglm_ft::int8_gemv", mutates_args=(), device_types="cuda",
-    schema="(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor",
-)
-def int8_gemv_op(x, weight, scale, bias):
-    return int8_gemv(x, weight, scale, bias)
-
-
-@int8_gemv_op.register_fake
-def _(x, weight, scale, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@torch.library.custom_op(
     "chatglm_ft::gemv", mutates_args=(), device_types="cuda",
-    schema="(Tensor x, Tensor weight, Tensor? bias, int act=0) -> Tensor",
+    schema="(Tensor x, Tensor weight, Tensor? bias, int act=0, Tensor? scale=None, Tensor? zero=None) -> Tensor",
 )
-def gemv_op(x, weight, bias, act=0):
-    return skinny_matmul(x, weight, None, None, bias, act=act)
+def gemv_op(x, weight, bias, act=0, scale=None, zero=None):
+    """skinny_matmul: a float weight, an int8 one with its scale, or an int4 one with its scale and zero."""
+    return skinny_matmul(x, weight, scale, zero, bias, act=act)
 
 
 @gemv_op.register_fake
-def _(x, weight, bias, act=0):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@torch.library.custom_op(
-    "chatglm_ft::int4_gemv", mutates_args=(), device_types="cuda",
-    schema="(Tensor x, Tensor weight, Tensor scale, Tensor zero, Tensor? bias) -> Tensor",
-)
-def int4_gemv_op(x, weight, scale, zero, bias):
-    return int4_gemv(x, weight, scale, zero, bias)
-
-
-@int4_gemv_op.register_fake
-def _(x, weight, scale, zero, bias):
+def _(x, weight, bias, act=0, scale=None, zero=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

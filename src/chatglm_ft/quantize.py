@@ -188,11 +188,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     # the custom ops have no backward: anything that needs a gradient takes the autograd path
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if x.is_cuda and USE_TRITON and rows <= kernels.MAX_ROWS and not needs_grad and kernels.gemv_supported(weight, scale):
-        x2 = x.reshape(rows, K)
-        if zero is None:
-            y = torch.ops.chatglm_ft.int8_gemv(x2, weight, scale, bias)
-        else:
-            y = torch.ops.chatglm_ft.int4_gemv(x2, weight, scale, zero, bias)
+        y = torch.ops.chatglm_ft.gemv(x.reshape(rows, K), weight, bias, 0, scale, zero)
         return y.view(*x.shape[:-1], N)
     if needs_grad:
         y = DequantizedMatmul.apply(x, weight, scale, zero)
