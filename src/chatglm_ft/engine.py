@@ -34,6 +34,7 @@ import torch
 from .batching import DecodeGraphs, RowSampling, batch_bucket, decode_step, sample_tokens
 from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig, TextStream, new_token_budget
+from .model import SKINNY_ROWS
 from .multigpu import is_split
 from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
 from .tokenizer import ChatGLMTokenizer
@@ -104,7 +105,7 @@ class RequestHandle:
 
     def _wake_thread(self) -> None:
         # A thread waiting in result() needs the end only: waking it per token would make every waiting
-        # thread compete with the worker for the GIL at every step (at 128 streams, a third of the GPU's time).
+        # thread take the GIL at every step for nothing.
         if self._thread_streaming or self._done is not None:
             self._thread_wake.set()
 
@@ -272,7 +273,7 @@ class Engine:
 
     `decode`: "eager" runs each step as plain PyTorch at its exact size; "graphs" replays CUDA
     graphs of bucketed sizes (DecodeGraphs); "compile" compiles that step first (on CUDA at `start`,
-    three compiles: about a minute the first time, seconds once inductor's disk cache has them);
+    three compiles: about two minutes the first time, ~30 s once inductor's disk cache has them);
     "auto" is compile on one GPU and eager elsewhere. The engine owns the model's KV cache while it runs: do not call
     `generate` on the same model object meanwhile.
     """
@@ -323,8 +324,12 @@ class Engine:
                 self._graphs = DecodeGraphs(self.model, self._last_token, self.max_batch, self.max_context,
                                             compile=self.decode_mode == "compile")
                 if self.decode_mode == "compile" and self.device.type == "cuda":
-                    # one batch size per compiled range (1; 2-16; more): later buckets only capture a graph
-                    sizes = sorted({1, min(2, self.max_batch), batch_bucket(min(17, self.max_batch), self.max_batch)})
+                    # one batch size per compiled range (1; 2 up to the skinny kernel's rows; more): later buckets
+                    # only capture a graph
+                    sizes = {1, min(2, self.max_batch)}
+                    if SKINNY_ROWS and self.max_batch > SKINNY_ROWS:
+                        sizes.add(batch_bucket(SKINNY_ROWS + 1, self.max_batch))
+                    sizes = sorted(sizes)
                     log.warning("compiling the decode steps for batch sizes %s (cached on disk for the next start)", sizes)
                     with torch.inference_mode():
                         self.warm_up_seconds = self._graphs.warm_up(sizes)
