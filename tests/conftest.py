@@ -37,6 +37,34 @@ def golden(golden_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
+def golden2_dir(shared) -> Path:
+    """ChatGLM2-6B tiny checkpoint in the original format (golden.json beside it)."""
+    return shared / "golden" / "chatglm2-6b-tiny"
+
+
+@pytest.fixture(scope="session")
+def golden3_dir(shared) -> Path:
+    """ChatGLM3-6B tiny checkpoint in the original format (golden.json beside it)."""
+    return shared / "golden" / "chatglm3-6b-tiny"
+
+
+@pytest.fixture(scope="session")
+def golden2(golden2_dir) -> dict:
+    return json.loads((golden2_dir / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden3(golden3_dir) -> dict:
+    return json.loads((golden3_dir / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ptuning_dirs(shared) -> dict[str, Path]:
+    """P-Tuning v2 prefix checkpoints in THUDM's layout: v1-noproj, v1-proj, v2, v3 (ptuning_golden.json beside)."""
+    return {name: shared / "golden" / f"ptuning-{name}" for name in ("v1-noproj", "v1-proj", "v2", "v3")}
+
+
+@pytest.fixture(scope="session")
 def tiny(golden_dir):
     """The golden tiny model in float32 on CPU, with its tokenizer (shared: do not mutate)."""
     from chatglm_ft import load
