@@ -39,6 +39,7 @@ from .checkpoint import read_shard, replace_dir, save_checkpoint, weight_files
 from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, load_records, split_validation,
                    tokenize_records)
 from .errors import ChatGLMError
+from .outputs import check_output_dir, discard, move_aside
 from .lora import apply_lora, save_adapter
 from .train_config import TrainConfig, TrainResult
 
@@ -372,6 +373,15 @@ def epoch_of(sampler: LengthGroupedBatches) -> float:
 
 
 # -- logging -------------------------------------------------------------------------------------------
+def logged_step(line: str) -> float:
+    """The step of one train_log.jsonl line; a blank or torn line (a run killed mid-write) counts as never logged."""
+    try:
+        record = json.loads(line)
+        return float(record.get("step", 0)) if isinstance(record, dict) else float("inf")
+    except (ValueError, TypeError):
+        return float("inf")
+
+
 class Reporter:
     """JSONL lines and TensorBoard scalars (rank 0 only)."""
 
@@ -380,8 +390,8 @@ class Reporter:
         self.writer = None
         if self.jsonl is not None and self.jsonl.exists():
             # A resumed run rewrites what came after its checkpoint; a fresh run starts a new log.
-            kept = [line for line in self.jsonl.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step] if resume_step else []
+            kept = [line for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if logged_step(line) <= resume_step] if resume_step else []
             self.jsonl.write_text("".join(line + "\n" for line in kept))
         if enabled and "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -530,6 +540,15 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None
 
 def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     output_dir = Path(config.output_dir).expanduser()
+    aside = None
+    if not config.resume:
+        # refuse an earlier run (or the model's own folder) before loading anything; --overwrite moves it aside whole
+        check_output_dir(output_dir, command="train", flag="--output-dir", overwrite=config.overwrite,
+                         sources=[("--model", config.model)] if config.model else [], allow_foreign=True)
+        if config.overwrite and procs.main and output_dir.exists() and any(output_dir.iterdir()):
+            aside = move_aside(output_dir)
+            info(f"note: --overwrite: the earlier run in {output_dir} moved to {aside.name}; removed once this run completes")
+        procs.barrier()
     records = read_records(config, procs, records, examples)
     model, tokenizer, amp, tokenizer_dir = prepare_model(config, procs, model, tokenizer)
     train_examples, val_examples = prepare_data(config, procs, tokenizer, records, examples)
@@ -572,11 +591,6 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     elif procs.main:
         if config.resume:
             info(f"note: --resume given but {output_dir} has no checkpoint; starting from step 0")
-        elif found:
-            info(f"note: starting afresh in {output_dir}: removing {len(found)} checkpoint(s) of an earlier run"
-                 " (pass --resume to continue it instead)")
-            for _, path in found:
-                shutil.rmtree(path)
     if procs.main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -611,6 +625,7 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
         where = result.adapter_dir or result.model_dir
         info(f"done: {run.step} steps in {seconds:.1f}s, {tokens_per_second:,.0f} tokens/s, "
              f"final loss {result.final_loss:.4f}; saved {where}")
+        discard(aside)
     procs.barrier()
     return result
 

@@ -58,6 +58,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each layer (CUDA only)
     on_bad_row: str = "skip"
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
 
@@ -74,6 +75,9 @@ class TrainConfig:
         for key in ("lora_target", "report_to"):
             if isinstance(normalised.get(key), str):
                 normalised[key] = split_list(normalised[key])
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in normalised.items():
+            normalised[key] = coerce(key, value, types[key], source)
         return cls(**normalised).validate()
 
     @classmethod
@@ -113,6 +117,8 @@ class TrainConfig:
         unknown = sorted(set(self.report_to) - set(REPORTERS) - {"none"})
         if unknown:
             raise bad(f"report_to: unknown {', '.join(unknown)}; choose from {', '.join(REPORTERS)} or none")
+        if self.resume and self.overwrite:
+            raise bad("--resume continues the earlier run and --overwrite replaces it: pass only one")
         if self.on_bad_row not in ("skip", "error"):
             raise bad(f"on_bad_row must be skip or error, not {self.on_bad_row!r}")
         return self
@@ -148,6 +154,34 @@ class TrainResult:
 
 def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+SCALAR_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def coerce(key: str, value: Any, type_name: str, source: str) -> Any:
+    """A scalar setting as its field's type. YAML reads `2e-4` (no dot) as a string: accept numbers written as text,
+    refuse anything else with one line naming the key."""
+    kind = SCALAR_TYPES.get(type_name)
+    if kind is None or value is None:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ChatGLMError(f"{source}: {key.replace('_', '-')} must be true or false, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ChatGLMError(f"{source}: {key.replace('_', '-')} must be a number, not {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ChatGLMError(f"{source}: {key.replace('_', '-')} must be a number, not {value!r}")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ChatGLMError(f"{source}: {key.replace('_', '-')} must be a finite number, not {value!r}")
+    if kind is int:
+        if number != int(number):
+            raise ChatGLMError(f"{source}: {key.replace('_', '-')} must be a whole number, not {value!r}")
+        return int(number)
+    return number
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -11,7 +11,10 @@ def register(sub) -> None:
                     "architecture; measure exact match on held-out questions, LoRA-train with the same code as "
                     "`chatglm-ft train`, reload base + adapter from disk and measure again. Writes OUT/base (checkpoint), "
                     "OUT/adapter (PEFT layout) and OUT/data, and prints the commands for the real ChatGLM-6B.")
-    p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default: demo-out)")
+    p.add_argument("--out", default="demo-out", metavar="DIR",
+                   help="new or empty output directory (default: demo-out; an earlier demo output needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier demo output (removed once the new demo completes)")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split, weights and training (default: 0)")
     p.add_argument("--steps", type=int, default=300, help="LoRA training steps (default: 300)")
     p.add_argument("--base-steps", type=int, default=300,
@@ -33,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ChatGLMError(f"the demo trains a LoRA adapter and needs {', '.join(missing)}: pip install 'chatglm-ft[train]'")
     from ..demo import run_demo
+    from ..outputs import check_output_dir, discard, move_aside
 
+    out = check_output_dir(args.out, command="demo", overwrite=args.overwrite)
+    aside = move_aside(out) if out.exists() and any(out.iterdir()) else None
     run_demo(out=args.out, seed=args.seed, steps=args.steps, base_steps=args.base_steps, device=args.device,
              threads=args.threads)
+    discard(aside)
     return 0

@@ -15,7 +15,9 @@ def register(sub) -> None:
     p.add_argument("--model", help="base ChatGLM-6B checkpoint directory (default: $CHATGLM_FT_MODEL)")
     p.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="LoRA adapter directory, or a `chatglm-ft train` output directory (repeatable: adapters add up)")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the merged checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new or empty directory for the merged checkpoint (an earlier merge output needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier merge output")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the saved weights (auto: the base checkpoint's torch_dtype)")
     p.add_argument("--device", default="cpu", help="where to merge (cpu needs host memory for one copy of the model)")
@@ -23,21 +25,19 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..api import load, model_path
     from ..checkpoint import save_model
     from ..config import ChatGLMConfig
     from ..errors import ChatGLMError
     from ..lora import merge_adapter
+    from ..outputs import check_output_dir
 
     source = model_path(args.model)
     config = ChatGLMConfig.from_dir(source)
     if config.quantization_bit or config.quantization:
         raise ChatGLMError(f"{source} is quantized; merge into the float16 checkpoint, then quantize the result")
-    out = Path(args.out).expanduser()
-    if out.resolve() == source.resolve():
-        raise ChatGLMError("--out must differ from --model (the base checkpoint is never overwritten)")
+    out = check_output_dir(args.out, command="merge", overwrite=args.overwrite,
+                           sources=[("--model", source)] + [("--adapter", a) for a in args.adapter])
     dtype = config.torch_dtype if args.dtype == "auto" else args.dtype
     start = time.perf_counter()
     model, _ = load(source, dtype=dtype, device=args.device, adapter=args.adapter)

@@ -13,7 +13,10 @@ def register(sub) -> None:
                     "chatglm-6b-int4/int8 to convert it) and write the result to --out with the scheme recorded in "
                     "config.json. Load it like any checkpoint: chatglm-ft chat --model OUT.")
     p.add_argument("--model", help="source checkpoint directory (default: $CHATGLM_FT_MODEL)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically if it exists)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new or empty output directory (an earlier quantize output needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier quantize output (swapped in once the new one is complete)")
     p.add_argument("--bits", type=int, choices=[4, 8], required=True, help="4 (about 4.0 GB) or 8 (about 6.7 GB)")
     p.add_argument("--group-size", type=int, default=128,
                    help="int4 only: columns sharing one scale and zero point (64: a little more accurate and larger)")
@@ -25,16 +28,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..api import load, model_path
-    from ..errors import ChatGLMError
+    from ..outputs import check_output_dir
     from ..quantize import QuantScheme, save_quantized
 
     source = model_path(args.model)
-    out = Path(args.out).expanduser()
-    if out.resolve() == source.resolve():
-        raise ChatGLMError("--out must differ from --model (the source checkpoint is read while writing)")
+    out = check_output_dir(args.out, command="quantize", overwrite=args.overwrite, sources=[("--model", source)])
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, embeddings=args.quantize_embeddings)
     start = time.perf_counter()
     model, _ = load(source, dtype="float16", device=args.device, quantize=scheme)

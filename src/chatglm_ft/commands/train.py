@@ -46,6 +46,7 @@ HELP = {
     "fsdp": "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP",
     "on_bad_row": "skip bad data rows (reported with line numbers) or stop at the first (error)",
     "resume": "continue from the newest checkpoint in --output-dir, exactly as if never stopped",
+    "overwrite": "replace an earlier run in --output-dir (moved aside, removed once the new run completes)",
     "progress": "show the progress bar",
     "report_to": "comma list of jsonl, tensorboard (or none)",
 }
