@@ -18,6 +18,7 @@ import torch
 
 from .config import ChatGLMConfig
 from .errors import CheckpointError
+from .outputs import share_like_other_files, writing
 from .tokenizer import TOKENIZER_FILES
 
 IGNORED_KEY = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -185,13 +186,21 @@ def save_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> None:
     """Write safetensors shards + index + config + tokenizer files; the directory appears atomically."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp-partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    with writing(out, tmp):
+        _write_checkpoint(state, config, tmp, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+    share_like_other_files(tmp)
+    replace_dir(tmp, out)
+
+
+def _write_checkpoint(state: dict[str, torch.Tensor], config: ChatGLMConfig, tmp: Path, *, tokenizer_dir: Path | None,
+                      max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -216,7 +225,6 @@ def save_checkpoint(
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-    replace_dir(tmp, out)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -40,6 +41,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except ChatGLMError as e:
         print(f"chatglm-ft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        from .extras import missing_extra
+
+        hint = missing_extra(e, args.command)
+        if hint is None:
+            raise
+        print(f"chatglm-ft {args.command}: error: {hint}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"chatglm-ft {args.command}: error: the disk is full{where}; free some space (or choose another"
+              " output directory) and run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -20,6 +20,18 @@ from .positions import attention_mask_for, position_ids_for, prefix_layout
 from .tokenizer import ChatGLMTokenizer, StreamDecoder, left_pad
 
 NAN_GUARD_TOKEN_ID = 5  # the original replaces bad logits by zeros with 5e4 at id 5
+MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows float32 to inf: garbage, not "nearly greedy"
+MAX_TEMPERATURE = 100.0
+
+
+def check_temperature(value: float, name: str = "temperature") -> float:
+    """A sampling temperature every route and command accepts: exactly 0 (greedy) or a finite value in
+    [MIN_TEMPERATURE, MAX_TEMPERATURE]; anything else is a ChatGLMError naming the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
+        raise ChatGLMError(f"{name} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g},"
+                           f" not {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -39,8 +51,13 @@ class GenerationConfig:
     def validate(self) -> "GenerationConfig":
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise ChatGLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
+        if self.do_sample:
+            check_temperature(self.temperature)
+        if self.do_sample and self.temperature == 0:
             return replace(self, do_sample=False)  # temperature 0 means greedy
+        for name in ("top_p", "repetition_penalty"):
+            if getattr(self, name) != getattr(self, name):  # NaN passes every comparison below
+                raise ChatGLMError(f"{name} must be a number, not nan")
         if not 0 < self.top_p <= 1:
             raise ChatGLMError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import replace_dir
 from .errors import ChatGLMError
+from .outputs import share_like_other_files, writing
 
 DEFAULT_TARGET = ("query_key_value",)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -83,7 +84,9 @@ def save_adapter(peft_model, out: str | Path, *, base_model: str | Path | None =
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = str(base_model) if base_model else None
     # Embeddings never train here; "auto" would probe the base config with transformers-only calls.
-    peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    with writing(out, tmp):
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    share_like_other_files(tmp)
     replace_dir(tmp, out)
     return out
 

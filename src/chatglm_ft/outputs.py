@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import ChatGLMError
 
@@ -27,6 +29,10 @@ DEMO_NAMES = {"base", "base-training", "data", "demo_results.json"} | TRAIN_NAME
 
 class OutputError(ChatGLMError):
     """An output directory would destroy files the command does not own."""
+
+
+class DiskFullError(ChatGLMError):
+    """The disk filled up while writing an output."""
 
 
 def _is_shard(name: str) -> bool:
@@ -126,3 +132,42 @@ def move_aside(path: Path) -> Path | None:
 def discard(aside: Path | None) -> None:
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or as the text safetensors (Rust) and torch.save put in their own errors."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text or (
+        "file write failed" in text)  # torch.save's PytorchStreamWriter
+
+
+@contextmanager
+def writing(out: Path, partial: Path | None = None) -> Iterator[None]:
+    """Around writing `out` (into `partial` first, when given): a failure removes the partial copy, and a full
+    disk becomes one line naming it."""
+    try:
+        yield
+    except BaseException as e:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFullError(f"the disk is full: could not write {out}; free some space and run the command again"
+                                + (" (nothing was replaced)" if partial is not None else "")) from None
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_like_other_files(path: Path) -> None:
+    """Give every file under `path` the mode an ordinary new file gets (0644 under the usual umask).
+    safetensors writes its files 0600, which locks a service account out of a merged or trained checkpoint."""
+    mode = 0o666 & ~current_umask()
+    for file in [path] if path.is_file() else path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)

@@ -19,13 +19,13 @@ from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ResponseStreamer
 from .engine import Completion, Engine, EngineClosedError, Histogram, QueueFullError, RequestHandle
 from .errors import ChatGLMError, PromptTooLongError
-from .generate import GenerationConfig
+from .generate import GenerationConfig, check_temperature
 from .prompt import chat_prompt, clean_response
 
 # The original chat's sampling defaults (SPEC.md section 5), used when a request leaves them out.
@@ -33,6 +33,8 @@ DEFAULT_TEMPERATURE = 0.95
 DEFAULT_TOP_P = 0.7
 MAX_STOP_STRINGS = 4
 PUBLIC_PATHS = {("GET", "/health"), ("GET", "/"), ("HEAD", "/")}  # the page is static; its API calls carry the key
+JSON_ROUTES = {"/", "/v1/chat/completions", "/v1/completions"}  # POST bodies
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names accepted by default (DNS rebinding defence)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -69,15 +71,23 @@ def _validation_error(errors: list[dict]) -> ApiError:
     return ApiError(400, f"{param or 'body'}: {first['msg']}", param=param, code=f"invalid_{first.get('type', 'value')}")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body, whatever the Content-Type says (as the original api.py's `request.json()`), validated."""
+    """The JSON body, validated. Every malformed body is a 400: invalid UTF-8 or JSON, NaN/Infinity, nesting too
+    deep for the parser, or a lone surrogate escape (\\ud800, which no tokenizer can encode)."""
     raw = await request.body()
     if not raw.strip():
         raise ApiError(400, "the request needs a JSON body", code="missing_body")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json")
+        data = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here, not in the tokenizer
+    except (UnicodeDecodeError, UnicodeEncodeError, ValueError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:200]})", code="invalid_json")
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json")
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -89,7 +99,17 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
 # -- request bodies -------------------------------------------------------------------------------
 class _Body(BaseModel):
     # strict: JSON types only ("1" is not a number, 1.0 is not an integer); unknown fields are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None:
+            try:
+                check_temperature(value, "")
+            except ChatGLMError as e:
+                raise ValueError(str(e).strip())
+        return value
 
 
 class TextPart(_Body):
@@ -139,7 +159,7 @@ class OriginalRequest(_Body):
     history: list[list[str]] | None = None
     max_length: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)  # bounded like the OpenAI routes
     do_sample: bool | None = None
 
 
@@ -202,17 +222,43 @@ def generation_config(body: _Sampling, max_tokens: int | None) -> GenerationConf
 class _Guard:
     """API key check (all routes but the public ones) and the request body size limit, before the app runs."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, allowed_hosts: tuple[str, ...] = LOCAL_HOSTS):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
+
+    def host_allowed(self, host: str) -> bool:
+        return "*" in self.allowed_hosts or host_name(host) in self.allowed_hosts
+
+    def refusal(self, scope, headers: dict[str, str]) -> JSONResponse | None:
+        """403/415 for what a browser on another site (or a DNS-rebound name) could send."""
+        if (scope["method"], scope["path"]) == ("GET", "/health"):
+            return None  # probes address the server by whatever name or IP they have
+        host = headers.get("host", "")
+        if not self.host_allowed(host):
+            return error_response(403, f"Host {host!r} is not allowed; start the server with --allow-host"
+                                  f" {host_name(host) or 'NAME'} to accept it", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1].rstrip("/").lower() != host.lower():
+            return error_response(403, f"cross-origin requests from {origin} are not allowed", code="origin_not_allowed")
+        if scope["method"] == "POST" and scope["path"] in JSON_ROUTES:
+            ctype = headers.get("content-type")
+            if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
+                return error_response(415, f"Content-Type must be application/json, not {ctype!r}",
+                                      code="unsupported_media_type")
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refused = self.refusal(scope, headers)
+        if refused is not None:
+            return await refused(scope, receive, send)
         if self.api_key and (scope["method"], scope["path"]) not in PUBLIC_PATHS:
             given = headers.get("authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            # header bytes against the key's UTF-8 bytes: a non-ASCII key matches what clients send
+            if not hmac.compare_digest(token.encode("latin-1"), self.api_key.encode("utf-8")):
                 message = "invalid API key" if token else "this server needs an API key: send 'Authorization: Bearer KEY'"
                 response = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -242,6 +288,14 @@ class _Guard:
     async def _too_large(self, scope, receive, send):
         response = error_response(413, f"request body larger than {self.max_body_bytes} bytes", code="request_too_large")
         await response(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 class _HttpCounter:
@@ -318,8 +372,10 @@ def _prometheus(engine: Engine, http_counts: dict[tuple[str, str], int]) -> str:
 
 # -- the app --------------------------------------------------------------------------------------
 def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = "chatglm-6b",
-               max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The ASGI app; its lifespan starts the engine and, at shutdown, drains it."""
+               max_body_bytes: int = 1 << 20, allowed_hosts: tuple[str, ...] = LOCAL_HOSTS) -> FastAPI:
+    """The ASGI app; its lifespan starts the engine and, at shutdown, drains it.
+
+    `allowed_hosts`: Host header names answered (\"*\": any); requests with an Origin must come from that host."""
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ChatGLMError("the server needs an engine with a tokenizer")
@@ -328,6 +384,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from .http_limits import install_accept_error_log
+
+        install_accept_error_log()
         engine.start()
         yield
         await asyncio.to_thread(engine.stop, drain=True)
@@ -500,12 +559,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
 
     page = resources.files("chatglm_ft").joinpath("static", "chat.html").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse)
     async def chat_page():
         return HTMLResponse(page)
 
+    app.add_api_route("/", chat_page, methods=["GET", "HEAD"], response_class=HTMLResponse)
+
     routes = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, allowed_hosts=tuple(allowed_hosts))
     app.add_middleware(_HttpCounter, counts=http_counts, routes=routes)  # outermost: sees 401/413 too
     return app
 

@@ -39,7 +39,7 @@ from .checkpoint import read_shard, replace_dir, save_checkpoint, weight_files
 from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, load_records, split_validation,
                    tokenize_records)
 from .errors import ChatGLMError
-from .outputs import check_output_dir, discard, move_aside
+from .outputs import check_output_dir, discard, move_aside, writing
 from .lora import apply_lora, save_adapter
 from .train_config import TrainConfig, TrainResult
 
@@ -203,23 +203,29 @@ def save_training_checkpoint(run: Run, output_dir: Path) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_weights(run, tmp, weights)
-        torch.save({
-            "step": run.step, "total_steps": run.total_steps, "world_size": run.procs.world,
-            "finetuning_type": run.config.finetuning_type,
-            "optimizer": optimizer_state if run.sharded else run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "sampler": run.sampler.state_dict(), "rng": rngs,
-            "losses": run.losses, "eval_losses": run.eval_losses,
-        }, tmp / STATE_FILE)
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": run.step, "total_steps": run.total_steps, "epoch": epoch_of(run.sampler),
-            "losses": run.losses, "eval_losses": run.eval_losses, "config": run.config.to_dict(),
-        }, indent=1))
+        with writing(out, tmp):
+            write_training_checkpoint(run, tmp, weights, optimizer_state, rngs)
         replace_dir(tmp, out)
         prune_checkpoints(output_dir, run.config.save_total_limit)
     run.procs.barrier()
+
+
+def write_training_checkpoint(run: Run, tmp: Path, weights, optimizer_state, rngs) -> None:
+    """The files of checkpoint-<step>/, written into `tmp`."""
+    save_weights(run, tmp, weights)
+    torch.save({
+        "step": run.step, "total_steps": run.total_steps, "world_size": run.procs.world,
+        "finetuning_type": run.config.finetuning_type,
+        "optimizer": optimizer_state if run.sharded else run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "sampler": run.sampler.state_dict(), "rng": rngs,
+        "losses": run.losses, "eval_losses": run.eval_losses,
+    }, tmp / STATE_FILE)
+    (tmp / "trainer_state.json").write_text(json.dumps({
+        "step": run.step, "total_steps": run.total_steps, "epoch": epoch_of(run.sampler),
+        "losses": run.losses, "eval_losses": run.eval_losses, "config": run.config.to_dict(),
+    }, indent=1))
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -610,7 +616,8 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
 
     weights, _ = gather_for_saving(run, optimizer=False)
     if procs.main:
-        save_weights(run, output_dir, weights)
+        with writing(output_dir / ("adapter" if run.lora else "model")):
+            save_weights(run, output_dir, weights)
     trained.eval()
     window = [loss for _, loss in run.losses[-config.logging_steps:]]
     result = TrainResult(

@@ -36,7 +36,7 @@ def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
 def generation_config(args: argparse.Namespace):
     from ..generate import GenerationConfig
 
-    greedy = args.temperature <= 0
+    greedy = args.temperature == 0
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens if args.max_length is None else None,
         max_length=args.max_length,

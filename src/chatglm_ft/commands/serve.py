@@ -37,29 +37,61 @@ def register(sub) -> None:
                    help="decode step: torch.compile + CUDA graphs of bucketed sizes (compile: compiles at start, about"
                         " a minute the first time), graphs without compiling (graphs), or plain PyTorch (eager);"
                         " auto = compile on one GPU, eager otherwise")
+    s.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                   help="a Host name clients may use (repeatable; '*' for any). Default: localhost, 127.0.0.1, ::1"
+                        " and the --host address; other names get 403, which stops DNS rebinding. Browsers must"
+                        " also send a matching Origin")
+    s.add_argument("--request-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time a client has to send a whole request, headers and body (default: 10)")
+    s.add_argument("--idle-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a keep-alive connection idle this long (default: 5)")
+    s.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="open connections at most; beyond it a new one replaces the oldest idle one, or gets 503"
+                        " when all are busy (default: 1000, kept under the open-file limit)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, wait at most this long for requests in flight (default: 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ChatGLMError
+    from ..extras import require_extra
+
+    require_extra("serve", "fastapi", "uvicorn")
     import uvicorn
 
     from ..engine import Engine
-    from ..errors import ChatGLMError
-    from ..server import create_app, loopback_warning
+    from ..http_limits import raise_open_file_limit, server_config
+    from ..server import LOCAL_HOSTS, create_app, loopback_warning
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise ChatGLMError("--max-batch must be >= 1 and --max-queue >= 0")
+    for flag in ("request_timeout", "idle_timeout", "shutdown_timeout"):
+        value = getattr(args, flag)
+        if not 0 < value < 1e6:
+            raise ChatGLMError(f"--{flag.replace('_', '-')} must be a positive number of seconds, not {value}")
+    if args.max_connections < 1:
+        raise ChatGLMError(f"--max-connections must be at least 1, not {args.max_connections}")
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    allowed = tuple(args.allow_host) if args.allow_host else LOCAL_HOSTS + (() if wildcard else (args.host,))
     model, tokenizer = load_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                     decode=args.decode)
-    app = create_app(engine, api_key=args.api_key, model_name=args.model_name, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, api_key=args.api_key, model_name=args.model_name, max_body_bytes=args.max_body_bytes,
+                     allowed_hosts=allowed)
     warning = loopback_warning(args.host, args.api_key)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"serving {args.model_name} on http://{args.host}:{args.port} ({args.max_batch} slots x {engine.max_context}"
           " tokens); the chat page is at /", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    if wildcard and not args.allow_host:
+        print(f"note: listening on {args.host} but answering only Host names {', '.join(allowed)}; add"
+              " --allow-host NAME for the names or addresses clients use", file=sys.stderr)
+    raise_open_file_limit()
+    server = uvicorn.Server(server_config(
+        app, host=args.host, port=args.port, log_level=args.log_level, request_timeout=args.request_timeout,
+        idle_timeout=args.idle_timeout, max_connections=args.max_connections, shutdown_timeout=args.shutdown_timeout))
 
     def after_drain(sig, frame):
         # uvicorn handles SIGTERM itself (waits for open requests, then the app's lifespan drains the engine) and
