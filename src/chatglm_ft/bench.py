@@ -98,7 +98,10 @@ def peak_memory(device: torch.device) -> int:
 
 def random_prompt(config: ChatGLMConfig, length: int, generator: torch.Generator) -> list[int]:
     """`length` ids: random text ids, then [gMASK] <sop> as every prompt ends."""
-    text = torch.randint(5, 20000, (max(0, length - 2),), generator=generator).tolist()
+    # ids below 20,000 (ChatGLM-6B's image tokens come first) and below a small model's vocabulary, never a special id
+    high = min(20000, config.vocab_size)
+    special = {config.gmask_token_id, config.mask_token_id, config.bos_token_id, config.eos_token_id, config.pad_token_id}
+    text = [i if i not in special else 5 for i in torch.randint(5, high, (max(0, length - 2),), generator=generator).tolist()]
     return text + [config.gmask_token_id, config.bos_token_id]
 
 

@@ -56,7 +56,11 @@ def weight_files(path: Path) -> list[Path]:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid index file ({e}); restore it from the model repository")
-            files = sorted(set(weight_map.values()))
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map is not an object; restore it from the model repository")
+            files = sorted(set(weight_map.values()), key=str)
+            for f in files:
+                check_shard_name(path, index, f)
             missing = [f for f in files if not (path / f).exists()]
             if missing:
                 raise CheckpointError(
@@ -73,6 +77,24 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(
         f"{path}: no weights found (expected pytorch_model*.bin or *.safetensors, with an index when sharded)"
     )
+
+
+def check_shard_name(path: Path, index: Path, name: object) -> None:
+    """An index entry must name a weight file inside the checkpoint folder (never ../../etc/passwd)."""
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".bin")):
+        raise CheckpointError(f"{index}: lists {name!r}, which is not a weight file (.safetensors or .bin);"
+                              " restore the index from the model repository")
+    root = path.resolve()
+    if Path(name).is_absolute() or root not in (path / name).resolve().parents:
+        raise CheckpointError(f"{index}: lists {name!r}, outside the checkpoint folder; refusing to read it")
+
+
+def loading_problem(error: BaseException) -> str:
+    """The first line of a loading error, without torch's advice to load untrusted files with weights_only=False."""
+    text = str(error).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects besides tensors, and loading those could run code"
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -97,8 +119,7 @@ def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{file}: cannot read ({first_line}); {hint}")
+        raise CheckpointError(f"{file}: cannot read ({loading_problem(e)}); {hint}")
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
     yield from state.items()

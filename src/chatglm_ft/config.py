@@ -17,6 +17,38 @@ from .errors import CheckpointError
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
 
 
+# Sizes a config.json may state, with the largest sane value: a wrong or hostile file fails at load with the limit,
+# not later when the server tries to allocate a KV cache of petabytes.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_layers": 1024, "num_attention_heads": 1024,
+    "inner_hidden_size": 1 << 20, "max_sequence_length": 1 << 20,
+}
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
+
+
+def check_sizes(raw: dict[str, Any], source: str) -> None:
+    """Refuse sizes that are not whole numbers in (0, limit] and token ids that are not ids of the vocabulary."""
+    def whole(key: str) -> bool:
+        value = raw[key]
+        return isinstance(value, int) and not isinstance(value, bool) or (
+            isinstance(value, float) and value.is_integer())
+
+    for key, limit in SIZE_LIMITS.items():
+        if key not in raw:
+            continue
+        if not whole(key) or not 0 < raw[key] <= limit:
+            raise CheckpointError(f"{source}: {key} is {raw[key]!r}; it must be a whole number from 1 to {limit:,}:"
+                                  " restore config.json from the model repository")
+        raw[key] = int(raw[key])
+    vocab = raw.get("vocab_size", SIZE_LIMITS["vocab_size"])
+    for key in TOKEN_ID_KEYS:
+        if raw.get(key) is not None and (not whole(key) or not 0 <= raw[key] < vocab):
+            raise CheckpointError(f"{source}: {key} is {raw[key]!r}, not a token id below vocab_size {vocab}")
+    eps = raw.get("layernorm_epsilon")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+        raise CheckpointError(f"{source}: layernorm_epsilon is {eps!r}; it must be a small positive number such as 1e-5")
+
+
 @dataclass
 class ChatGLMConfig:
     vocab_size: int = 130528
@@ -70,6 +102,7 @@ class ChatGLMConfig:
             raise CheckpointError(
                 f"{source}: missing num_layers/inner_hidden_size{hint}; chatglm-ft supports ChatGLM-6B (v1) only"
             )
+        check_sizes(raw, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         extra = {k: v for k, v in raw.items() if k not in names}

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .checkpoint import replace_dir
+from .checkpoint import loading_problem, replace_dir
 from .errors import ChatGLMError
 from .outputs import share_like_other_files, writing
 
@@ -118,6 +118,7 @@ def read_adapter_config(path: Path):
         raw = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ChatGLMError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e})")
+    check_adapter_config(raw, path / ADAPTER_CONFIG)
     if str(raw.get("peft_type", "LORA")).upper() != "LORA":
         raise ChatGLMError(f"{path}: a {raw.get('peft_type')} adapter; chatglm-ft applies LoRA adapters only")
     if raw.get("enable_lora"):  # peft < 0.3 MergedLinear: LoRA on a subset of q/k/v, another weight layout
@@ -125,7 +126,35 @@ def read_adapter_config(path: Path):
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     values = {k: v for k, v in raw.items() if k in known and k not in ("peft_type", "task_type")}
     values["inference_mode"] = True
-    return LoraConfig(**values)
+    try:
+        return LoraConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ChatGLMError(f"{path / ADAPTER_CONFIG}: {loading_problem(e)}; save the adapter again") from None
+
+
+def check_adapter_config(raw: object, file: Path) -> None:
+    """The keys that shape the LoRA layers, with the types PEFT needs (a wrong type would fail deep inside PEFT)."""
+    if not isinstance(raw, dict):
+        raise ChatGLMError(f"{file}: expected a JSON object")
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "lora_alpha": lambda v: number(v) and v > 0,
+        "lora_dropout": lambda v: number(v) and 0 <= v < 1,
+        "target_modules": lambda v: v is None or isinstance(v, str) or (
+            isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "fan_in_fan_out": lambda v: isinstance(v, bool),
+        "bias": lambda v: v in ("none", "all", "lora_only"),
+    }
+    wanted = {"r": "a whole number >= 1", "lora_alpha": "a number > 0", "lora_dropout": "a number in [0, 1)",
+              "target_modules": "a list of module names", "fan_in_fan_out": "true or false",
+              "bias": "'none', 'all' or 'lora_only'"}
+    for key, ok in checks.items():
+        if key in raw and not ok(raw[key]):
+            raise ChatGLMError(f"{file}: {key} is {raw[key]!r}, expected {wanted[key]}; save the adapter again")
 
 
 def apply_adapters(model: nn.Module, adapters: str | Path | Sequence[str | Path]) -> nn.Module:
@@ -137,7 +166,10 @@ def apply_adapters(model: nn.Module, adapters: str | Path | Sequence[str | Path]
     Every adapter tensor must land in the model and every LoRA layer must get its weights:
     an adapter for another model fails loudly instead of running half-applied.
     """
+    import pickle
+
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     paths = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     if not paths:
@@ -155,8 +187,13 @@ def apply_adapters(model: nn.Module, adapters: str | Path | Sequence[str | Path]
             result = peft_model.load_adapter(str(path), adapter_name=name, autocast_adapter_dtype=False,
                                              torch_device=str(_device_of(model)))
         except (ValueError, RuntimeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ChatGLMError(f"{path}: adapter does not fit this model ({first[:300]})") from None
+            if "weights_only" in str(e) or "Weights only" in str(e) or type(e).__name__ == "SafetensorError":
+                raise ChatGLMError(f"{path}: cannot read the adapter weights ({loading_problem(e)});"
+                                   " the file is truncated, corrupt or unsafe: save or download it again") from None
+            raise ChatGLMError(f"{path}: adapter does not fit this model ({loading_problem(e)})") from None
+        except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as e:  # an unreadable file
+            raise ChatGLMError(f"{path}: cannot read the adapter weights ({loading_problem(e)});"
+                               " the file is truncated, corrupt or unsafe: save or download it again") from None
         bad = list(result.unexpected_keys) or list(result.missing_keys)
         if bad:
             what = "holds tensors this model lacks" if result.unexpected_keys else "lacks weights for"

@@ -221,7 +221,9 @@ def _read_json_array(path: Path, text: str, pos: int) -> Iterator[tuple[str, Any
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise fail(e.pos, e.msg) from None
-        yield f"{path}:{line_of(pos)} [{index}]", value
+        except RecursionError:
+            raise fail(pos, "nested too deeply") from None
+        yield f"{path}:{line_of(pos)} [{index}]", _text_problem(text, pos, end, value) or value
         pos = end if text[end:end + 1] in ",]" else _WHITESPACE.match(text, end).end()  # fast path: no whitespace
         separator = text[pos:pos + 1]
         if separator == "]":
@@ -247,9 +249,28 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             continue
         source = f"{path}:{number}"
         try:
-            yield source, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             yield source, BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        except RecursionError:
+            yield source, BadRow("nested too deeply to be a record")
+            continue
+        yield source, _text_problem(line, 0, len(line), value) or value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _text_problem(text: str, start: int, end: int, value: Any) -> BadRow | None:
+    """A lone surrogate escape (\\ud800 without its pair) decodes to no character: no tokenizer can encode it."""
+    if not _SURROGATE_ESCAPE.search(text, start, end):
+        return None  # the common case, without re-reading the row
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return BadRow("holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not text")
+    return None
 
 
 def _is_one_object(text: str) -> bool:
@@ -258,11 +279,11 @@ def _is_one_object(text: str) -> bool:
     try:
         json.loads(first)
         return False
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 

@@ -38,7 +38,7 @@ from .api import resolve_device
 from .checkpoint import read_shard, replace_dir, save_checkpoint, weight_files
 from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, load_records, split_validation,
                    tokenize_records)
-from .errors import ChatGLMError
+from .errors import ChatGLMError, DataError
 from .outputs import check_output_dir, discard, move_aside, writing
 from .lora import apply_lora, save_adapter
 from .train_config import TrainConfig, TrainResult
@@ -451,6 +451,26 @@ def prepare_data(config: TrainConfig, procs: Processes, tokenizer, records, exam
     return train_examples, val_examples
 
 
+def fit_positions(examples: list[Example], positions: int, config: TrainConfig, split: str, *,
+                  quiet: bool) -> list[Example]:
+    """Examples longer than the model's positions (max_sequence_length) would index past its position table:
+    dropped with a note (--on-bad-row skip) or refused (error)."""
+    kept = [e for e in examples if len(e) <= positions]
+    dropped = len(examples) - len(kept)
+    if not dropped:
+        return examples
+    fix = "lower --max-source-length/--max-target-length"
+    if config.on_bad_row == "error":
+        raise DataError(f"{dropped} {split} example(s) are longer than the model's {positions} positions"
+                        f" (max_sequence_length); {fix}, or drop them with --on-bad-row skip")
+    if not kept and split == "training":
+        raise DataError(f"every training example is longer than the model's {positions} positions; {fix}")
+    if not quiet:
+        info(f"warning: dropped {dropped} {split} example(s) longer than the model's {positions} positions"
+             f" (max_sequence_length); {fix} to keep them")
+    return kept
+
+
 def prepare_model(config: TrainConfig, procs: Processes, model, tokenizer):
     """(model on this process's device (the CPU under FSDP) in the training dtype, tokenizer, autocast dtype,
     tokenizer dir)."""
@@ -558,6 +578,9 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     records = read_records(config, procs, records, examples)
     model, tokenizer, amp, tokenizer_dir = prepare_model(config, procs, model, tokenizer)
     train_examples, val_examples = prepare_data(config, procs, tokenizer, records, examples)
+    positions = model.config.max_sequence_length
+    train_examples = fit_positions(train_examples, positions, config, "training", quiet=not procs.main)
+    val_examples = fit_positions(val_examples, positions, config, "validation", quiet=not procs.main)
     trained = make_trainable(config, model)
     base = trained.get_base_model() if config.finetuning_type == "lora" else model
     base.set_gradient_checkpointing(config.gradient_checkpointing)
