@@ -119,7 +119,9 @@ def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{file}: cannot read ({loading_problem(e)}); {hint}")
+        problem = loading_problem(e)
+        fix = "use a checkpoint from a source you trust" if "could run code" in problem else hint
+        raise CheckpointError(f"{file}: cannot read ({problem}); {fix}")
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
     yield from state.items()
