@@ -216,3 +216,56 @@ def test_malformed_bodies_get_400(live, path, content, param):
 def test_smallest_temperature_still_samples(live):
     r = post(live, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, "temperature": 1e-5, "seed": 1}))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+# -- shutting down -------------------------------------------------------------------------------------------
+def test_sigterm_waits_at_most_the_shutdown_timeout(golden_dir):
+    """A client trickling its body (within its request deadline) cannot hold the server past --shutdown-timeout."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "chatglm_ft", "serve", "--model", str(golden_dir), "--device", "cpu",
+                             "--port", str(port), "--max-context", "128", "--log-level", "info",
+                             "--request-timeout", "120", "--shutdown-timeout", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            time.sleep(0.3)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            for _ in range(40):  # keep trickling while the server shuts down
+                if proc.poll() is not None:
+                    break
+                try:
+                    slow.sendall(b" ")
+                except OSError:
+                    pass
+                time.sleep(0.25)
+            proc.wait(30)
+            # 2 s of grace, then the engine stops and the interpreter exits (seconds on a busy machine); without the
+            # deadline the server would wait for the trickling client for as long as it kept sending
+            assert time.monotonic() - started < 20, "shutdown waited past --shutdown-timeout"
+            assert proc.returncode == 0
+        log = proc.stdout.read()
+        assert "timeout graceful shutdown exceeded" in log and "Traceback" not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

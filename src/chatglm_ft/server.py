@@ -267,7 +267,11 @@ class _Guard:
             return await self._too_large(scope, receive, send)
         body, more = b"", True
         while more:  # read the whole (small) body here, so the limit also holds for chunked uploads
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # --shutdown-timeout passed while this client was still sending
+                response = error_response(503, "the server is shutting down", type="server_error", code="unavailable")
+                return await response(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
