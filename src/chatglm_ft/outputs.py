@@ -92,6 +92,8 @@ def check_output_dir(out: str | Path, *, command: str, flag: str = "--out", over
     for source_flag, source in sources:
         source_path = Path(source).expanduser().resolve()
         if _within(source_path, target):
+            if allow_foreign and source_path != target and not _owned_by_train(source_path.relative_to(target).parts[0]):
+                continue  # beside the output's own names (the demo trains next to its base/): never written
             what = "is" if source_path == target else "holds"
             raise OutputError(f"{flag} {out} {what} the {source_flag} directory {source}; choose a new directory")
     if not target.exists():
