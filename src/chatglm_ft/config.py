@@ -86,21 +86,7 @@ class ChatGLMConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ChatGLMConfig":
-        path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such directory; pass --model DIR (a ChatGLM-6B checkpoint directory)")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file inside it")
-        config_file = path / "config.json"
-        if not config_file.exists():
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-            raise CheckpointError(f"{path}: no config.json (found: {found}); is this a ChatGLM-6B checkpoint directory?")
-        try:
-            raw = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config_file}: not valid JSON ({e}); restore the file from the model repository")
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{config_file}: expected a JSON object")
+        raw, config_file = read_config_json(path)
         return cls.from_dict(raw, source=str(config_file))
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,3 +100,39 @@ class ChatGLMConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path, "config.json").write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def read_config_json(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """config.json of a checkpoint directory as a dict (and the file), with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory; pass --model DIR (a ChatGLM-6B checkpoint directory)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file inside it")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise CheckpointError(f"{path}: no config.json (found: {found}); is this a ChatGLM-6B checkpoint directory?")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e}); restore the file from the model repository")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    return raw, config_file
+
+
+def load_config(path: str | Path) -> "ChatGLMConfig | ChatGLM2Config":
+    """The config of whichever ChatGLM generation the directory holds (config.json decides, not the folder name)."""
+    from .config_glm2 import ChatGLM2Config, family_of
+
+    raw, config_file = read_config_json(path)
+    tokenizer_config = {}
+    try:
+        tokenizer_config = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    family = family_of(raw, tokenizer_config if isinstance(tokenizer_config, dict) else None)
+    if family == "chatglm":
+        return ChatGLMConfig.from_dict(raw, source=str(config_file))
+    return ChatGLM2Config.from_dict(raw, source=str(config_file), family=family)
