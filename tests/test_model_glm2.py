@@ -350,3 +350,19 @@ def test_other_sizes_cache_and_batch_agree():
     for _ in range(10):
         ids.append(int(logits_of(net, ids)[-1].argmax()))
     assert ids[len(prompts[0]):] == singles[0]
+
+
+def test_evaluation_losses_per_row_of_a_left_padded_batch(model, gold):
+    from chatglm_ft.evaluate import sequence_losses
+
+    case = gold["loss"]
+    ids, labels = case["input_ids"], case["labels"]
+    short_ids, short_labels = ids[:12], [-100] * 6 + ids[6:12]
+    pad = len(ids) - len(short_ids)
+    batch = torch.tensor([ids, [0] * pad + short_ids])
+    targets = torch.tensor([labels, [-100] * pad + short_labels])
+    sums, counts = sequence_losses(model, batch, targets)
+    assert abs(sums[0].item() / counts[0].item() - case["loss"]) <= 1e-4
+    with torch.no_grad():
+        alone = model(torch.tensor([short_ids]), labels=torch.tensor([short_labels])).loss.item()
+    assert counts[1].item() == 6 and abs(sums[1].item() / 6 - alone) <= 1e-5
