@@ -246,6 +246,17 @@ def test_quantized_model_is_the_float_model_on_dequantized_weights(model, ckpt_d
         load_model(ckpt_dir, dtype="float32", device="cpu", quantize={"bits": 8, "embeddings": True})
 
 
+def test_quantized_save_and_reload_is_identical(ckpt_dir, gold, tmp_path):
+    from chatglm_ft.quantize import save_quantized
+
+    quantized = load_model(ckpt_dir, dtype="float32", device="cpu", quantize="int4")
+    save_quantized(quantized, tmp_path / "int4", tokenizer_dir=None)
+    again = load_model(tmp_path / "int4", dtype="float32", device="cpu")
+    assert again.config.family == quantized.config.family and again.config.quantization["bits"] == 4
+    ids = gold["forward"][1]["input_ids"]
+    assert torch.equal(logits_of(again, ids), logits_of(quantized, ids))
+
+
 def thudm_quantize(w, bits):
     """SPEC.md II.8, written independently of chatglm_ft.quantize: per-row scale, no clamp, column 2j high nibble."""
     scale = (w.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).half()
@@ -366,3 +377,40 @@ def test_evaluation_losses_per_row_of_a_left_padded_batch(model, gold):
     with torch.no_grad():
         alone = model(torch.tensor([short_ids]), labels=torch.tensor([short_labels])).loss.item()
     assert counts[1].item() == 6 and abs(sums[1].item() / 6 - alone) <= 1e-5
+
+
+# -- CUDA (the lead runs these on the device) -----------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_matches_cpu(model, ckpt_dir, gold, dtype):
+    """On CUDA: logits close to the CPU float32 model, greedy and batched decoding as the goldens."""
+    cuda = load_model(ckpt_dir, dtype=dtype, device="cuda")
+    tolerance = 1e-4 if dtype == "float32" else 0.1
+    for case in gold["forward"]:
+        with torch.no_grad():
+            logits = cuda(torch.tensor([case["input_ids"]], device="cuda")).logits[0].double().cpu()
+        assert (logits[:, :8] - torch.tensor(case["logits_first8_each_pos"])).abs().max() <= tolerance
+        assert logits[-1].argmax().item() == case["last_logits_top10_ids"][0]
+    case = gold["greedy"][0]
+    new = generate(cuda, None, [case["input_ids"]], GenerationConfig(max_new_tokens=16))[0].token_ids
+    assert new == case["new_ids"] if dtype == "float32" else new[:4] == case["new_ids"][:4]
+    if dtype == "float32":
+        batch = gold["batch"][0]
+        prompts = [[t for t, k in zip(r, m) if k] for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+        gen = GenerationConfig(max_new_tokens=len(batch["new_ids"][0]))
+        assert [r.token_ids for r in generate(cuda, None, prompts, gen)] == batch["new_ids"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_cuda_quantized_matches_cpu_quantized(ckpt_dir, gold, name):
+    cpu = load_model(ckpt_dir, dtype="float32", device="cpu", quantize=name)
+    cuda = load_model(ckpt_dir, dtype="float32", device="cuda", quantize=name)
+    for case in gold["forward"]:
+        a = logits_of(cpu, case["input_ids"])
+        with torch.no_grad():
+            b = cuda(torch.tensor([case["input_ids"]], device="cuda")).logits[0].double().cpu()
+        assert (a - b).abs().max() <= 1e-3
+    case = gold["greedy"][0]
+    gen = GenerationConfig(max_new_tokens=8)
+    assert generate(cuda, None, [case["input_ids"]], gen)[0].token_ids == generate(cpu, None, [case["input_ids"]], gen)[0].token_ids

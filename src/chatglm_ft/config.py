@@ -66,10 +66,9 @@ class ChatGLMConfig:
             )
         if "num_layers" not in raw or "inner_hidden_size" not in raw:
             # chatglm2/3 share model_type "chatglm" but use num_layers+ffn_hidden_size / multi-query attention.
-            hint = " (this looks like ChatGLM2/3-6B, which has another architecture)" if "ffn_hidden_size" in raw else ""
-            raise CheckpointError(
-                f"{source}: missing num_layers/inner_hidden_size{hint}; chatglm-ft supports ChatGLM-6B (v1) only"
-            )
+            hint = (" (this is a ChatGLM2/3-6B config: read it with chatglm_ft.config.load_config)"
+                    if "ffn_hidden_size" in raw else "")
+            raise CheckpointError(f"{source}: missing num_layers/inner_hidden_size{hint}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         extra = {k: v for k, v in raw.items() if k not in names}

@@ -108,6 +108,9 @@ class ChatGLM2Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config", family: str | None = None) -> "ChatGLM2Config":
+        if raw.get("model_type") != "chatglm":
+            raise CheckpointError(f"{source}: model_type is {raw.get('model_type')!r}, not 'chatglm'; this is not a"
+                                  " ChatGLM checkpoint")
         family = family or family_of(raw)
         if family not in ("chatglm2", "chatglm3"):
             raise CheckpointError(f"{source}: not a ChatGLM2-6B or ChatGLM3-6B config.json")
@@ -130,6 +133,7 @@ class ChatGLM2Config:
             ("rmsnorm", self.rmsnorm, True), ("post_layer_norm", self.post_layer_norm, True),
             ("apply_residual_connection_post_layernorm", self.apply_residual_connection_post_layernorm, False),
             ("add_bias_linear", self.add_bias_linear, False), ("tie_word_embeddings", self.tie_word_embeddings, False),
+            ("multi_query_attention", self.multi_query_attention, True),  # false would interleave q,k,v per head
         ] if bool(value) != wanted]
         if unsupported:
             raise CheckpointError(f"{source}: {unsupported[0]}={getattr(self, unsupported[0])} is not supported"
