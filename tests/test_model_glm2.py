@@ -167,6 +167,8 @@ def test_cache_steps_equal_full_forward(model, gold):
             step = model(x[:, column:column + 1], torch.tensor([[column]]), cache_columns=torch.tensor([column]),
                          kv_length=column + 1).logits[0, -1].double()
             torch.testing.assert_close(step, full[column], atol=1e-5, rtol=0)
+            again = model(x[:, column:column + 1], cache_columns=torch.tensor([column]), kv_length=column + 1)
+            assert torch.equal(again.logits[0, -1].double(), step)  # positions default to the cache columns
         # two tokens at once over a cache: causal between them, the cache all visible
         pair = model(x[:, T:T + 2], torch.tensor([[T, T + 1]]), cache_columns=torch.tensor([T, T + 1]),
                      kv_length=T + 2).logits[0].double()

@@ -364,15 +364,17 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
         return_logits: bool = True,
         **unused: Any,
     ) -> CausalLMOutput:
-        """Logits (B, T, V). Defaults as the original's forward: positions 0..T-1, causal attention.
+        """Logits (B, T, V). Defaults as the original's forward: positions 0..T-1 (the cache columns when
+        a cache is used), causal attention.
 
         `attention_mask` is the (B, 1, T, S) bool mask (True = visible) or a tokenizer's 2D
         0/1 mask (B, S) for left-padded rows; `cache_columns`/`kv_length`/`cache_rows` use the KV
         cache as in model.py. With `labels` the mean shifted cross-entropy (float32) over labels != -100.
         """
-        T = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None, :].expand(input_ids.shape[0], -1)
+        B, T = input_ids.shape
+        if position_ids is None:  # unpadded rows: a token's position is its cache column
+            columns = cache_columns if isinstance(cache_columns, torch.Tensor) else torch.arange(T, device=input_ids.device)
+            position_ids = columns.expand(B, T)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             attention_mask = self.mask_from_2d(attention_mask, T)
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
