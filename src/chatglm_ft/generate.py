@@ -161,7 +161,8 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
     config = model.config
     device = input_ids.device
     B, T = input_ids.shape
-    layout = model.decode_layout(input_ids) if hasattr(model, "step_inputs") else prefix_layout(input_ids, config)
+    own_steps = hasattr(model, "step_inputs")  # a network with its own positions and masks (ChatGLM2/3)
+    layout = model.decode_layout(input_ids) if own_steps else prefix_layout(input_ids, config)
     model.setup_caches(B, T + budget)
     rng = None
     if gen.do_sample:
@@ -172,7 +173,7 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids, input_ids != config.pad_token_id)
 
-    if hasattr(model, "step_inputs"):
+    if own_steps:
         logits = step_logits(model, input_ids, layout, torch.arange(T, device=device), T)
     else:
         logits = prefill_logits(model, input_ids, layout, prompt_mask)
@@ -184,7 +185,7 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         column = torch.tensor([T + step], device=device)
-        if hasattr(model, "step_inputs"):
+        if own_steps:
             logits = step_logits(model, tokens[:, None], layout, column, T + step + 1)
             continue
         logits = model(

@@ -281,9 +281,6 @@ class ChatGLM2Model(nn.Module):
 class ChatGLM2ForConditionalGeneration(nn.Module):
     """The full ChatGLM2/3 model with the original's parameter paths; `device="meta"` builds it without memory."""
 
-    LAYERS_PREFIX = "transformer.encoder.layers."  # where quantization swaps Linears
-    HEAD = "transformer.output_layer"
-
     def __init__(self, config: ChatGLM2Config, device: Any = None):
         super().__init__()
         self.config = config
