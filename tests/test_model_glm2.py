@@ -73,6 +73,24 @@ def test_loads_as_the_model_class_with_original_names(model, ckpt_dir):
     assert model.transformer.output_layer.weight.data_ptr() != model.transformer.word_embeddings.weight.data_ptr()
 
 
+def test_full_size_key_table_and_parameter_count(shared):
+    """The released ChatGLM2/3-6B config builds (on meta) exactly the shapes of SPEC.md II.2's table."""
+    from chatglm_ft.checkpoint import expected_shapes
+
+    config = load_config(shared / "models" / "chatglm3-6b")
+    assert config.family == "chatglm3"
+    shapes = expected_shapes(config)
+    assert shapes["transformer.encoder.layers.27.self_attention.query_key_value.weight"] == (4608, 4096)
+    assert shapes["transformer.encoder.layers.0.self_attention.query_key_value.bias"] == (4608,)
+    assert shapes["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"] == (27392, 4096)
+    assert shapes["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"] == (4096, 13696)
+    assert shapes["transformer.output_layer.weight"] == (65024, 4096)
+    net = ChatGLM2ForConditionalGeneration(config, device="meta")
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("inv_freq")}
+    assert ours == shapes and net.num_parameters() == 6_243_584_000
+    assert net.transformer.rotary_pos_emb.inv_freq.shape == (32,)
+
+
 def test_unknown_missing_and_misshapen_keys_fail_loudly(golden2_dir, tmp_path):
     state = {}
     for f in sorted(golden2_dir.glob("pytorch_model-*.bin")):
