@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import expected_shapes, load_weights
-from .config import ChatGLMConfig
+from .config import ChatGLMConfig, load_config
+from .config_glm2 import ChatGLM2Config
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
 from .multigpu import parse_devices, split_layers
@@ -48,9 +49,18 @@ def model_path(path: str | Path | None) -> Path:
     return Path(path).expanduser()
 
 
-def build_model(config: ChatGLMConfig, *, dtype: torch.dtype, device: torch.device | str) -> ChatGLMForConditionalGeneration:
+def model_class(config: ChatGLMConfig | ChatGLM2Config) -> type:
+    """The network of the config's ChatGLM generation (model.py or its sibling model_glm2.py)."""
+    if isinstance(config, ChatGLM2Config):
+        from .model_glm2 import ChatGLM2ForConditionalGeneration
+
+        return ChatGLM2ForConditionalGeneration
+    return ChatGLMForConditionalGeneration
+
+
+def build_model(config: ChatGLMConfig | ChatGLM2Config, *, dtype: torch.dtype, device: torch.device | str):
     """A model with random weights (tests, benchmarks, training from scratch), initialised like the original."""
-    model = ChatGLMForConditionalGeneration(config, device=device)
+    model = model_class(config)(config, device=device)
     model.to(dtype)
     return model
 
@@ -63,14 +73,42 @@ def load(
     quantize: str | dict | None = None,  # "int8", "int4" or {"bits": 4, "group_size": 128, "embeddings": True}
     adapter: str | Path | list | None = None,
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
-    """Load a ChatGLM-6B checkpoint directory: `model, tokenizer = load(path, dtype="float16", device="cuda")`.
+    """Load a ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B checkpoint directory (config.json tells which):
+    `model, tokenizer = load(path, dtype="float16", device="cuda")`.
 
     `device="cuda:0,cuda:1"` spreads the layers over several GPUs (multigpu.py)."""
     path = model_path(path)
-    config = ChatGLMConfig.from_dir(path)
+    config = load_config(path)
+    tokenizer = load_tokenizer(path, config)
+    model = load_model(path, config, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
+    return model, tokenizer
+
+
+def load_tokenizer(path: Path, config: ChatGLMConfig | ChatGLM2Config):
+    """The tokenizer of the config's ChatGLM generation, checked against the model's vocabulary."""
+    if isinstance(config, ChatGLM2Config):
+        raise ChatGLMError(f"{path}: the {config.family.replace('chatglm', 'ChatGLM')}-6B tokenizer is not available"
+                           " in this version of chatglm-ft; load the network alone with chatglm_ft.api.load_model")
     tokenizer = ChatGLMTokenizer.from_dir(path)
     tokenizer.check_model(config.vocab_size)
+    return tokenizer
+
+
+def load_model(
+    path: str | Path | None = None,
+    config: ChatGLMConfig | ChatGLM2Config | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | dict | None = None,
+    adapter: str | Path | list | None = None,
+):
+    """The network of a checkpoint directory, without its tokenizer (arguments as `load`)."""
+    path = model_path(path)
+    config = config or load_config(path)
     devices = parse_devices(device)  # "cuda:0,cuda:1": layers spread over several devices
+    if devices and isinstance(config, ChatGLM2Config):
+        raise ChatGLMError("spreading a ChatGLM2/3 model over several devices is not supported yet; pass one device")
     device = devices[0] if devices else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     quantized = bool(config.quantization_bit or config.quantization or quantize)
@@ -82,7 +120,7 @@ def load(
 
         model = load_quantized(path, config, dtype=dtype, device=load_device, quantize=quantize)
     else:
-        model = ChatGLMForConditionalGeneration(config, device="meta")
+        model = model_class(config)(config, device="meta")
         load_weights(model, path, dtype=dtype, device=load_device, expected=expected_shapes(config))
         model.reset_buffers()
     if devices:
@@ -92,5 +130,5 @@ def load(
         from .lora import apply_adapters
 
         model = apply_adapters(model, adapter)
-    return model, tokenizer
+    return model
 

@@ -17,17 +17,20 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ChatGLMConfig
+from .config_glm2 import ChatGLM2Config
 from .errors import CheckpointError
 from .outputs import share_like_other_files, writing
 from .tokenizer import TOKENIZER_FILES
 
-IGNORED_KEY = re.compile(r".*\.rotary_emb\.inv_freq$")
+IGNORED_KEY = re.compile(r".*\.(rotary_emb|rotary_pos_emb)\.inv_freq$")  # recomputed, never read
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-def expected_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ChatGLMConfig | ChatGLM2Config) -> dict[str, tuple[int, ...]]:
     """Every parameter name of a float checkpoint with its shape: the explicit key table."""
+    if isinstance(config, ChatGLM2Config):
+        return expected_shapes_glm2(config)
     H, I, V = config.hidden_size, config.inner_hidden_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (V, H)}
     for n in range(config.num_layers):
@@ -43,6 +46,28 @@ def expected_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, ...]]:
     shapes["transformer.final_layernorm.weight"] = (H,)
     shapes["transformer.final_layernorm.bias"] = (H,)
     shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+def expected_shapes_glm2(config: ChatGLM2Config) -> dict[str, tuple[int, ...]]:
+    """The key table of a ChatGLM2/3 checkpoint (SPEC.md II.2); `rotary_pos_emb.inv_freq` is IGNORED_KEY."""
+    H, F, V = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"transformer.embedding.word_embeddings.weight": (V, H)}
+    for n in range(config.num_layers):
+        p = f"transformer.encoder.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,),
+            p + "self_attention.query_key_value.weight": (q + 2 * kv, H),
+            p + "self_attention.dense.weight": (H, q),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "mlp.dense_h_to_4h.weight": (2 * F, H),
+            p + "mlp.dense_4h_to_h.weight": (H, F),
+        })
+        if config.add_qkv_bias:
+            shapes[p + "self_attention.query_key_value.bias"] = (q + 2 * kv,)
+    shapes["transformer.encoder.final_layernorm.weight"] = (H,)
+    shapes["transformer.output_layer.weight"] = (V, H)
     return shapes
 
 
@@ -157,7 +182,8 @@ def load_weights(
                     f"{file}: holds a P-Tuning v2 prefix encoder ({name}); merge or drop it, chatglm-ft loads plain and LoRA models"
                 )
             if name not in expected:
-                raise CheckpointError(f"{file}: unexpected tensor {name}; is this a ChatGLM-6B (v1) checkpoint?")
+                raise CheckpointError(f"{file}: unexpected tensor {name}; config.json and weights do not belong"
+                                      " to the same ChatGLM generation, or the file is not a ChatGLM checkpoint")
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise CheckpointError(
                     f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])};"
@@ -178,6 +204,8 @@ def load_weights(
         raise CheckpointError(
             f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}; a shard is incomplete or the config is wrong"
         )
+    if not hasattr(model, "tie_lm_head"):
+        return  # ChatGLM2/3: the output layer is an ordinary tensor, never tied to the embeddings
     embeddings = model.get_parameter("transformer.word_embeddings.weight")
     # (compared on the host: no second 1 GB copy on the GPU; quantized embeddings never equal a float lm_head)
     if lm_head is None or (lm_head.dtype == embeddings.dtype and torch.equal(lm_head, embeddings.data.to(lm_head.device))):

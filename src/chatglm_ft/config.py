@@ -26,21 +26,22 @@ SIZE_LIMITS = {
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 
 
-def check_sizes(raw: dict[str, Any], source: str) -> None:
+def check_sizes(raw: dict[str, Any], source: str, limits: dict[str, int] = SIZE_LIMITS,
+                vocab_key: str = "vocab_size") -> None:
     """Refuse sizes that are not whole numbers in (0, limit] and token ids that are not ids of the vocabulary."""
     def whole(key: str) -> bool:
         value = raw[key]
         return isinstance(value, int) and not isinstance(value, bool) or (
             isinstance(value, float) and value.is_integer())
 
-    for key, limit in SIZE_LIMITS.items():
+    for key, limit in limits.items():
         if key not in raw:
             continue
         if not whole(key) or not 0 < raw[key] <= limit:
             raise CheckpointError(f"{source}: {key} is {raw[key]!r}; it must be a whole number from 1 to {limit:,}:"
                                   " restore config.json from the model repository")
         raw[key] = int(raw[key])
-    vocab = raw.get("vocab_size", SIZE_LIMITS["vocab_size"])
+    vocab = raw.get(vocab_key, limits[vocab_key])
     for key in TOKEN_ID_KEYS:
         if raw.get(key) is not None and (not whole(key) or not 0 <= raw[key] < vocab):
             raise CheckpointError(f"{source}: {key} is {raw[key]!r}, not a token id below vocab_size {vocab}")
@@ -98,10 +99,9 @@ class ChatGLMConfig:
             )
         if "num_layers" not in raw or "inner_hidden_size" not in raw:
             # chatglm2/3 share model_type "chatglm" but use num_layers+ffn_hidden_size / multi-query attention.
-            hint = " (this looks like ChatGLM2/3-6B, which has another architecture)" if "ffn_hidden_size" in raw else ""
-            raise CheckpointError(
-                f"{source}: missing num_layers/inner_hidden_size{hint}; chatglm-ft supports ChatGLM-6B (v1) only"
-            )
+            hint = (" (this is a ChatGLM2/3-6B config: read it with chatglm_ft.config.load_config)"
+                    if "ffn_hidden_size" in raw else "")
+            raise CheckpointError(f"{source}: missing num_layers/inner_hidden_size{hint}")
         check_sizes(raw, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
@@ -119,21 +119,7 @@ class ChatGLMConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ChatGLMConfig":
-        path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such directory; pass --model DIR (a ChatGLM-6B checkpoint directory)")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file inside it")
-        config_file = path / "config.json"
-        if not config_file.exists():
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-            raise CheckpointError(f"{path}: no config.json (found: {found}); is this a ChatGLM-6B checkpoint directory?")
-        try:
-            raw = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config_file}: not valid JSON ({e}); restore the file from the model repository")
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{config_file}: expected a JSON object")
+        raw, config_file = read_config_json(path)
         return cls.from_dict(raw, source=str(config_file))
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,3 +133,39 @@ class ChatGLMConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path, "config.json").write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def read_config_json(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """config.json of a checkpoint directory as a dict (and the file), with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory; pass --model DIR (a ChatGLM-6B checkpoint directory)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file inside it")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise CheckpointError(f"{path}: no config.json (found: {found}); is this a ChatGLM-6B checkpoint directory?")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e}); restore the file from the model repository")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    return raw, config_file
+
+
+def load_config(path: str | Path) -> "ChatGLMConfig | ChatGLM2Config":
+    """The config of whichever ChatGLM generation the directory holds (config.json decides, not the folder name)."""
+    from .config_glm2 import ChatGLM2Config, family_of
+
+    raw, config_file = read_config_json(path)
+    tokenizer_config = {}
+    try:
+        tokenizer_config = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    family = family_of(raw, tokenizer_config if isinstance(tokenizer_config, dict) else None)
+    if family == "chatglm":
+        return ChatGLMConfig.from_dict(raw, source=str(config_file))
+    return ChatGLM2Config.from_dict(raw, source=str(config_file), family=family)

@@ -169,9 +169,12 @@ def sequence_losses(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tup
     through lm_head.
     """
     B, T = input_ids.shape
-    layout = prefix_layout(input_ids, model.config)
     columns = torch.arange(T, device=input_ids.device)
-    h = model.transformer(input_ids, position_ids_for(layout, columns), attention_mask_for(layout, columns, T))
+    if hasattr(model, "step_inputs"):  # a network with its own positions and masks (ChatGLM2/3)
+        h = model.transformer(input_ids, *model.step_inputs(model.decode_layout(input_ids), columns, T))
+    else:
+        layout = prefix_layout(input_ids, model.config)
+        h = model.transformer(input_ids, position_ids_for(layout, columns), attention_mask_for(layout, columns, T))
     targets = labels[:, 1:]
     keep = targets != -100  # (B, T-1)
     selected = h[:, :-1][keep]  # (N, H)

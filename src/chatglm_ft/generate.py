@@ -156,7 +156,8 @@ def stream_tokens(
     if budget == 0:
         return
     prompt_mask = prompt_mask_for(rows, config)
-    options = fast_options(model, fast)
+    # the compiled, graphed loop of fast.py knows ChatGLM-6B's positions only; other networks decode eagerly
+    options = fast_options(model, fast) if not hasattr(model, "step_inputs") else None
     if options is None:
         steps = eager_steps(model, input_ids, budget, gen, prompt_mask)
     else:
@@ -177,7 +178,8 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
     config = model.config
     device = input_ids.device
     B, T = input_ids.shape
-    layout = prefix_layout(input_ids, config)
+    own_steps = hasattr(model, "step_inputs")  # a network with its own positions and masks (ChatGLM2/3)
+    layout = model.decode_layout(input_ids) if own_steps else prefix_layout(input_ids, config)
     model.setup_caches(B, T + budget)
     rng = None
     if gen.do_sample:
@@ -188,7 +190,10 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids, input_ids != config.pad_token_id)
 
-    logits = prefill_logits(model, input_ids, layout, prompt_mask)
+    if own_steps:
+        logits = step_logits(model, input_ids, layout, torch.arange(T, device=device), T)
+    else:
+        logits = prefill_logits(model, input_ids, layout, prompt_mask)
     for step in range(budget):
         tokens = choose_tokens(process_logits(logits, gen, seen), gen, rng)
         yield tokens.tolist()
@@ -197,6 +202,9 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         column = torch.tensor([T + step], device=device)
+        if own_steps:
+            logits = step_logits(model, tokens[:, None], layout, column, T + step + 1)
+            continue
         logits = model(
             tokens[:, None],
             position_ids_for(layout, column),
@@ -204,6 +212,15 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
             cache_columns=column,
             kv_length=T + step + 1,
         ).logits[:, -1].float()
+
+
+def step_logits(model, tokens: torch.Tensor, layout, columns: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """Float32 logits (B, V) of the last of `tokens` (B, T) run at cache `columns` (T,), for a network
+    that gives its own positions and mask (`model.step_inputs`, e.g. ChatGLM2/3's 1-D positions)."""
+    position_ids, mask = model.step_inputs(layout, columns, kv_length)
+    cache_columns = slice(0, kv_length) if columns.shape[0] == kv_length else columns
+    return model(tokens, position_ids, mask, cache_columns=cache_columns, kv_length=kv_length,
+                 last_logits_only=True).logits[:, -1].float()
 
 
 class TextStream:

@@ -284,6 +284,11 @@ class QuantizedEmbedding(QuantizedWeight, nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
+def layers_prefix(config) -> str:
+    """Where the transformer blocks live: the quantized Linears of THUDM's formats are the ones inside."""
+    return "transformer.layers." if getattr(config, "family", "chatglm") == "chatglm" else "transformer.encoder.layers."
+
+
 def linear_class(bits: int) -> type[QuantizedLinear]:
     return Int8Linear if bits == 8 else Int4Linear
 
@@ -293,8 +298,11 @@ def swap_modules(model: ChatGLMForConditionalGeneration, scheme: QuantScheme) ->
     lm_head) by its quantized counterpart on the same device/dtype; returns the swapped module names."""
     cls = linear_class(scheme.bits)
     swapped = []
+    prefix = layers_prefix(model.config)
+    if scheme.embeddings and prefix != "transformer.layers.":
+        raise ChatGLMError("quantized embeddings are supported for ChatGLM-6B only; drop --quantize-embeddings")
     for name, module in list(model.named_modules()):
-        if not name.startswith("transformer.layers.") or type(module) is not nn.Linear:
+        if not name.startswith(prefix) or type(module) is not nn.Linear:
             continue
         parent, _, child = name.rpartition(".")
         new = cls(module.in_features, module.out_features, bias=module.bias is not None,
@@ -417,7 +425,7 @@ def checkpoint_shapes(config: ChatGLMConfig, stored: StoredFormat, quantized: se
     shapes = expected_shapes(config)
     if stored.kind == "float":
         return shapes
-    in_checkpoint = {m for m in quantized if m.startswith("transformer.layers.")}
+    in_checkpoint = {m for m in quantized if m.startswith(layers_prefix(config))}
     if stored.scheme.embeddings:
         in_checkpoint |= {"transformer.word_embeddings", "lm_head"}
     for module in in_checkpoint:
@@ -499,7 +507,9 @@ class Placer:
 
 def quantized_skeleton(config: ChatGLMConfig, scheme: QuantScheme) -> tuple[ChatGLMForConditionalGeneration, set[str]]:
     """The model on meta with its quantized modules swapped in, and the names of those modules."""
-    model = ChatGLMForConditionalGeneration(config, device="meta")
+    from .api import model_class
+
+    model = model_class(config)(config, device="meta")
     return model, set(swap_modules(model, scheme))
 
 

@@ -1,0 +1,426 @@
+"""ChatGLM2-6B / ChatGLM3-6B in plain PyTorch (SPEC.md II.3), with the original parameter names.
+
+A sibling of model.py (DESIGN.md "a second architecture"): RMSNorm, SwiGLU, grouped key/value heads,
+one position per token with interleaved-pair rotary on half of each head, an untied output layer.
+It offers the interface model.py's ChatGLMForConditionalGeneration offers to generation, training,
+quantization and adapters (forward, setup_caches, loss_from_hidden, ...), so those work unchanged.
+
+Batch-first throughout: hidden states are (B, T, H), attention tensors (B, heads, T, d). What differs
+from ChatGLM-6B in positions and masks lives in three functions (`padding_start`, `positions_1d`,
+`causal_padding_mask`) and the model's `decode_layout`/`step_inputs`, the hook generation asks.
+All matmuls go through model.linear and attention through `attend_grouped`, the seams where
+fused/quantized kernels plug in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config_glm2 import ChatGLM2Config
+from .model import CausalLMOutput, KVCache, LinearCrossEntropy, linear
+
+
+# -- positions and masks (what differs from ChatGLM-6B's prefix LM) -----------------------------
+@dataclass
+class PaddingLayout:
+    """Where each left-padded row starts: its first real column (SPEC.md II.3.6)."""
+
+    start: torch.Tensor  # (B,) long
+
+
+def padding_start(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """First non-pad column of each row of a left-padded (B, T) batch (T - 1 for an all-pad row)."""
+    T = input_ids.shape[1]
+    cols = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    first = torch.where(input_ids != pad_token_id, cols, torch.full_like(cols, T)).min(dim=1).values
+    return first.clamp(max=T - 1)
+
+
+def positions_1d(start: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) of absolute `columns` (T,) or (B, T): 0 at each row's first real token, 0 on pads."""
+    if columns.dim() == 1:
+        columns = columns[None, :].expand(start.shape[0], -1)
+    return (columns - start[:, None]).clamp(min=0)
+
+
+def causal_padding_mask(start: torch.Tensor, query_columns: torch.Tensor, key_length: int) -> torch.Tensor:
+    """Bool mask (B, 1, T, S), True where query column i may attend key column j: j is not padding and j <= i.
+
+    A pad query sees itself (the reference unmasks pad rows entirely; either way their outputs never
+    reach real rows, and no softmax row is empty)."""
+    if query_columns.dim() == 1:
+        query_columns = query_columns[None, :].expand(start.shape[0], -1)
+    i = query_columns[:, None, :, None]  # (B, 1, T, 1)
+    j = torch.arange(key_length, device=query_columns.device)[None, None, None, :]  # (1, 1, 1, S)
+    return ((j >= start[:, None, None, None]) & (j <= i)) | (j == i)
+
+
+def padding_mask_from_2d(attention_mask: torch.Tensor, query_columns: torch.Tensor) -> torch.Tensor:
+    """The bool mask of a tokenizer's 2D attention_mask (B, S) (1 = token, 0 = left pad) for queries at
+    `query_columns` (T,): causal AND key-is-not-pad, as the reference builds it."""
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    j = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = j[None, :] <= query_columns[:, None]  # (T, S)
+    return (causal[None, None] & keys) | (j[None, :] == query_columns[:, None])[None, None]
+
+
+# -- rotary (SPEC.md II.3.5) ---------------------------------------------------------------------
+def rotary_inv_freq(rotary_dim: int, device: Any = None) -> torch.Tensor:
+    """1/10000^(2k/r), k = 0..r/2-1: the original's `rotary_pos_emb.inv_freq` buffer (float32 here)."""
+    return 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtype, family: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, T, 1, r/2) for 1-D positions (B, T), rounded as the original rounds them in `dtype`.
+
+    The original builds a seq_length-row table on every forward and indexes it; computing only the
+    rows used gives the same values. ChatGLM2 computes θ, the positions and their product in the
+    model dtype (16-bit rounding of positions and angles); ChatGLM3 in float32. Both then take
+    cos/sin in float32 and round the table to the model dtype."""
+    half_precision = dtype in (torch.float16, torch.bfloat16)
+    if family == "chatglm2" and half_precision:
+        k = torch.arange(0, rotary_dim, 2, dtype=dtype, device=position_ids.device)
+        theta = 1.0 / (10000 ** (k / rotary_dim))
+        angles = (position_ids.to(dtype)[..., None] * theta).float()
+    else:
+        theta = rotary_inv_freq(rotary_dim, position_ids.device)
+        angles = position_ids.float()[..., None] * theta  # (B, T, r/2)
+    cos, sin = angles.cos(), angles.sin()
+    if half_precision:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2k, 2k+1) of the first r channels of x (B, T, heads, d) by angle k; the rest pass.
+
+    Computed in x's dtype, as the original."""
+    r = cos.shape[-1] * 2
+    rot, rest = x[..., :r], x[..., r:]
+    pairs = rot.unflatten(-1, (-1, 2))  # (B, T, heads, r/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+# -- attention over grouped key/value heads --------------------------------------------------------
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of q (B, N, T, d) over k, v (B, G, S, d), query head n using group n // (N/G);
+    `mask` (B, 1, T, S) True = visible, or None: causal with the queries as the last T of the S keys
+    (a prompt, or one new token seeing the whole cache). Returns (B, N, T, d).
+
+    A one-token step folds the N/G heads of a group into query rows: each group's keys are read
+    once, with no expanded copy of the cache (the shape a grouped decode kernel has too)."""
+    B, N, T, d = q.shape
+    G = k.shape[1]
+    if T == 1:
+        qg = q.reshape(B, G, N // G, d) * d ** -0.5
+        scores = (qg @ k.transpose(-1, -2)).float()  # (B, G, N/G, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, S) broadcasts over groups and heads
+        out = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, G, N/G, d)
+        return out.reshape(B, N, 1, d)
+    S = k.shape[2]
+    if mask is None and T == S:  # SDPA's causal flag keeps its flash kernels available
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != N)
+    if mask is None:
+        j = torch.arange(S, device=q.device)
+        mask = (j[None, :] <= j[S - T:, None])[None, None]  # (1, 1, T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != N)
+
+
+# -- the network ---------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """y = weight * x / sqrt(mean(x^2) + eps), the statistics in float32 (SPEC.md II.3.2)."""
+
+    def __init__(self, size: int, eps: float, device: Any = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(x.dtype)  # the product in float32, as the original
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.kv_heads
+        self.head_dim = config.head_dim
+        projection = self.num_heads * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, projection + 2 * self.kv_heads * self.head_dim,
+                                         bias=config.add_qkv_bias, device=device)
+        self.dense = nn.Linear(projection, config.hidden_size, bias=False, device=device)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, N·d + 2·G·d) -> q (B, T, N, d), k and v (B, T, G, d): all queries, then keys, then values."""
+        N, G, d = self.num_heads, self.kv_heads, self.head_dim
+        q, k, v = qkv.split([N * d, G * d, G * d], dim=-1)
+        return q.unflatten(-1, (N, d)), k.unflatten(-1, (G, d)), v.unflatten(-1, (G, d))
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None = None, cache_columns=None, kv_length=None,
+                cache_rows=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.split_qkv(linear(self.query_key_value, x))
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)  # cached after rotary, as the original
+        if kv_cache is not None:
+            k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows, kv_length)  # (B, G, S, d)
+            if kv_length is not None:
+                k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
+        else:
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        y = attend_grouped(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, N, T, d)
+        return linear(self.dense, y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: the first F outputs of dense_h_to_4h are the gate, the last F the up projection."""
+
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False, device=device)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(self.dense_h_to_4h, x).chunk(2, dim=-1)
+        return linear(self.dense_4h_to_h, F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device)
+        self.self_attention = SelfAttention(config, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device)
+        self.mlp = MLP(config, device)
+
+    def forward(self, h, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None, cache_rows=None):
+        h = h + self.self_attention(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_columns, kv_length,
+                                    cache_rows)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        # An explicit weight skips normal_() init, which on `meta` would import torch._dynamo (seconds).
+        weight = torch.empty(config.padded_vocab_size, config.hidden_size, device=device)
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, _weight=weight)
+        if weight.device.type != "meta":
+            nn.init.normal_(self.word_embeddings.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the original's `inv_freq` buffer (so checkpoints keep their key); the tables are built
+    from the positions and the activation dtype by `rotary_tables`."""
+
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.register_buffer("inv_freq", rotary_inv_freq(config.rotary_dim, device=device))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, device) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device)
+
+
+class ChatGLM2Model(nn.Module):
+    """`transformer.*`: embedding, rotary_pos_emb, encoder (layers, final_layernorm), output_layer."""
+
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config, device)
+        self.rotary_pos_emb = RotaryEmbedding(config, device)
+        self.encoder = Encoder(config, device)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+        self.gradient_checkpointing = False
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The blocks (training compiles and shards them one by one, as for ChatGLM-6B)."""
+        return self.encoder.layers
+
+    @property
+    def final_layernorm(self) -> RMSNorm:
+        return self.encoder.final_layernorm
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
+    def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None,
+                cache_rows=None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, H); position_ids (B, T); attn_mask (B, 1, T, S) bool or None (causal)."""
+        h = self.embedding(input_ids)
+        cos, sin = rotary_tables(position_ids, self.config.rotary_dim, h.dtype, self.config.family)
+        for i, layer in enumerate(self.encoder.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows)
+        return self.encoder.final_layernorm(h)
+
+
+class ChatGLM2ForConditionalGeneration(nn.Module):
+    """The full ChatGLM2/3 model with the original's parameter paths; `device="meta"` builds it without memory."""
+
+    def __init__(self, config: ChatGLM2Config, device: Any = None):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLM2Model(config, device)
+        self.kv_caches: nn.ModuleList | None = None
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.embedding.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.encoder.final_layernorm.weight.dtype
+
+    compute_dtype = dtype
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection (`transformer.output_layer`), under the name the shared code uses."""
+        return self.transformer.output_layer
+
+    lm_head_tied = False  # ChatGLM2/3 never share embeddings and output layer
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-learned buffer after building on `meta` (the checkpoint's copy is not read)."""
+        self.transformer.rotary_pos_emb.inv_freq = rotary_inv_freq(self.config.rotary_dim, device=self.device).to(
+            self.dtype)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.transformer.gradient_checkpointing = enabled
+
+    # -- KV cache --------------------------------------------------------------------------------
+    def setup_caches(self, batch_size: int, max_length: int) -> None:
+        """Per layer keys/values (B, G, S, d): only the G key/value heads, stored after rotary."""
+        c = self.config
+        first = self.kv_caches[0] if self.kv_caches is not None else None
+        if (first is not None and first.k.shape[0] == batch_size and first.k.shape[2] >= max_length
+                and first.k.dtype == self.compute_dtype and first.k.device == self.device):
+            return
+        self.kv_caches = None  # free the old cache before allocating the new one
+        self.kv_caches = nn.ModuleList(
+            KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.compute_dtype,
+                    device=layer.input_layernorm.weight.device)
+            for layer in self.transformer.encoder.layers
+        )
+
+    def clear_caches(self) -> None:
+        self.kv_caches = None
+
+    # -- the generation hook: positions and masks of cached steps ----------------------------------
+    def decode_layout(self, input_ids: torch.Tensor) -> PaddingLayout:
+        """What a left-padded prompt batch (B, T) fixes for all its steps: where each row starts."""
+        return PaddingLayout(start=padding_start(input_ids, self.config.pad_token_id))
+
+    def step_inputs(self, layout: PaddingLayout, columns: torch.Tensor, kv_length: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """position_ids (B, T) and attention mask for tokens at cache `columns` (T,) attending `kv_length` columns.
+
+        No mask (causal over the used columns) when no row is padded."""
+        positions = positions_1d(layout.start, columns)
+        if not bool((layout.start > 0).any()):
+            return positions, None
+        return positions, causal_padding_mask(layout.start, columns, kv_length)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        cache_columns: torch.Tensor | slice | None = None,
+        kv_length: int | None = None,
+        cache_rows: torch.Tensor | slice | None = None,
+        last_logits_only: bool = False,
+        return_logits: bool = True,
+        **unused: Any,
+    ) -> CausalLMOutput:
+        """Logits (B, T, V). Defaults as the original's forward: positions 0..T-1 (the cache columns when
+        a cache is used), causal attention.
+
+        `attention_mask` is the (B, 1, T, S) bool mask (True = visible) or a tokenizer's 2D
+        0/1 mask (B, S) for left-padded rows; `cache_columns`/`kv_length`/`cache_rows` use the KV
+        cache as in model.py. With `labels` the mean shifted cross-entropy (float32) over labels != -100.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:  # unpadded rows: a token's position is its cache column
+            columns = cache_columns if isinstance(cache_columns, torch.Tensor) else torch.arange(T, device=input_ids.device)
+            position_ids = columns.expand(B, T)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            attention_mask = self.mask_from_2d(attention_mask, T)
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            attention_mask = None  # a ChatGLM-6B PromptMask: ChatGLM2/3 prompts are plainly causal
+        caches = self.kv_caches if cache_columns is not None else None
+        h = self.transformer(input_ids, position_ids, attention_mask, caches, cache_columns, kv_length, cache_rows)
+        loss = None
+        if labels is not None:
+            loss = self.loss_from_hidden(h, labels)
+            if not return_logits:
+                return CausalLMOutput(logits=None, loss=loss)
+        if last_logits_only:
+            h = h[:, -1:]
+        return CausalLMOutput(logits=linear(self.lm_head, h), loss=loss)
+
+    @staticmethod
+    def mask_from_2d(attention_mask: torch.Tensor, T: int) -> torch.Tensor | None:
+        """The bool mask of the last T queries over a 2D mask's S columns; None (causal) when it has no zeros."""
+        if bool(attention_mask.all()):
+            return None
+        S = attention_mask.shape[1]
+        return padding_mask_from_2d(attention_mask, torch.arange(S - T, S, device=attention_mask.device))
+
+    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Shifted cross-entropy computed only where there is a target (chunked: no whole float32 logits)."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        selected = h[:, :-1][keep]  # (N, H)
+        head = self.lm_head
+        if type(head) is nn.Linear and selected.shape[0] > 0:
+            weight = head.weight
+            if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detach to skip the gradient work
+                selected, weight = selected.detach(), weight.detach()
+            return LinearCrossEntropy.apply(selected, weight, targets[keep]) / selected.shape[0]
+        logits = head(selected).float()  # a quantized or adapted output layer: plain path
+        if selected.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets[keep])
+
+    # -- chat API familiar from the original -----------------------------------------------------
+    def chat(self, tokenizer, query: str, history=None, **kwargs):
+        from .chat import chat
+
+        return chat(self, tokenizer, query, history=history, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, history=None, **kwargs) -> Iterator[tuple[str, list]]:
+        from .chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, history=history, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
