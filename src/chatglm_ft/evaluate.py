@@ -136,10 +136,10 @@ def prepare_samples(records: Sequence[Any], tokenizer, *, template: str, max_sou
                            max_source_length=max_source_length, max_target_length=max_target_length)
             for ref in references
         ]
-        # The prompt as training sees it (same truncation): everything up to and including <sop>.
+        # The prompt as training sees it (same truncation): for ChatGLM-6B everything up to and including <sop>.
         first = examples[0]
         samples.append(Sample(prompt=build_prompt(record, template),
-                              prompt_ids=list(first.input_ids[: first.context_length + 1]),
+                              prompt_ids=list(first.prompt_ids),
                               references=references, examples=examples, source=getattr(record, "source", "") or ""))
     return samples, skipped
 
