@@ -12,6 +12,7 @@ from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
 from .multigpu import parse_devices, split_layers
 from .tokenizer import ChatGLMTokenizer
+from .tokenizers import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -68,7 +69,7 @@ def load(
     `device="cuda:0,cuda:1"` spreads the layers over several GPUs (multigpu.py)."""
     path = model_path(path)
     config = ChatGLMConfig.from_dir(path)
-    tokenizer = ChatGLMTokenizer.from_dir(path)
+    tokenizer = load_tokenizer(path)  # ChatGLM-6B's, or ChatGLM2/3's, as the directory's files say
     tokenizer.check_model(config.vocab_size)
     devices = parse_devices(device)  # "cuda:0,cuda:1": layers spread over several devices
     device = devices[0] if devices else resolve_device(device)
