@@ -232,12 +232,18 @@ def score_variant(result: VariantResult, *, workers: int | None = None) -> Varia
 def evaluate_variant(model, tokenizer, samples: Sequence[Sample], *, name: str, adapter: str | None,
                      template: str, gen: GenerationConfig, batch_size: int, log=None) -> VariantResult:
     """Generate answers and measure reference losses (not scored yet: see score_variant)."""
+    from .chat_format import chat_format_for
+
+    fmt = chat_format_for(tokenizer)
+    if gen.stop_token_ids is None:  # the family's stop ids (ChatGLM3 also stops at <|user|>, <|observation|>)
+        gen = replace(gen, stop_token_ids=fmt.stop_token_ids)
     start = time.perf_counter()
     generations = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], gen=gen,
                                    batch_size=batch_size, log=log)
     gen_seconds = time.perf_counter() - start
     # The chat template's answers get the original chat()'s clean-up; other templates are only stripped.
-    predictions = [clean_response(g.text) if template == "chatglm" else g.text.strip() for g in generations]
+    clean = fmt.clean if fmt.family != "chatglm" else clean_response
+    predictions = [clean(g.text) if template == "chatglm" else g.text.strip() for g in generations]
 
     start = time.perf_counter()
     flat = [(k, e) for k, s in enumerate(samples) for e in s.examples]
