@@ -76,6 +76,12 @@ class ResponseStreamer:
     def finish(self) -> str:
         return self._advance(self.response)
 
+    def final(self, response: str) -> str:
+        """The rest of the post-processed final response (ChatGLM3 shows an answer without a first line only
+        once it is known not to be a tool call)."""
+        self.response = response
+        return self._advance(response)
+
     def _advance(self, text: str) -> str:
         if not text.startswith(self.printed):
             return ""

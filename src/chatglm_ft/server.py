@@ -472,6 +472,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
                     finish_reason = c.done.finish_reason
                     if c.done.finish_reason != "error":
                         message, finish_reason = answer(c.done)
+                        rest = streamer.final(message["content"]) if message.get("content") is not None else ""
+                        if rest:  # ChatGLM3 text held back while it might have been a tool name
+                            yield chunk({"content": rest})
                         if message.get("tool_calls"):  # sent whole, once the call is complete
                             calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
                             yield chunk({"tool_calls": calls})

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         output = fmt.output_text(result.token_ids, result.text, result.finish_reason) if result else ""
         response, history = fmt.process_response(output, query, history, role=role)
         query, role = None, "user"
-        if isinstance(response, dict):  # ChatGLM3 called a tool: show the call, ask for its result
+        if isinstance(response, str):
+            sys.stdout.write(streamer.final(response))
+        else:  # ChatGLM3 called a tool: show the call, ask for its result
             sys.stdout.write(json.dumps(response, ensure_ascii=False))
             role = "observation" if "parameters" in response else "user"
         print()
