@@ -138,3 +138,20 @@ def test_token_cache_keeps_labels(tok3, tok2, tmp_path, golden3):
         label != IGNORE_INDEX for label in first[0].labels)  # both answers of the second conversation
     v2 = tokenize_records(records, tok2, cache_dir=tmp_path)
     assert v2 != first and tokenize_records(records, tok2, cache_dir=tmp_path) == v2
+
+
+def test_evaluation_samples_score_the_last_answer(tok3, tok2):
+    from chatglm_ft.chat_glm3 import build_chat_input
+    from chatglm_ft.evaluate import prepare_samples
+
+    record = Record(prompt="q2", response="a2", history=[("q1", "a1")], references=["a2", "b2"])
+    (sample,), skipped = prepare_samples([record], tok3, template="chatglm", max_source_length=64, max_target_length=64)
+    assert skipped == 0 and len(sample.examples) == 2
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    assert sample.prompt_ids == build_chat_input(tok3, "q2", history)
+    for example, ref in zip(sample.examples, ["a2", "b2"]):
+        scored = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+        # "▁\n" after <|assistant|>, the answer, </s>; nothing of the earlier answer a1
+        assert scored == example.input_ids[len(sample.prompt_ids):] == [30910, 13] + tok3.encode(ref, False) + [2]
+    (v2,), _ = prepare_samples([record], tok2, template="chatglm", max_source_length=64, max_target_length=64)
+    assert v2.prompt_ids == tok2.encode("[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答：")

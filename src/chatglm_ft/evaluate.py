@@ -132,8 +132,8 @@ def prepare_samples(records: Sequence[Any], tokenizer, *, template: str, max_sou
             skipped += 1
             continue
         examples = [
-            encode_example(replace(record, response=ref), tokenizer, template=template,
-                           max_source_length=max_source_length, max_target_length=max_target_length)
+            _last_answer_only(encode_example(replace(record, response=ref), tokenizer, template=template,
+                                             max_source_length=max_source_length, max_target_length=max_target_length))
             for ref in references
         ]
         # The prompt as training sees it (same truncation): for ChatGLM-6B everything up to and including <sop>.
@@ -142,6 +142,15 @@ def prepare_samples(records: Sequence[Any], tokenizer, *, template: str, max_sou
                               prompt_ids=list(first.prompt_ids),
                               references=references, examples=examples, source=getattr(record, "source", "") or ""))
     return samples, skipped
+
+
+def _last_answer_only(example):
+    """The reference loss covers the answer being evaluated: a ChatGLM3 example also trains the conversation's
+    earlier answers, which are prompt here."""
+    if example.prompt_length is None:
+        return example
+    labels = [-100] * example.prompt_length + example.labels[example.prompt_length:]
+    return replace(example, labels=labels)
 
 
 # -- generation -----------------------------------------------------------------------------------
