@@ -28,7 +28,6 @@ from .chat_format import chat_format_for
 from .engine import Completion, Engine, EngineClosedError, Histogram, QueueFullError, RequestHandle
 from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig
-from .prompt import chat_prompt, clean_response
 
 # The original chat's sampling defaults (SPEC.md section 5), used when a request leaves them out.
 DEFAULT_TEMPERATURE = 0.95
