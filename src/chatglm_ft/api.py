@@ -13,6 +13,7 @@ from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
 from .multigpu import parse_devices, split_layers
 from .tokenizer import ChatGLMTokenizer
+from . import tokenizers
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -86,10 +87,8 @@ def load(
 
 def load_tokenizer(path: Path, config: ChatGLMConfig | ChatGLM2Config):
     """The tokenizer of the config's ChatGLM generation, checked against the model's vocabulary."""
-    if isinstance(config, ChatGLM2Config):
-        raise ChatGLMError(f"{path}: the {config.family.replace('chatglm', 'ChatGLM')}-6B tokenizer is not available"
-                           " in this version of chatglm-ft; load the network alone with chatglm_ft.api.load_model")
-    tokenizer = ChatGLMTokenizer.from_dir(path)
+    # One rule for the generation: the config's (ChatGLM-6B's config has no family field).
+    tokenizer = tokenizers.load_tokenizer(path, family=getattr(config, "family", "chatglm"))
     tokenizer.check_model(config.vocab_size)
     return tokenizer
 

@@ -3,6 +3,7 @@ length-grouped batching and collation. Reading files into Records lives in `reco
 
 An example is `encode(prompt)` (ending in `[gMASK] <sop>`) + `encode(target, no specials)` + `<eop>`;
 labels are -100 before `<sop>` and the token ids from `<sop>` on (the model shifts them itself).
+ChatGLM2-6B and ChatGLM3-6B tokenizers get their own formats (data_glm2.py, SPEC.md II.6).
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .data_glm2 import encode_record, record_source, whole_conversations
 from .errors import ChatGLMError, DataError
 from .records import (FORMATS, TEMPLATES, DataReport, Record, build_prompt, check_template, expand_paths,
                       load_records)
+from .tokenizers import tokenizer_family
 
 __all__ = [
     "FORMATS", "TEMPLATES", "DataReport", "Record", "build_prompt", "expand_paths", "load_records", "Example",
@@ -31,16 +34,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-CACHE_VERSION = 1  # bump when the encoding below changes: old cache files then stop matching
+CACHE_VERSION = 2  # bump when the encoding below changes: old cache files then stop matching
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]  # same length; -100 before <sop>
+    prompt_length: int | None = None  # ids the model is given when it answers; None: through <sop>
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt as generation sees it (evaluation): ChatGLM-6B's ends in <sop>."""
+        end = self.context_length + 1 if self.prompt_length is None else self.prompt_length
+        return self.input_ids[:end]
 
     @property
     def context_length(self) -> int:
@@ -53,6 +63,9 @@ def encode_example(record: Record, tokenizer, *, template: str = "chatglm", max_
                    max_target_length: int = 512) -> Example:
     """Token ids and labels of one record (SPEC.md section 6) with both parts truncated to their limits."""
     _check_lengths(max_source_length, max_target_length)
+    if tokenizer_family(tokenizer) != "chatglm":
+        return encode_record(record, tokenizer, template=template, max_source_length=max_source_length,
+                             max_target_length=max_target_length)
     return _encode(build_prompt(record, template), record.response, tokenizer, max_source_length, max_target_length)
 
 
@@ -93,7 +106,16 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, template: str = "c
     """
     check_template(template)
     _check_lengths(max_source_length, max_target_length)
-    prompts = [build_prompt(r, template) for r in records]
+    family = tokenizer_family(tokenizer)
+    if family == "chatglm3":
+        count = len(records)
+        records = whole_conversations(records)
+        if len(records) < count:
+            log.info("ChatGLM3: %d multi-turn records joined into %d whole conversations", count, len(records))
+    if family == "chatglm":
+        prompts = [build_prompt(r, template) for r in records]
+    else:
+        prompts = [record_source(r, template, family) for r in records]
     responses = [r.response for r in records]
     cache_file = None
     if cache_dir is not None:
@@ -101,7 +123,7 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, template: str = "c
         if fingerprint is None:
             log.warning("tokenizer has no model_file: tokenization is not cached")
         else:
-            content = json.dumps([CACHE_VERSION, fingerprint, template, max_source_length, max_target_length,
+            content = json.dumps([CACHE_VERSION, family, fingerprint, template, max_source_length, max_target_length,
                                   prompts, responses], ensure_ascii=False)
             key = hashlib.sha256(content.encode("utf-8")).hexdigest()[:32]
             cache_file = Path(cache_dir) / f"tokens-{key}.safetensors"
@@ -110,7 +132,11 @@ def tokenize_records(records: Sequence[Record], tokenizer, *, template: str = "c
                 log.info("tokenized data from cache %s (%d examples)", cache_file, len(cached))
                 return cached
     start = time.perf_counter()
-    examples = [_encode(p, r, tokenizer, max_source_length, max_target_length) for p, r in zip(prompts, responses)]
+    if family == "chatglm":
+        examples = [_encode(p, r, tokenizer, max_source_length, max_target_length) for p, r in zip(prompts, responses)]
+    else:
+        examples = [encode_record(r, tokenizer, template=template, max_source_length=max_source_length,
+                                  max_target_length=max_target_length) for r in records]
     log.info("tokenized %d examples in %.1f s", len(examples), time.perf_counter() - start)
     if cache_file is not None:
         _write_cache(cache_file, examples)
@@ -123,7 +149,7 @@ def _tokenizer_fingerprint(tokenizer) -> str | None:
         return None
     digest = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
     specials = [tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
-    return f"{digest}:{specials}"
+    return f"{digest}:{tokenizer_family(tokenizer)}:{specials}"
 
 
 def _read_cache(path: Path, count: int) -> list[Example] | None:
@@ -137,11 +163,14 @@ def _read_cache(path: Path, count: int) -> list[Example] | None:
     except (SafetensorError, OSError) as e:  # a damaged cache file is rebuilt, never fatal
         log.warning("ignoring unreadable token cache %s (%s)", path, e)
         return None
-    ids, offsets = tensors["input_ids"].tolist(), tensors["offsets"].tolist()
-    contexts = tensors["context_lengths"].tolist()
-    if len(contexts) != count:
+    if "labels" not in tensors:  # an older cache layout
         return None
-    return [_example(ids[offsets[i]:offsets[i + 1]], contexts[i]) for i in range(count)]
+    ids, labels, offsets = tensors["input_ids"].tolist(), tensors["labels"].tolist(), tensors["offsets"].tolist()
+    prompt_lengths = tensors["prompt_lengths"].tolist()
+    if len(prompt_lengths) != count:
+        return None
+    return [Example(ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]],
+                    None if prompt_lengths[i] < 0 else prompt_lengths[i]) for i in range(count)]
 
 
 def _write_cache(path: Path, examples: list[Example]) -> None:
@@ -151,7 +180,9 @@ def _write_cache(path: Path, examples: list[Example]) -> None:
     tensors = {
         "input_ids": torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.int32),  # all rows, flat
         "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),  # (N + 1,)
-        "context_lengths": torch.tensor([e.context_length for e in examples], dtype=torch.int32),
+        "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.int32),  # all rows, flat
+        "prompt_lengths": torch.tensor([-1 if e.prompt_length is None else e.prompt_length for e in examples],
+                                       dtype=torch.int32),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename: a killed run never leaves a half-written cache behind.

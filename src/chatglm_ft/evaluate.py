@@ -132,16 +132,25 @@ def prepare_samples(records: Sequence[Any], tokenizer, *, template: str, max_sou
             skipped += 1
             continue
         examples = [
-            encode_example(replace(record, response=ref), tokenizer, template=template,
-                           max_source_length=max_source_length, max_target_length=max_target_length)
+            _last_answer_only(encode_example(replace(record, response=ref), tokenizer, template=template,
+                                             max_source_length=max_source_length, max_target_length=max_target_length))
             for ref in references
         ]
-        # The prompt as training sees it (same truncation): everything up to and including <sop>.
+        # The prompt as training sees it (same truncation): for ChatGLM-6B everything up to and including <sop>.
         first = examples[0]
         samples.append(Sample(prompt=build_prompt(record, template),
-                              prompt_ids=list(first.input_ids[: first.context_length + 1]),
+                              prompt_ids=list(first.prompt_ids),
                               references=references, examples=examples, source=getattr(record, "source", "") or ""))
     return samples, skipped
+
+
+def _last_answer_only(example):
+    """The reference loss covers the answer being evaluated: a ChatGLM3 example also trains the conversation's
+    earlier answers, which are prompt here."""
+    if example.prompt_length is None:
+        return example
+    labels = [-100] * example.prompt_length + example.labels[example.prompt_length:]
+    return replace(example, labels=labels)
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -235,12 +244,18 @@ def score_variant(result: VariantResult, *, workers: int | None = None) -> Varia
 def evaluate_variant(model, tokenizer, samples: Sequence[Sample], *, name: str, adapter: str | None,
                      template: str, gen: GenerationConfig, batch_size: int, log=None) -> VariantResult:
     """Generate answers and measure reference losses (not scored yet: see score_variant)."""
+    from .chat_format import chat_format_for
+
+    fmt = chat_format_for(tokenizer)
+    if gen.stop_token_ids is None:  # the family's stop ids (ChatGLM3 also stops at <|user|>, <|observation|>)
+        gen = replace(gen, stop_token_ids=fmt.stop_token_ids)
     start = time.perf_counter()
     generations = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], gen=gen,
                                    batch_size=batch_size, log=log)
     gen_seconds = time.perf_counter() - start
     # The chat template's answers get the original chat()'s clean-up; other templates are only stripped.
-    predictions = [clean_response(g.text) if template == "chatglm" else g.text.strip() for g in generations]
+    clean = fmt.clean if fmt.family != "chatglm" else clean_response
+    predictions = [clean(g.text) if template == "chatglm" else g.text.strip() for g in generations]
 
     start = time.perf_counter()
     flat = [(k, e) for k, s in enumerate(samples) for e in s.examples]

@@ -10,6 +10,7 @@ fatal by option; a file that cannot be parsed at all raises DataError.
 from __future__ import annotations
 
 import bisect
+import copy
 import glob
 import json
 import re
@@ -29,6 +30,7 @@ FIELDS = ("instruction", "input", "output", "context", "target", "question", "hu
 DATA_SUFFIXES = (".json", ".jsonl")
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt", "bot", "model", "chatgpt")
+OBSERVATION_ROLES = ("observation", "tool", "function")  # a tool's result, answered by the assistant
 
 
 @dataclass
@@ -43,6 +45,9 @@ class Record:
     instruction: str = ""  # Alpaca fields, kept for the alpaca template
     input: str = ""
     templated: bool = False  # prompt is already a rendered template (ChatGLM-Tuning `context`): used verbatim
+    # Message rows only: the conversation through this record's response as role messages ({role, content},
+    # system and tool/observation turns kept, tools on the system message), for formats with roles (ChatGLM3).
+    messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.references:
@@ -51,7 +56,7 @@ class Record:
     def key(self) -> tuple:
         """Identity for de-duplication: everything except where the record came from."""
         return (self.prompt, self.response, tuple(self.history), tuple(self.references), self.instruction,
-                self.input, self.templated)
+                self.input, self.templated, json.dumps(self.messages, ensure_ascii=False, sort_keys=True))
 
 
 @dataclass
@@ -410,19 +415,25 @@ def _convert(row: Any, format: str, source: str, *, last_turn_only: bool) -> lis
         turns = _history(row) + [(prompt, response)]
         return _turn_records(turns, source, last_turn_only=last_turn_only)
     if format == "messages":
-        return _turn_records(_message_turns(row), source, last_turn_only=last_turn_only)
+        turns, messages = _message_turns(row)
+        records = _turn_records(turns, source, last_turn_only=last_turn_only)
+        for record in records:  # each record's conversation ends with its own answer
+            answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            record.messages = copy.deepcopy(messages[:answers[len(record.history)] + 1])
+        return records
     raise AssertionError(format)
 
 
-def _message_turns(row: dict) -> list[tuple[str, str]]:
-    """`messages` ({role, content}) or ShareGPT `conversations` ({from, value}) -> (query, response) pairs."""
+def _message_turns(row: dict) -> tuple[list[tuple[str, str]], list[dict]]:
+    """`messages` ({role, content}) or ShareGPT `conversations` ({from, value}) -> (query, response) pairs and the
+    role messages (ChatGLM3 roles; tool results are observation turns, a row's `tools` go on the system message)."""
     name = "messages" if "messages" in row else "conversations"
     messages = row.get(name)
     if messages is None:
         raise BadRow("missing field 'messages' (or 'conversations')")
     if not isinstance(messages, list):
         raise BadRow(f"wrong type: field '{name}' must be a list of messages, not {type(messages).__name__}")
-    system, turns, query = "", [], None
+    system, turns, query, role_messages = "", [], None, []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRow(f"wrong type: {name}[{i}] must be an object with role and content")
@@ -433,16 +444,30 @@ def _message_turns(row: dict) -> list[tuple[str, str]]:
         role = role.lower()
         if role == "system" and not turns and query is None:
             system += content  # ChatGLM-6B has no system turn: it is put in front of the first query
-        elif role in USER_ROLES and query is None:
+            role_messages.append({"role": "system", "content": content})
+        elif role in USER_ROLES + OBSERVATION_ROLES and query is None:
             query = f"{system}\n{content}" if system and not turns else content
+            role_messages.append({"role": "observation" if role in OBSERVATION_ROLES else "user", "content": content})
         elif role in ASSISTANT_ROLES and query is not None:
             turns.append((query, content))
             query = None
+            metadata = message.get("metadata", "")
+            role_messages.append({"role": "assistant", "content": content,
+                                  **({"metadata": metadata} if isinstance(metadata, str) and metadata else {})})
         else:
             raise BadRow(f"unexpected role '{role}' at {name}[{i}] (turns must alternate user, assistant)")
     if not turns:
         raise BadRow(f"empty target: no assistant turn in '{name}'")
-    return turns  # a trailing user message has no answer to learn and is left out
+    tools = row.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise BadRow(f"wrong type: field 'tools' must be a list of function descriptions, not {type(tools).__name__}")
+        if role_messages[0]["role"] != "system":
+            from .chat_glm3 import TOOL_SYSTEM_PROMPT
+
+            role_messages.insert(0, {"role": "system", "content": TOOL_SYSTEM_PROMPT})
+        role_messages[0]["tools"] = tools
+    return turns, role_messages  # a trailing user message has no answer to learn and is left out
 
 
 # -- templates --------------------------------------------------------------------------------------

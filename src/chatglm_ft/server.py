@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import AsyncIterator, Literal
 
@@ -23,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import ResponseStreamer
+from .chat_format import chat_format_for
 from .engine import Completion, Engine, EngineClosedError, Histogram, QueueFullError, RequestHandle
 from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig, check_temperature
-from .prompt import chat_prompt, clean_response
 
 # The original chat's sampling defaults (SPEC.md section 5), used when a request leaves them out.
 DEFAULT_TEMPERATURE = 0.95
@@ -120,6 +121,8 @@ class TextPart(_Body):
 class Message(_Body):
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier tool calls (ChatGLM3)
+    tool_call_id: str | None = None  # role "tool": which call this result answers
 
 
 class StreamOptions(_Body):
@@ -141,6 +144,7 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict] | None = None  # OpenAI function tools (ChatGLM3)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name of max_tokens
 
 
@@ -383,6 +387,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ChatGLMError("the server needs an engine with a tokenizer")
+    fmt = chat_format_for(tokenizer)  # the model family's prompt, stop ids and answer post-processing
     created = int(time.time())
     http_counts: dict[tuple[str, str], int] = {}
 
@@ -474,15 +479,41 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatCompletionRequest)
         check_model(body.model)
-        query, history = chat_turns(body.messages)
+        role = "user"
+        if fmt.family == "chatglm3":  # roles, tools and tool results map onto ChatGLM3's own turns
+            from .chat_glm3 import openai_to_chat
+
+            try:
+                query, role, history = openai_to_chat([m.model_dump(exclude_none=True) for m in body.messages],
+                                                      body.tools)
+            except ChatGLMError as e:
+                raise ApiError(400, str(e), param="messages", code="invalid_value")
+        elif body.tools:
+            raise ApiError(400, f"tools need ChatGLM3-6B; this server runs {fmt.display_name}", param="tools",
+                           code="unsupported_value")
+        else:
+            query, history = chat_turns(body.messages)
         gen = generation_config(body, body.max_completion_tokens or body.max_tokens)
-        handle = submit(tokenizer.encode(chat_prompt(query, history)), gen, "messages")
+        gen = replace(gen, stop_token_ids=fmt.stop_token_ids)
+        handle = submit(fmt.prompt_ids(query, history, role=role), gen, "messages")
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def answer(done: Completion) -> tuple[dict, str]:
+            """The assistant message (text, or ChatGLM3's tool call) and finish_reason of a finished request."""
+            output = fmt.output_text(done.token_ids, done.text, done.finish_reason)
+            response, _ = fmt.process_response(output, query, history, role=role)
+            if fmt.family != "chatglm3":
+                return {"role": "assistant", "content": response}, done.finish_reason
+            from .chat_glm3 import openai_message
+
+            message, reason = openai_message(response)
+            return message, reason if reason == "tool_calls" else done.finish_reason
+
         if not body.stream:
             done = await finished(handle, request)
+            message, finish_reason = answer(done)
             return {**meta, "object": "chat.completion", "usage": usage(done), "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": clean_response(done.text)},
-                "finish_reason": done.finish_reason, "logprobs": None}]}
+                "index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]}
         wants_usage = body.stream_options is not None and body.stream_options.include_usage
         usage_event = {**meta, "object": "chat.completion.chunk", "choices": []} if wants_usage else None
 
@@ -492,14 +523,24 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
-            streamer, raw = ResponseStreamer(), ""  # the original chat's clean-up, applied as the text grows
+            # the original chat's clean-up, applied as the text grows (a ChatGLM3 tool call shows nothing)
+            streamer, raw = ResponseStreamer(fmt.clean), ""
             async for c in handle.chunks():
                 raw += c.text
                 text = streamer.update(raw) + (streamer.finish() if c.done else "")
                 if text:
                     yield chunk({"content": text})
                 if c.done is not None:
-                    for event in stream_end(c.done, chunk({}, c.done.finish_reason), usage_event):
+                    finish_reason = c.done.finish_reason
+                    if c.done.finish_reason != "error":
+                        message, finish_reason = answer(c.done)
+                        rest = streamer.final(message["content"]) if message.get("content") is not None else ""
+                        if rest:  # ChatGLM3 text held back while it might have been a tool name
+                            yield chunk({"content": rest})
+                        if message.get("tool_calls"):  # sent whole, once the call is complete
+                            calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                            yield chunk({"tool_calls": calls})
+                    for event in stream_end(c.done, chunk({}, finish_reason), usage_event):
                         yield event
             yield "data: [DONE]\n\n"
 
@@ -555,9 +596,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
             top_p=body.top_p or DEFAULT_TOP_P,
             temperature=body.temperature or DEFAULT_TEMPERATURE,
         )
-        handle = submit(tokenizer.encode(chat_prompt(body.prompt, history)), gen, "prompt")
+        if fmt.family == "chatglm3":
+            raise ApiError(400, "this route speaks the ChatGLM-6B/ChatGLM2-6B api.py; use /v1/chat/completions with"
+                           " ChatGLM3-6B", code="unsupported_value")
+        gen = replace(gen, stop_token_ids=fmt.stop_token_ids)
+        handle = submit(fmt.prompt_ids(body.prompt, [tuple(turn) for turn in history]), gen, "prompt")
         done = await finished(handle, request)
-        response = clean_response(done.text)
+        response = fmt.clean(done.text)
         return {"response": response, "history": [*map(list, history), [body.prompt, response]], "status": 200,
                 "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
 

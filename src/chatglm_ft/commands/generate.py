@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 
 from .options import add_generation_args, add_model_args, generation_config, load_from_args
 
@@ -24,14 +25,17 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import ChatGLMError
     from ..generate import stream_text
-    from ..prompt import chat_prompt, clean_response
+    from ..chat_format import chat_format_for
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ChatGLMError("empty prompt; pass --prompt TEXT or pipe text on stdin")
     gen = generation_config(args)
     model, tokenizer = load_from_args(args)
-    ids = tokenizer.encode(chat_prompt(prompt) if args.chat else prompt)
+    fmt = chat_format_for(tokenizer)  # the model family's chat prompt and clean-up, for --chat
+    ids = fmt.prompt_ids(prompt) if args.chat else tokenizer.encode(prompt)
+    if args.chat:
+        gen = replace(gen, stop_token_ids=fmt.stop_token_ids)
     start = time.perf_counter()
     result = None
     for delta, result in stream_text(model, tokenizer, ids, gen):
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(delta)
             sys.stdout.flush()
     seconds = time.perf_counter() - start
-    text = clean_response(result.text) if args.chat else result.text
+    text = fmt.clean(fmt.output_text(result.token_ids, result.text, result.finish_reason)) if args.chat else result.text
     n = len(result.token_ids)
     if args.json:
         print(json.dumps({
