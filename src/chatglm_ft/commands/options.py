@@ -17,6 +17,9 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
     if adapter:
         p.add_argument("--adapter", action="append", default=None, metavar="DIR",
                        help="LoRA adapter directory (PEFT layout) applied unmerged")
+        p.add_argument("--ptuning", default=None, metavar="DIR",
+                       help="P-Tuning v2 prefix directory (THUDM's layout: config.json with pre_seq_len + "
+                            "pytorch_model.bin); a prefix given to --adapter is recognised too")
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | None = 256, sample_default: bool = True) -> None:
@@ -72,6 +75,7 @@ def load_from_args(args: argparse.Namespace):
 
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
-                            quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None))
+                            quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None),
+                            ptuning=getattr(args, "ptuning", None))
     print(f"loaded in {time.perf_counter() - start:.1f}s on {model.device} ({model.dtype})", file=sys.stderr)
     return model, tokenizer
