@@ -91,3 +91,113 @@ def test_prefix_changes_the_output_and_detaching_restores_the_base(golden_dir, p
         assert (model(ids).logits - plain).abs().max() > 0.1
         detach(model)
         torch.testing.assert_close(model(ids).logits, plain, atol=0, rtol=0)
+
+
+# -- training ---------------------------------------------------------------------------------------
+def copy_task(n, seed=0):
+    """Prompts of random tokens, all with one answer: what a prefix (a fixed context) can learn in a few steps
+    (at a high learning rate: the random tiny model gives the prefix little leverage)."""
+    from chatglm_ft.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        prompt = torch.randint(10, 60, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        ids = prompt + [130001, 130004] + [20, 31, 42] + [130005]
+        context = len(prompt) + 1  # index of <sop>
+        examples.append(Example(input_ids=ids, labels=[-100] * context + ids[context:]))
+    return examples
+
+
+def train_config(tmp_path, **overrides):
+    from chatglm_ft.train import TrainConfig
+
+    values = dict(output_dir=str(tmp_path), finetuning_type="ptuning", pre_seq_len=4, max_steps=6,
+                  per_device_train_batch_size=4, learning_rate=0.3, warmup_steps=0, logging_steps=1, save_steps=0,
+                  eval_steps=0, progress=False, report_to=["jsonl"], seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_training_lowers_the_loss_trains_only_the_prefix_and_saves_thudms_layout(golden_dir, tmp_path, projection,
+                                                                                  private_cache):
+    from chatglm_ft.train import train
+
+    model, _ = load(golden_dir, dtype="float32", device="cpu")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    result = train(train_config(tmp_path / "run", prefix_projection=projection, max_steps=8), model=model,
+                   examples=copy_task(32))
+    assert result.losses[-1][1] < result.losses[0][1] - 0.3, result.losses
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)  # base frozen
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == [PREFIX_KEY + name for name in (["embedding.weight", "trans.0.weight", "trans.0.bias",
+                                                          "trans.2.weight", "trans.2.bias"] if projection else ["embedding.weight"])]
+
+    out = result.adapter_dir
+    assert out == tmp_path / "run" / "prefix"
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".bin")) == [
+        "config.json", "generation_config.json", "pytorch_model.bin"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["pre_seq_len"], config["prefix_projection"], config["model_type"]) == (4, projection, "chatglm")
+    assert (config["num_layers"], config["hidden_size"], config["torch_dtype"]) == (2, 64, "float16")
+    # what THUDM's loading snippet does: torch.load, keep and strip transformer.prefix_encoder.*
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    expected = {"embedding.weight": (4, 64 if projection else 256)}
+    if projection:
+        expected.update({"trans.0.weight": (64, 64), "trans.0.bias": (64,), "trans.2.weight": (256, 64),
+                         "trans.2.bias": (256,)})
+    assert {k[len(PREFIX_KEY):]: tuple(v.shape) for k, v in state.items()} == expected
+    assert all(k.startswith(PREFIX_KEY) and v.dtype == torch.float32 for k, v in state.items())
+
+    reloaded, _ = load(golden_dir, dtype="float32", device="cpu", adapter=tmp_path / "run")  # found via --adapter
+    ids = torch.tensor([[5, 74874, 130001, 130004, 5, 9]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_losses(golden_dir, tmp_path, monkeypatch, private_cache):
+    import chatglm_ft.train as train_module
+
+    settings = dict(max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=3, save_steps=2,
+                    save_total_limit=2)  # prefix dropout on: resume must restore the RNG too
+    whole = train_module.train(train_config(tmp_path / "whole", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
+                               examples=copy_task(16))
+    real_step = train_module.train_step
+
+    def killed_in_step_4(run, batches, autocast):
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return real_step(run, batches, autocast)
+
+    monkeypatch.setattr(train_module, "train_step", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(train_config(tmp_path / "split", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
+                           examples=copy_task(16))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    resumed = train_module.train(train_config(tmp_path / "split", resume=True, **settings),
+                                 model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
+    assert resumed.losses == whole.losses
+    with pytest.raises(ChatGLMError, match="resume with the same --pre-seq-len"):
+        train_module.train(train_config(tmp_path / "split", resume=True, pre_seq_len=3, **settings),
+                           model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
+
+
+def test_trains_on_an_int4_base(golden_dir, tmp_path, private_cache):
+    from chatglm_ft.train import train
+
+    model, tokenizer = load(golden_dir, dtype="float32", device="cpu", quantize="int4")
+    packed = model.transformer.layers[0].attention.query_key_value.weight.clone()
+    result = train(train_config(tmp_path, max_steps=6), model=model, examples=copy_task(24))
+    assert result.losses[-1][1] < result.losses[0][1] - 0.3, result.losses
+    assert torch.equal(model.transformer.layers[0].attention.query_key_value.weight, packed)
+    reloaded, _ = load(golden_dir, dtype="float32", device="cpu", quantize="int4", ptuning=result.adapter_dir)
+    (a,) = generate(model, tokenizer, [[5, 74874, 130001, 130004]], GenerationConfig(max_new_tokens=6))
+    (b,) = generate(reloaded, tokenizer, [[5, 74874, 130001, 130004]], GenerationConfig(max_new_tokens=6))
+    assert a.token_ids == b.token_ids
