@@ -201,3 +201,98 @@ def test_trains_on_an_int4_base(golden_dir, tmp_path, private_cache):
     (a,) = generate(model, tokenizer, [[5, 74874, 130001, 130004]], GenerationConfig(max_new_tokens=6))
     (b,) = generate(reloaded, tokenizer, [[5, 74874, 130001, 130004]], GenerationConfig(max_new_tokens=6))
     assert a.token_ids == b.token_ids
+
+
+# -- wrong directories: one line naming the problem --------------------------------------------------------
+def broken_copy(src, dst, *, config=None, state=None):
+    shutil.copytree(src, dst)
+    if config is not None:
+        raw = json.loads((dst / "config.json").read_text())
+        raw.update(config)
+        (dst / "config.json").write_text(json.dumps(raw))
+    if state is not None:
+        torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tmp_path):
+    model, _ = tiny
+    noproj = ptuning_dirs["v1-noproj"]
+    state = torch.load(noproj / "pytorch_model.bin", weights_only=True)
+    cases = {
+        # config.json and weights disagree on pre_seq_len (the classic size-mismatch report)
+        "pre_seq_len 8 but the prefix has 4 positions; set pre_seq_len to 4": broken_copy(
+            noproj, tmp_path / "len", config={"pre_seq_len": 8}),
+        "prefix for another model size .3 layers, hidden 64, 4 heads.; the base has 2 layers": broken_copy(
+            noproj, tmp_path / "size", config={"num_layers": 3}),
+        "is .4, 512.,.*prefix for another model size": broken_copy(
+            noproj, tmp_path / "width", state={PREFIX_KEY + "embedding.weight": torch.zeros(4, 512)}),
+        "prefix_projection false but the weights hold the projection": broken_copy(
+            ptuning_dirs["v1-proj"], tmp_path / "proj", config={"prefix_projection": False}),
+        "a full model checkpoint .1 tensors besides the prefix encoder": broken_copy(
+            noproj, tmp_path / "full", state={**state, "transformer.final_layernorm.weight": torch.ones(64)}),
+        "a full model checkpoint .pytorch_model.bin.index.json": golden_dir,
+        "a ChatGLM2/3-6B prefix": ptuning_dirs["v2"],
+    }
+    (tmp_path / "len" / "config.json").read_text()
+    for message, path in cases.items():
+        if path == golden_dir:  # the base's own config has no pre_seq_len: pretend THUDM's full save
+            path = tmp_path / "fullsharded"
+            shutil.copytree(golden_dir, path, ignore=shutil.ignore_patterns("*.json"))
+            shutil.copy(golden_dir / "pytorch_model.bin.index.json", path)
+            raw = json.loads((golden_dir / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps({**raw, "pre_seq_len": 4}))
+        with pytest.raises(ChatGLMError, match=message) as error:
+            load_prefix(model, path)
+        assert "\n" not in str(error.value)
+    assert prefix_length(model) == 0  # nothing half-attached
+    with pytest.raises(ChatGLMError, match="no pre_seq_len, so this is not a P-Tuning checkpoint"):
+        load_prefix(model, golden_dir)
+
+
+def test_cli_train_generate_and_merge_refusal(golden_dir, tmp_path, capsys, private_cache):
+    """End to end on the command line: train a prefix, generate with --ptuning and via --adapter, refuse merge."""
+    from chatglm_ft.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"问题 {i}", "response": "好的"}, ensure_ascii=False) + "\n"
+                            for i in range(8)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(golden_dir), "--data", str(data), "--output-dir", str(run),
+                 "--finetuning-type", "ptuning", "--pre-seq-len", "4", "--max-steps", "2",
+                 "--per-device-train-batch-size", "4", "--learning-rate", "0.3", "--warmup-steps", "0",
+                 "--save-steps", "1", "--no-progress", "--report-to", "none"]) == 0
+    assert (run / "prefix" / "pytorch_model.bin").exists() and (run / "checkpoint-1" / "prefix" / "config.json").exists()
+    outputs = []
+    for flags in (["--ptuning", str(run / "prefix")], ["--adapter", str(run)]):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(golden_dir), *flags, "--device", "cpu", "--temperature", "0",
+                     "--max-new-tokens", "4", "--json", "--prompt", "你好"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(golden_dir), "--device", "cpu", "--temperature", "0",
+                 "--max-new-tokens", "4", "--json", "--prompt", "你好"]) == 0
+    base_output = json.loads(capsys.readouterr().out)["token_ids"]
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 4 and outputs[0] != base_output
+    assert main(["merge", "--model", str(golden_dir), "--adapter", str(run), "--out", str(tmp_path / "merged")]) != 0
+    err = capsys.readouterr().err
+    assert "is a P-Tuning prefix, which cannot be merged" in err and err.count("\n") == 1
+    assert not (tmp_path / "merged").exists()
+
+
+def test_eval_variants_apply_and_remove_a_prefix(tiny, ptuning_dirs):
+    from chatglm_ft.evaluate import activated, parse_variants
+
+    model, _ = tiny
+    ids = torch.tensor([[5, 74874, 130001, 130004]])
+    with torch.no_grad():
+        base = model(ids).logits
+    variants = parse_variants(["base", str(ptuning_dirs["v1-proj"])])
+    assert [(v.name, v.ptuning) for v in variants] == [("base", False), ("ptuning-v1-proj", True)]
+    seen = []
+    for variant, m in activated(model, variants):
+        with torch.no_grad():
+            seen.append(m(ids).logits)
+    assert torch.equal(seen[0], base) and (seen[1] - base).abs().max() > 0.1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base) and prefix_length(model) == 0
