@@ -296,3 +296,63 @@ def test_eval_variants_apply_and_remove_a_prefix(tiny, ptuning_dirs):
     assert torch.equal(seen[0], base) and (seen[1] - base).abs().max() > 0.1
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base) and prefix_length(model) == 0
+
+
+# -- the other decode loops: the prefix sits in the first cache columns --------------------------------------
+def test_uncompiled_fast_path_matches_golden(prefixed):
+    from chatglm_ft.fast import FastOptions
+    from chatglm_ft.generate import stream_tokens
+
+    model, _, golden = prefixed["v1-proj"]
+    uncompiled = FastOptions(compile=False)
+    case = golden["greedy"][0]
+    gen = GenerationConfig(max_new_tokens=len(case["new_ids"]))
+    assert [list(r) for r in zip(*stream_tokens(model, [case["input_ids"]], gen, fast=uncompiled))] == [case["new_ids"]]
+    case = golden["batch"][0]
+    prompts = [[t for t in row if t != 3] for row in case["input_ids"]]
+    gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]))
+    assert [list(r) for r in zip(*stream_tokens(model, prompts, gen, fast=uncompiled))] == case["new_ids"]
+
+
+@pytest.mark.parametrize("decode", ["eager", "graphs"])
+def test_continuous_batching_engine_matches_golden(golden_dir, ptuning_dirs, decode):
+    from chatglm_ft.engine import Engine
+
+    model, tokenizer = load(golden_dir, dtype="float32", device="cpu", ptuning=ptuning_dirs["v1-noproj"])
+    golden = golden_of(ptuning_dirs["v1-noproj"])
+    engine = Engine(model, tokenizer, max_batch=3, max_context=128, decode=decode).start()
+    try:
+        gen = GenerationConfig(max_new_tokens=16, stop_token_ids=())
+        handles = [engine.submit(c["input_ids"], gen) for c in golden["greedy"]]
+        case = golden["batch"][0]
+        batch = [engine.submit([t for t in row if t != 3], GenerationConfig(max_new_tokens=12, stop_token_ids=()))
+                 for row in case["input_ids"]]
+        assert [h.result(120).token_ids for h in handles] == [c["new_ids"] for c in golden["greedy"]]
+        assert [h.result(120).token_ids for h in batch] == case["new_ids"]
+    finally:
+        engine.stop(drain=False, timeout=30)
+
+
+def test_prompt_mask_prefill_equals_the_bool_mask_with_a_prefix(prefixed):
+    from chatglm_ft.fast import prefill_logits
+    from chatglm_ft.model import PromptMask
+    from chatglm_ft.positions import prefix_layout
+
+    model, _, golden = prefixed["v1-noproj"]
+    ids = torch.tensor([golden["greedy"][1]["input_ids"]])
+    layout = prefix_layout(ids, model.config)
+    with torch.inference_mode():
+        model.setup_caches(1, ids.shape[1])
+        split = prefill_logits(model, ids, layout, PromptMask(context=ids.shape[1] - 1))
+        masked = prefill_logits(model, ids, layout)
+    torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_base_with_a_prefix_stays_close_to_float(prefixed, golden_dir, ptuning_dirs):
+    model, _, golden = prefixed["v1-proj"]
+    quantized, _ = load(golden_dir, dtype="float32", device="cpu", quantize="int8", ptuning=ptuning_dirs["v1-proj"])
+    ids = torch.tensor([golden["forward"][0]["input_ids"]])
+    with torch.no_grad():
+        exact, approx = model(ids).logits, quantized(ids).logits
+    assert (approx - exact).abs().max() < 0.05
+    assert torch.equal(approx[0, -1].topk(5).indices, exact[0, -1].topk(5).indices)
