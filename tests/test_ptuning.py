@@ -356,3 +356,14 @@ def test_int8_base_with_a_prefix_stays_close_to_float(prefixed, golden_dir, ptun
         exact, approx = model(ids).logits, quantized(ids).logits
     assert (approx - exact).abs().max() < 0.05
     assert torch.equal(approx[0, -1].topk(5).indices, exact[0, -1].topk(5).indices)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(golden_dir, tmp_path, private_cache):
+    from chatglm_ft.train import train
+
+    runs = [train(train_config(tmp_path / str(ckpt), max_steps=3, gradient_checkpointing=ckpt),
+                  model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(12)).losses
+            for ckpt in (False, True)]
+    assert [s for s, _ in runs[0]] == [1, 2, 3]
+    for (_, a), (_, b) in zip(*runs):
+        assert abs(a - b) < 1e-5
