@@ -367,3 +367,39 @@ def test_gradient_checkpointing_gives_the_same_losses(golden_dir, tmp_path, priv
     assert [s for s, _ in runs[0]] == [1, 2, 3]
     for (_, a), (_, b) in zip(*runs):
         assert abs(a - b) < 1e-5
+
+
+def test_fsdp_and_ddp_train_the_same_prefix(golden_dir, tmp_path):
+    """Two CPU processes over gloo: FSDP (the prefix its own unit) and DDP give the same losses and prefix
+    (both seed the prefix dropout per rank alike), and a checkpoint written under FSDP resumes."""
+    import os
+    import subprocess
+    import sys
+
+    rows = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}."}
+            for a in range(4) for b in range(4)]
+    data = tmp_path / "add.json"
+    data.write_text(json.dumps(rows))
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, sys\nimport torch.distributed as dist\nfrom chatglm_ft.cli import main\n"
+                      "dist.init_process_group('gloo')\n"
+                      "for argv in json.load(open(sys.argv[1])):\n    assert main(argv) == 0\n"
+                      "dist.destroy_process_group()\n")
+    common = ["train", "--model", str(golden_dir), "--data", str(data), "--finetuning-type", "ptuning",
+              "--pre-seq-len", "4", "--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "0.3",
+              "--warmup-steps", "0", "--logging-steps", "1", "--save-steps", "2", "--template", "alpaca",
+              "--no-progress", "--report-to", "none", "--device", "cpu", "--max-source-length", "32",
+              "--max-target-length", "16"]
+    runs = [[*common, "--fsdp", "--output-dir", str(tmp_path / "fsdp")], [*common, "--output-dir", str(tmp_path / "ddp")],
+            [*common, "--fsdp", "--resume", "--max-steps", "4", "--output-dir", str(tmp_path / "fsdp")]]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(tmp_path / "runs.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fsdp, ddp = (json.loads((tmp_path / name / "train_results.json").read_text()) for name in ("fsdp", "ddp"))
+    torch.testing.assert_close(torch.tensor(fsdp["losses"][:3]), torch.tensor(ddp["losses"]), rtol=1e-5, atol=1e-5)
+    assert [s for s, _ in fsdp["losses"]] == [1, 2, 3, 4]  # resumed from checkpoint-2 under FSDP
+    assert "resuming from" in result.stderr
+    a, b = (torch.load(tmp_path / name / "prefix" / "pytorch_model.bin", weights_only=True) for name in ("fsdp", "ddp"))
+    assert list(a) == [PREFIX_KEY + "embedding.weight"] and a[PREFIX_KEY + "embedding.weight"].dtype == torch.float32
