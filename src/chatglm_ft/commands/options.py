@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
     if adapter if ptuning is None else ptuning:
         p.add_argument("--ptuning", default=None, metavar="DIR",
                        help="P-Tuning v2 prefix directory (THUDM's layout: config.json with pre_seq_len + "
-                            "pytorch_model.bin); a prefix given to --adapter is recognised too")
+                            "pytorch_model.bin)" + ("; a prefix given to --adapter is recognised too" if adapter else ""))
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | None = 256, sample_default: bool = True) -> None:
