@@ -403,3 +403,46 @@ def test_fsdp_and_ddp_train_the_same_prefix(golden_dir, tmp_path):
     assert "resuming from" in result.stderr
     a, b = (torch.load(tmp_path / name / "prefix" / "pytorch_model.bin", weights_only=True) for name in ("fsdp", "ddp"))
     assert list(a) == [PREFIX_KEY + "embedding.weight"] and a[PREFIX_KEY + "embedding.weight"].dtype == torch.float32
+
+
+# -- on a GPU: the compiled, CUDA-graphed decode loops and 16-bit training --------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", V1)
+def test_cuda_fast_path_and_engine_match_golden(golden_dir, ptuning_dirs, name):
+    """float32 on CUDA: the default (compiled + CUDA graphs) loop, the eager loop and the compiled engine
+    all give the golden ids with the prefix in the first cache columns."""
+    from chatglm_ft.engine import Engine
+    from chatglm_ft.generate import stream_tokens
+
+    model, _ = load(golden_dir, dtype="float32", device="cuda", ptuning=ptuning_dirs[name])
+    golden = golden_of(ptuning_dirs[name])
+    for case in golden["greedy"]:
+        gen = GenerationConfig(max_new_tokens=len(case["new_ids"]), stop_token_ids=())
+        for fast in (None, False):
+            assert [list(r) for r in zip(*stream_tokens(model, [case["input_ids"]], gen, fast=fast))] == [case["new_ids"]]
+    case = golden["batch"][0]
+    prompts = [[t for t in row if t != 3] for row in case["input_ids"]]
+    gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]), stop_token_ids=())
+    assert [list(r) for r in zip(*stream_tokens(model, prompts, gen))] == case["new_ids"]
+    engine = Engine(model, None, max_batch=8, max_context=256).start()
+    try:
+        handles = [engine.submit(c["input_ids"], GenerationConfig(max_new_tokens=16, stop_token_ids=()))
+                   for c in golden["greedy"] * 3]
+        assert [h.result(120).token_ids for h in handles] == [c["new_ids"] for c in golden["greedy"]] * 3
+    finally:
+        engine.stop(drain=False, timeout=30)
+
+
+@pytest.mark.gpu
+def test_ptuning_trains_on_gpu_over_bf16_and_int4(golden_dir, tmp_path):
+    from chatglm_ft.train import TrainConfig, train
+
+    for quantize in (None, "int4"):
+        result = train(TrainConfig(model=str(golden_dir), output_dir=str(tmp_path / str(quantize)), max_steps=6,
+                                   finetuning_type="ptuning", pre_seq_len=8, per_device_train_batch_size=4,
+                                   learning_rate=0.3, warmup_steps=0, quantize=quantize, logging_steps=1,
+                                   progress=False, report_to=["none"], device="cuda"), examples=copy_task(24))
+        assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+        assert result.losses[-1][1] < result.losses[0][1]
+        state = torch.load(result.adapter_dir / "pytorch_model.bin", weights_only=True)
+        assert state[PREFIX_KEY + "embedding.weight"].dtype == torch.float32

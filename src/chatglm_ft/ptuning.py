@@ -11,6 +11,10 @@ How the network uses it (model.py calls the three hooks below, nothing else know
 - `shift_cache` moves the prompt behind the prefix in the KV cache: the prefix owns the first P
   columns (`write_prefix_cache`), the sequence's column c is cache column P + c.
 Positions do not change (ChatGLM-6B's 2D positions ignore the prefix).
+
+ChatGLM2/3 plug in at three places: `prefix_shape` (kv heads G instead of N, and their projection embeds into
+K), `check_same_model` (compare their size fields), and their network calling the same hooks (its mask is
+a 2D padding mask to which the P ones are prepended, SPEC.md II.7.3).
 """
 from __future__ import annotations
 
