@@ -93,6 +93,22 @@ def test_prefix_changes_the_output_and_detaching_restores_the_base(golden_dir, p
         torch.testing.assert_close(model(ids).logits, plain, atol=0, rtol=0)
 
 
+def test_save_reproduces_thudms_files(prefixed, golden_dir, ptuning_dirs, tmp_path):
+    """A loaded official prefix saved again: the same tensors bit for bit, float32, the same keys and config fields."""
+    model, _, golden = prefixed["v1-proj"]
+    out = save_prefix(model, tmp_path / "again", tokenizer_dir=golden_dir)
+    original = torch.load(ptuning_dirs["v1-proj"] / "pytorch_model.bin", weights_only=True)
+    saved = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert sorted(saved) == sorted(original) == sorted(golden["saved_keys"])
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], original[k]) for k in original)
+    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (ptuning_dirs["v1-proj"], out))
+    fields = ("pre_seq_len", "prefix_projection", "model_type", "num_layers", "hidden_size", "num_attention_heads",
+              "vocab_size", "torch_dtype", "auto_map")
+    assert {k: ours.get(k) for k in fields} == {k: theirs.get(k) for k in fields}
+    assert (out / "ice_text.model").exists()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 130005
+
+
 # -- training ---------------------------------------------------------------------------------------
 def copy_task(n, seed=0):
     """Prompts of random tokens, all with one answer: what a prefix (a fixed context) can learn in a few steps
@@ -234,7 +250,6 @@ def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tm
         "a full model checkpoint .pytorch_model.bin.index.json": golden_dir,
         "a ChatGLM2/3-6B prefix": ptuning_dirs["v2"],
     }
-    (tmp_path / "len" / "config.json").read_text()
     for message, path in cases.items():
         if path == golden_dir:  # the base's own config has no pre_seq_len: pretend THUDM's full save
             path = tmp_path / "fullsharded"
