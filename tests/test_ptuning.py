@@ -461,3 +461,16 @@ def test_ptuning_trains_on_gpu_over_bf16_and_int4(golden_dir, tmp_path):
         assert result.losses[-1][1] < result.losses[0][1]
         state = torch.load(result.adapter_dir / "pytorch_model.bin", weights_only=True)
         assert state[PREFIX_KEY + "embedding.weight"].dtype == torch.float32
+
+
+def test_cache_reuse_across_inference_mode(golden_dir, ptuning_dirs):
+    """The prefix is rewritten whenever caches are set up, whether they were made inside inference mode
+    (generation) or outside it."""
+    model, tokenizer = load(golden_dir, dtype="float32", device="cpu", ptuning=ptuning_dirs["v1-noproj"])
+    case = golden_of(ptuning_dirs["v1-noproj"])["greedy"][0]
+    gen = GenerationConfig(max_new_tokens=len(case["new_ids"]))
+    assert generate(model, tokenizer, [case["input_ids"]], gen)[0].token_ids == case["new_ids"]
+    model.setup_caches(1, 8)  # outside inference mode, on caches generation made
+    model.clear_caches()
+    model.setup_caches(1, 64)  # made outside inference mode, then reused by generation
+    assert generate(model, tokenizer, [case["input_ids"]], gen)[0].token_ids == case["new_ids"]

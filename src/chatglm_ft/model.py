@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import RESIDUAL_ALPHA, ChatGLMConfig
 from .positions import attention_mask_for, position_ids_for, prefix_layout
+from .ptuning import prefix_mask, shift_cache, write_prefix_cache
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -289,8 +290,6 @@ class ChatGLMModel(nn.Module):
         cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
         prefix_kvs = [None] * len(self.layers)
         if self.prefix_encoder is not None:  # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence
-            from .ptuning import prefix_mask, shift_cache
-
             P = self.prefix_encoder.pre_seq_len
             attn_mask = prefix_mask(attn_mask, P)
             if kv_caches is not None:  # the prefix sits in the cache's first P columns (setup_caches wrote it)
@@ -408,8 +407,6 @@ class ChatGLMForConditionalGeneration(nn.Module):
             and self.kv_caches[0].k.device == self.device
         ):
             if prefix is not None:
-                from .ptuning import write_prefix_cache
-
                 write_prefix_cache(prefix, self.kv_caches)  # cheap, and current after training steps
             return
         self.kv_caches = None  # free the old cache before allocating the new one
@@ -420,8 +417,6 @@ class ChatGLMForConditionalGeneration(nn.Module):
             for layer in self.transformer.layers
         )
         if prefix is not None:
-            from .ptuning import write_prefix_cache
-
             write_prefix_cache(prefix, self.kv_caches)
 
     def clear_caches(self) -> None:

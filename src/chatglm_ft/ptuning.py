@@ -18,6 +18,7 @@ a 2D padding mask to which the P ones are prepended, SPEC.md II.7.3).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +109,10 @@ class PrefixEncoder(nn.Module):
 def prefix_mask(mask, pre_seq_len: int):
     """The attention mask with P visible key columns in front: a (B, 1, T, S) bool mask (True = visible)
     gets (B, 1, T, P) True; a model.PromptMask records the prefix; None (all visible) stays None."""
-    from .model import PromptMask
-
     if mask is None:
         return None
-    if isinstance(mask, PromptMask):
-        return PromptMask(context=mask.context, prefix=pre_seq_len)
+    if not isinstance(mask, torch.Tensor):  # model.PromptMask (not imported: model.py imports this module)
+        return dataclasses.replace(mask, prefix=pre_seq_len)
     visible = mask.new_ones(*mask.shape[:-1], pre_seq_len)  # (B, 1, T, P)
     return torch.cat([visible, mask], dim=-1)  # (B, 1, T, P + S)
 
@@ -127,7 +126,7 @@ def shift_cache(columns, kv_length: int | None, pre_seq_len: int):
     return columns, (kv_length + pre_seq_len if kv_length is not None else None)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # caches made under inference mode (generation) may only be written in it
 def write_prefix_cache(encoder: PrefixEncoder, kv_caches) -> None:
     """Put the prefix keys/values into the first P columns of every slot of every layer's cache."""
     P = encoder.pre_seq_len
