@@ -73,11 +73,14 @@ def load(
     device: str | torch.device | None = None,
     quantize: str | dict | None = None,  # "int8", "int4" or {"bits": 4, "group_size": 128, "embeddings": True}
     adapter: str | Path | list | None = None,
+    ptuning: str | Path | None = None,
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Load a ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B checkpoint directory (config.json tells which):
     `model, tokenizer = load(path, dtype="float16", device="cuda")`.
 
-    `device="cuda:0,cuda:1"` spreads the layers over several GPUs (multigpu.py)."""
+    `device="cuda:0,cuda:1"` spreads the layers over several GPUs (multigpu.py). `ptuning` is a P-Tuning v2
+    prefix directory in THUDM's layout (ptuning.py); one passed in `adapter` is recognised too."""
+    adapter, ptuning = split_prefix(adapter, ptuning)
     path = model_path(path)
     config = load_config(path)
     tokenizer = load_tokenizer(path, config)
@@ -125,9 +128,26 @@ def load_model(
     if devices:
         split_layers(model, devices)
     model.eval()
+    if ptuning:
+        from .ptuning import load_prefix
+
+        load_prefix(model, ptuning)
     if adapter:
         from .lora import apply_adapters
 
         model = apply_adapters(model, adapter)
     return model
 
+
+
+def split_prefix(adapter: str | Path | list | None, ptuning: str | Path | None) -> tuple[list, str | Path | None]:
+    """Move a P-Tuning directory given among the adapters to `ptuning` (at most one prefix per model)."""
+    from .ptuning import is_prefix_dir, prefix_dir
+
+    adapters = [adapter] if isinstance(adapter, (str, Path)) else list(adapter or [])
+    prefixes = [a for a in adapters if Path(a).expanduser().is_dir() and is_prefix_dir(prefix_dir(a))]
+    if ptuning is not None:
+        prefixes.insert(0, ptuning)
+    if len(prefixes) > 1:
+        raise ChatGLMError(f"two P-Tuning prefixes given ({prefixes[0]}, {prefixes[1]}); a model takes one")
+    return [a for a in adapters if a not in prefixes], (prefixes[0] if prefixes else None)

@@ -179,7 +179,8 @@ def load_weights(
                 continue
             if name.startswith("transformer.prefix_encoder."):
                 raise CheckpointError(
-                    f"{file}: holds a P-Tuning v2 prefix encoder ({name}); merge or drop it, chatglm-ft loads plain and LoRA models"
+                    f"{file}: holds a P-Tuning v2 prefix encoder ({name}) inside a full checkpoint; load the base model with"
+                    " --model and a prefix-only directory (THUDM's layout) with --ptuning"
                 )
             if name not in expected:
                 raise CheckpointError(f"{file}: unexpected tensor {name}; config.json and weights do not belong"

@@ -45,14 +45,17 @@ def missing_eval_modules() -> list[str]:
 class Variant:
     name: str
     adapter: Path | None = None  # None: the base model
+    ptuning: bool = False  # `adapter` is a P-Tuning v2 prefix directory (ptuning.py), not a LoRA adapter
 
 
 def parse_variants(values: Sequence[str] | None) -> list[Variant]:
     """`--adapter` values -> variants; "base" is the model without adapters; none given: base only.
 
-    A value is an adapter directory (PEFT layout) or a `chatglm-ft train` output directory holding one.
+    A value is an adapter directory (PEFT layout), a P-Tuning prefix directory (THUDM's layout), or a
+    `chatglm-ft train` output directory holding one.
     """
     from .lora import adapter_dir
+    from .ptuning import is_prefix_dir, prefix_dir
 
     if not values:
         return [Variant(BASE)]
@@ -62,12 +65,14 @@ def parse_variants(values: Sequence[str] | None) -> list[Variant]:
         if value == BASE:
             variant = Variant(BASE)
         else:
-            path = adapter_dir(value)
+            given_dir = Path(value).expanduser()
+            ptuning = given_dir.is_dir() and is_prefix_dir(prefix_dir(given_dir))
+            path = prefix_dir(given_dir) if ptuning else adapter_dir(value)
             given = Path(value).expanduser().resolve()
             name = given.name or "adapter"
             if name in names:  # two dirs with one name (run1/adapter, run2/adapter): qualify by the parent
                 name = f"{given.parent.name}/{name}"
-            variant = Variant(name, path)
+            variant = Variant(name, path, ptuning)
         if variant.name in names:
             raise ChatGLMError(f"variant {variant.name!r} given twice")
         names.add(variant.name)
@@ -87,6 +92,15 @@ def activated(model, variants: Sequence[Variant]) -> Iterator[tuple[Variant, Any
     for variant in variants:
         if variant.adapter is None:
             yield variant, model
+            continue
+        if variant.ptuning:
+            from .ptuning import detach, load_prefix
+
+            load_prefix(model, variant.adapter)
+            try:
+                yield variant, model
+            finally:
+                detach(model)
             continue
         adapted = apply_adapters(model, variant.adapter)
         try:

@@ -43,6 +43,11 @@ def shard(trained: nn.Module, layers: nn.ModuleList, *, device: torch.device, am
     for i, layer in enumerate(layers):
         # the last block's weights are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+    from .ptuning import prefix_encoder_of
+
+    prefix = prefix_encoder_of(trained)
+    if prefix is not None:  # P-Tuning: the trained float32 prefix is its own unit, computed in float32 as THUDM does
+        fully_shard(prefix, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     fully_shard(trained, mesh=mesh, mp_policy=policy)
 
 

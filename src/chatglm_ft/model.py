@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import RESIDUAL_ALPHA, ChatGLMConfig
 from .positions import attention_mask_for, position_ids_for, prefix_layout
+from .ptuning import prefix_mask, shift_cache, write_prefix_cache
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -116,6 +117,7 @@ class PromptMask:
     SDPA can pick its flash kernel (any explicit mask rules flash out)."""
 
     context: int  # column of <sop>, >= 1
+    prefix: int = 0  # P-Tuning: key columns before the prompt, visible to every row (ptuning.py)
 
 
 # Decoding on CUDA uses the Triton kernel of decode_attention.py where Triton is installed
@@ -126,15 +128,15 @@ DECODE_KERNEL = importlib.util.find_spec("triton") is not None
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | PromptMask | None) -> torch.Tensor:
     """Softmax attention of q (B, nh, T, hd) over k, v (B, nh, S, hd) where `mask` (B, 1, T, S) is True."""
     if isinstance(mask, PromptMask):
-        c = mask.context
+        c, kc = mask.context, mask.prefix + mask.context  # query rows before <sop>, key columns they see
         sop = F.scaled_dot_product_attention(q[:, :, c:], k, v)  # (B, nh, 1, hd)
         if not torch.is_grad_enabled():
             # every row over the context columns, then the <sop> row replaced in place: the output keeps
             # the kernel's (B, T, nh, hd) layout, so the caller's transpose-reshape copies nothing
-            out = F.scaled_dot_product_attention(q, k[:, :, :c], v[:, :, :c])
+            out = F.scaled_dot_product_attention(q, k[:, :, :kc], v[:, :, :kc])
             out[:, :, c:] = sop
             return out
-        before = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :c], v[:, :, :c])  # (B, nh, c, hd)
+        before = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :kc], v[:, :, :kc])  # (B, nh, c, hd)
         return torch.cat([before, sop], dim=2)
     if q.shape[2] == 1:
         if q.is_cuda and DECODE_KERNEL:
@@ -217,6 +219,7 @@ class SelfAttention(nn.Module):
         cache_columns: torch.Tensor | None = None,
         kv_length: int | None = None,
         cache_rows: torch.Tensor | slice | None = None,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, H = x.shape
         qkv = linear(self.query_key_value, x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
@@ -232,6 +235,9 @@ class SelfAttention(nn.Module):
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
         else:
             k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+            if prefix_kv is not None:  # P-Tuning without a cache: the prefix keys/values (not rotated) come first
+                k_all = torch.cat([prefix_kv[0].to(k_all.device).expand(B, -1, -1, -1), k_all], dim=2)
+                v_all = torch.cat([prefix_kv[1].to(v_all.device).expand(B, -1, -1, -1), v_all], dim=2)
         y = attend(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, nh, T, hd)
         return linear(self.dense, y.transpose(1, 2).reshape(B, T, H))
 
@@ -255,9 +261,9 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config, device)
 
     def forward(self, h: torch.Tensor, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None,
-                cache_rows=None) -> torch.Tensor:
+                cache_rows=None, prefix_kv=None) -> torch.Tensor:
         x = self.input_layernorm(h)
-        a = self.attention(x, cos, sin, attn_mask, kv_cache, cache_columns, kv_length, cache_rows)
+        a = self.attention(x, cos, sin, attn_mask, kv_cache, cache_columns, kv_length, cache_rows, prefix_kv)
         h = torch.add(a, x, alpha=RESIDUAL_ALPHA)  # x * alpha + a in one kernel
         y = self.post_attention_layernorm(h)
         return torch.add(self.mlp(y), y, alpha=RESIDUAL_ALPHA)
@@ -277,16 +283,26 @@ class ChatGLMModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
         self.register_buffer("inv_freq", rotary_inv_freq(config.head_dim // 2, device=device), persistent=False)
         self.gradient_checkpointing = False
+        self.prefix_encoder = None  # P-Tuning v2: a ptuning.PrefixEncoder, attached by ptuning.attach
 
     def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None, cache_rows=None):
         h = self.word_embeddings(input_ids)  # (B, T, H)
         cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
+        prefix_kvs = [None] * len(self.layers)
+        if self.prefix_encoder is not None:  # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence
+            P = self.prefix_encoder.pre_seq_len
+            attn_mask = prefix_mask(attn_mask, P)
+            if kv_caches is not None:  # the prefix sits in the cache's first P columns (setup_caches wrote it)
+                cache_columns, kv_length = shift_cache(cache_columns, kv_length, P)
+            else:
+                prefix_kvs = self.prefix_encoder(input_ids.shape[0], h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, prefix_kv=prefix_kvs[i],
+                                                      use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows)
+                h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows, prefix_kvs[i])
         return self.final_layernorm(h)
 
 
@@ -379,7 +395,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     # -- KV cache --------------------------------------------------------------------------------
     def setup_caches(self, batch_size: int, max_length: int) -> None:
+        """Caches for `max_length` sequence columns (plus a P-Tuning prefix's columns in front, filled here)."""
         c = self.config
+        prefix = self.transformer.prefix_encoder
+        max_length += prefix.pre_seq_len if prefix is not None else 0
         if (
             self.kv_caches is not None
             and self.kv_caches[0].k.shape[0] == batch_size
@@ -387,6 +406,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
             and self.kv_caches[0].k.dtype == self.compute_dtype
             and self.kv_caches[0].k.device == self.device
         ):
+            if prefix is not None:
+                write_prefix_cache(prefix, self.kv_caches)  # cheap, and current after training steps
             return
         self.kv_caches = None  # free the old cache before allocating the new one
         # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
@@ -395,6 +416,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
                     device=layer.input_layernorm.weight.device)
             for layer in self.transformer.layers
         )
+        if prefix is not None:
+            write_prefix_cache(prefix, self.kv_caches)
 
     def clear_caches(self) -> None:
         self.kv_caches = None

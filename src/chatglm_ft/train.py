@@ -1,4 +1,4 @@
-"""The training loop: LoRA (through PEFT) or full fine-tuning, in one process or under torchrun (DDP, or FSDP: fsdp.py).
+"""The training loop: LoRA (through PEFT), P-Tuning v2 (ptuning.py) or full fine-tuning, in one process or under torchrun (DDP, or FSDP: fsdp.py).
 
     train(TrainConfig(model="chatglm-6b", data=["alpaca.json"], learning_rate=1e-4))
 
@@ -9,8 +9,8 @@ N processes with batch b give the same gradients as one process with batch N*b, 
 accumulation gives the same gradients as one big batch.
 
 Output directory:
-    adapter/                  final LoRA adapter (PEFT layout)    | model/ for full fine-tuning
-    checkpoint-<step>/        adapter/ or model/ + trainer_state.pt (optimizer, scheduler, RNG, data position)
+    adapter/                  final LoRA adapter (PEFT layout)    | prefix/ for P-Tuning | model/ for full fine-tuning
+    checkpoint-<step>/        adapter/, prefix/ or model/ + trainer_state.pt (optimizer, scheduler, RNG, data position)
     train_log.jsonl           one line per logging step / evaluation
     train_results.json        the TrainResult
     tensorboard/              when tensorboard is installed and report_to has it
@@ -41,6 +41,7 @@ from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, lo
 from .errors import ChatGLMError, DataError
 from .outputs import check_output_dir, discard, move_aside, writing
 from .lora import apply_lora, save_adapter
+from .ptuning import add_prefix_encoder, prefix_encoder_of, save_prefix
 from .train_config import TrainConfig, TrainResult
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
@@ -49,6 +50,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "train_results.json"
+PREFIX_DIR = "prefix"  # P-Tuning output, in THUDM's layout
 IGNORE_INDEX = -100
 
 
@@ -150,6 +152,10 @@ class Run:
     def lora(self) -> bool:
         return self.config.finetuning_type == "lora"
 
+    @property
+    def ptuning(self) -> bool:
+        return self.config.finetuning_type == "ptuning"
+
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -171,6 +177,8 @@ def save_weights(run: Run, out: Path, weights: dict[str, torch.Tensor] | None = 
     `weights`: the full tensors gathered from the FSDP shards (`gather_for_saving`); None: the model's own."""
     if run.lora:
         save_adapter(run.trained, out / "adapter", base_model=run.config.model, state_dict=weights)
+    elif run.ptuning:
+        save_prefix(run.base, out / PREFIX_DIR, state=weights, tokenizer_dir=run.tokenizer_dir)
     else:
         save_checkpoint(weights if weights is not None else run.base.state_dict(), run.base.config, out / "model",
                         tokenizer_dir=run.tokenizer_dir)
@@ -183,7 +191,7 @@ def gather_for_saving(run: Run, *, optimizer: bool) -> tuple[dict[str, torch.Ten
         return None, None
     from . import fsdp
 
-    weights = fsdp.full_weights(run.trained, trainable_only=run.lora)
+    weights = fsdp.full_weights(run.trained, trainable_only=run.lora or run.ptuning)
     state = fsdp.full_optimizer_state(run.trained, run.optimizer) if optimizer else None
     return weights, state
 
@@ -261,6 +269,8 @@ def restore(run: Run, path: Path) -> None:
         if result.unexpected_keys:
             raise ChatGLMError(f"{path}: adapter does not match the LoRA settings (e.g. {result.unexpected_keys[0]});"
                                " resume with the same --lora-* flags")
+    elif run.ptuning:
+        restore_prefix(run, path)
     else:
         params = run.base.state_dict(keep_vars=True)
         for file in weight_files(path / "model"):
@@ -302,10 +312,33 @@ def restore_sharded(run: Run, path: Path, optimizer_state: dict[str, Any]) -> No
         if unmatched:
             raise ChatGLMError(f"{path}: adapter does not match the LoRA settings (e.g. {unmatched[0]});"
                                " resume with the same --lora-* flags")
+    elif run.ptuning:
+        weights = saved_prefix(run, path)
     else:
         weights = {name: tensor for file in weight_files(path / "model") for name, tensor in read_shard(file)}
-    fsdp.load_full_weights(run.trained, weights, strict=not run.lora)
+    fsdp.load_full_weights(run.trained, weights, strict=not (run.lora or run.ptuning))
     fsdp.load_full_optimizer_state(run.trained, run.optimizer, optimizer_state)
+
+
+def saved_prefix(run: Run, path: Path) -> dict[str, torch.Tensor]:
+    """The prefix tensors of checkpoint `path`, checked against this run's --pre-seq-len / --prefix-projection."""
+    from .ptuning import PREFIX_KEY, read_prefix
+
+    try:
+        encoder = read_prefix(path / PREFIX_DIR, run.base.config)
+    except ChatGLMError as e:
+        raise ChatGLMError(f"{e}; resume with the same --pre-seq-len and --prefix-projection") from None
+    if encoder.shape != prefix_encoder_of(run.base).shape:
+        raise ChatGLMError(f"{path}: prefix of pre_seq_len {encoder.pre_seq_len}, projection"
+                           f" {str(encoder.shape.projection).lower()}; resume with the same --pre-seq-len and --prefix-projection")
+    return {PREFIX_KEY + name: tensor for name, tensor in encoder.state_dict().items()}
+
+
+def restore_prefix(run: Run, path: Path) -> None:
+    params = run.base.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in saved_prefix(run, path).items():
+            params[name].copy_(tensor)
 
 
 # -- one optimizer step --------------------------------------------------------------------------------
@@ -501,6 +534,10 @@ def uses_fsdp(config: TrainConfig, procs: Processes) -> bool:
 
 
 def make_trainable(config: TrainConfig, model: nn.Module) -> nn.Module:
+    if config.finetuning_type == "ptuning":
+        # the same fresh prefix on every process and every run; the base is frozen whatever its dtype (int4 too)
+        add_prefix_encoder(model, pre_seq_len=config.pre_seq_len, projection=config.prefix_projection, seed=config.seed)
+        return model
     if config.finetuning_type == "lora":
         torch.manual_seed(config.seed)  # the same fresh adapter on every process and every run
         return apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
@@ -536,7 +573,8 @@ def describe(run: Run, n_train: int, n_val: int, amp, steps_per_epoch: int) -> s
     trainable = sum(p.numel() for p in run.trained.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in run.trained.parameters()}.values())
     what = (f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {','.join(sorted(run.trained.peft_config['default'].target_modules))}"
-            if run.lora else "full fine-tuning")
+            if run.lora else f"P-Tuning v2 pre_seq_len={c.pre_seq_len}" + (" with projection" if c.prefix_projection else "")
+            if run.ptuning else "full fine-tuning")
     what += f", FSDP over {procs.world} processes" if run.sharded else ""
     global_batch = c.per_device_train_batch_size * procs.world * c.gradient_accumulation_steps
     return (f"train: {n_train:,} examples" + (f" (+{n_val:,} validation)" if n_val else "")
@@ -624,6 +662,9 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         info(describe(run, len(train_examples), len(val_examples), amp, steps_per_epoch))
+        if run.ptuning and config.learning_rate <= 1e-4:
+            info(f"note: learning rate {config.learning_rate:g} is low for P-Tuning; THUDM's recipe uses 2e-2"
+                 " (--learning-rate)")
         if run.lora and config.learning_rate <= 2e-5:
             info(f"note: learning rate {config.learning_rate:g} is the seed's value for full fine-tuning;"
                  " LoRA usually needs 1e-4..1e-3 (--learning-rate)")
@@ -644,10 +685,11 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     trained.eval()
     window = [loss for _, loss in run.losses[-config.logging_steps:]]
     result = TrainResult(
-        output_dir=output_dir, adapter_dir=output_dir / "adapter" if run.lora else None,
+        output_dir=output_dir,
+        adapter_dir=output_dir / "adapter" if run.lora else output_dir / PREFIX_DIR if run.ptuning else None,
         final_loss=sum(window) / len(window) if window else float("nan"), losses=run.losses,
         eval_losses=run.eval_losses, tokens_per_second=tokens_per_second, seconds=seconds, steps=run.step,
-        model_dir=None if run.lora else output_dir / "model",
+        model_dir=None if run.lora or run.ptuning else output_dir / "model",
         peak_memory_bytes=torch.cuda.max_memory_allocated(procs.device) if procs.device.type == "cuda" else None,
     )
     if procs.main:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ChatGLMError
 
-FINETUNING_TYPES = ("lora", "full")
+FINETUNING_TYPES = ("lora", "full", "ptuning")
 REPORTERS = ("jsonl", "tensorboard")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # the Linears of a ChatGLM-6B layer
 
@@ -33,6 +33,8 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_target: list[str] = field(default_factory=lambda: ["query_key_value"])
+    pre_seq_len: int = 128  # P-Tuning v2 (--finetuning-type ptuning): THUDM's recipe uses 128
+    prefix_projection: bool = False
     quantize: str | None = None
     dtype: str = "auto"
     device: str = "auto"
@@ -94,6 +96,8 @@ class TrainConfig:
             raise bad(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not {self.finetuning_type!r}")
         if self.finetuning_type == "full" and self.quantize:
             raise bad("full fine-tuning needs float weights; drop --quantize (QLoRA is --finetuning-type lora)")
+        if self.finetuning_type == "ptuning" and self.pre_seq_len < 1:
+            raise bad(f"pre_seq_len must be at least 1, not {self.pre_seq_len}")
         if self.fsdp and self.quantize:
             raise bad("--fsdp shards float weights; a --quantize base cannot be sharded (drop one of the two)")
         if self.quantize not in (None, "int8", "int4"):
@@ -135,7 +139,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     output_dir: Path
-    adapter_dir: Path | None  # the final adapter (LoRA); None for full fine-tuning
+    adapter_dir: Path | None  # the final adapter (LoRA) or prefix (P-Tuning); None for full fine-tuning
     final_loss: float  # mean training loss over the last logging window
     losses: list[tuple[int, float]]  # (optimizer step, training loss) for every step, resumed runs included
     eval_losses: list[tuple[int, float]]

@@ -16,7 +16,7 @@ def register(sub) -> None:
                     "batch-1 greedy decode tokens/s at short and at 2k context, and the fraction of the "
                     "memory-bandwidth roofline reached (weights + KV cache read once per token). "
                     "--random-weights builds a model of the published size on the device, no checkpoint needed.")
-    add_model_args(p, adapter=False)
+    add_model_args(p, adapter=False, ptuning=True)
     p.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
     p.add_argument("--config", choices=["full", "tiny"], default="full",
                    help="with --random-weights: the published ChatGLM-6B shape, or the tiny test shape (CPU CI)")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             model = quantize_model(model, quantize)
         name = f"random weights, {args.config} config"
     else:
-        model, _ = load(args.model, dtype=dtype, device=device, quantize=quantize)
+        model, _ = load(args.model, dtype=dtype, device=device, quantize=quantize, ptuning=args.ptuning)
         name = str(args.model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

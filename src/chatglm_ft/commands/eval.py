@@ -18,7 +18,7 @@ def register(sub) -> None:
                     "side by side. Writes metrics.json, predictions.jsonl, report.md and chart.png to --out.")
     add_model_args(p, adapter=False)
     p.add_argument("--adapter", action="append", default=None, metavar="DIR|base",
-                   help="LoRA adapter directory to evaluate (repeatable); 'base' is the model without adapters "
+                   help="LoRA adapter or P-Tuning prefix directory to evaluate (repeatable); 'base' is the model without adapters "
                         "(default: base only)")
     p.add_argument("--data", action="append", required=True, metavar="FILE",
                    help="evaluation data: JSON/JSONL file, directory or glob (repeatable); Alpaca, HC3, chat, ...")

@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from ..lora import merge_adapter
     from ..outputs import check_output_dir
 
+    from ..ptuning import is_prefix_dir, prefix_dir
+
+    for adapter in args.adapter:
+        if Path(adapter).expanduser().is_dir() and is_prefix_dir(prefix_dir(adapter)):
+            raise ChatGLMError(f"{adapter} is a P-Tuning prefix, which cannot be merged: it adds keys and values to"
+                               " every layer's attention instead of changing weights; use it with --ptuning DIR")
     source = model_path(args.model)
     config = ChatGLMConfig.from_dir(source)
     if config.quantization_bit or config.quantization:

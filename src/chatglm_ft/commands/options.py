@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize: bool = True,
+                   ptuning: bool | None = None) -> None:
     p.add_argument("--model", help="ChatGLM-6B checkpoint directory (default: $CHATGLM_FT_MODEL)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: float16 on GPU, float32 on CPU)")
@@ -17,6 +18,10 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
     if adapter:
         p.add_argument("--adapter", action="append", default=None, metavar="DIR",
                        help="LoRA adapter directory (PEFT layout) applied unmerged")
+    if adapter if ptuning is None else ptuning:
+        p.add_argument("--ptuning", default=None, metavar="DIR",
+                       help="P-Tuning v2 prefix directory (THUDM's layout: config.json with pre_seq_len + "
+                            "pytorch_model.bin)" + ("; a prefix given to --adapter is recognised too" if adapter else ""))
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | None = 256, sample_default: bool = True) -> None:
@@ -72,6 +77,7 @@ def load_from_args(args: argparse.Namespace):
 
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
-                            quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None))
+                            quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None),
+                            ptuning=getattr(args, "ptuning", None))
     print(f"loaded in {time.perf_counter() - start:.1f}s on {model.device} ({model.dtype})", file=sys.stderr)
     return model, tokenizer

@@ -16,7 +16,9 @@ HELP = {
     "data_format": "data format, or auto to detect it per file",
     "columns": "rename fields, e.g. prompt=question,response=answer",
     "last_turn_only": "learn only the last assistant turn of multi-turn records",
-    "finetuning_type": "lora (adapter only) or full (every weight)",
+    "finetuning_type": "lora (adapter only), ptuning (P-Tuning v2 prefix only) or full (every weight)",
+    "pre_seq_len": "P-Tuning: prefix length in key/value positions per layer",
+    "prefix_projection": "P-Tuning: compute the prefix through a two-layer MLP (THUDM's prefix_projection)",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (scale = alpha / r)",
     "lora_dropout": "dropout on the LoRA input",
@@ -51,7 +53,7 @@ HELP = {
     "report_to": "comma list of jsonl, tensorboard (or none)",
 }
 CHOICES = {
-    "template": ["chatglm", "alpaca"], "finetuning_type": ["lora", "full"], "quantize": ["int8", "int4"],
+    "template": ["chatglm", "alpaca"], "finetuning_type": ["lora", "ptuning", "full"], "quantize": ["int8", "int4"],
     "dtype": ["auto", "float32", "float16", "bfloat16"], "on_bad_row": ["skip", "error"],
     "data_format": ["auto", "alpaca", "chatglm-tuning", "hc3", "chat", "messages"],
 }
@@ -97,9 +99,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="fine-tune with LoRA, QLoRA (--quantize) or fully; torchrun for several GPUs",
-        description="Fine-tune ChatGLM-6B on instruction or chat data. Writes OUTPUT_DIR/adapter (PEFT layout) or "
-                    "OUTPUT_DIR/model, resumable checkpoints and a JSONL log. Several GPUs: "
+        "train", help="fine-tune with LoRA, QLoRA (--quantize), P-Tuning v2 or fully; torchrun for several GPUs",
+        description="Fine-tune ChatGLM-6B on instruction or chat data. Writes OUTPUT_DIR/adapter (PEFT layout), "
+                    "OUTPUT_DIR/prefix (P-Tuning, THUDM's layout) or OUTPUT_DIR/model, resumable checkpoints and a JSONL log. Several GPUs: "
                     "torchrun --nproc_per_node N -m chatglm_ft train ...")
     add_train_args(p)
     p.set_defaults(handler=run)
