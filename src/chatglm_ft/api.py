@@ -84,7 +84,7 @@ def load(
     path = model_path(path)
     config = load_config(path)
     tokenizer = load_tokenizer(path, config)
-    model = load_model(path, config, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
+    model = load_model(path, config, dtype=dtype, device=device, quantize=quantize, adapter=adapter, ptuning=ptuning)
     return model, tokenizer
 
 
@@ -104,6 +104,7 @@ def load_model(
     device: str | torch.device | None = None,
     quantize: str | dict | None = None,
     adapter: str | Path | list | None = None,
+    ptuning: str | Path | None = None,
 ):
     """The network of a checkpoint directory, without its tokenizer (arguments as `load`)."""
     path = model_path(path)
