@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from .generate import GenerationConfig, generate, stream_text
-from .prompt import History, chat_prompt, clean_response
+from .prompt import SPACE_CLEAN_UP, History, chat_prompt, clean_response
 
 
 def chat_generation_config(
@@ -37,7 +37,8 @@ def stream_chat(model, tokenizer, query: str, history: History | None = None, **
 
 class ResponseStreamer:
     """Prints a cleaned response as it grows: clean-up depends on the next character, so hold back
-    trailing punctuation/space (and a partial `[[训练时间]]`) until what follows is known."""
+    trailing punctuation/space, the start of a contraction (" n", " 'r") and a partial `[[训练时间]]` until
+    what follows is known."""
 
     _UNSTABLE_TAIL = " \t\n,!:;?"
     _PLACEHOLDER = "[[训练时间]]"
@@ -51,6 +52,10 @@ class ResponseStreamer:
         stable = self.response
         while stable and stable[-1] in self._UNSTABLE_TAIL:
             stable = stable[:-1]
+        for k in range(3, 0, -1):  # a start of " n't", " 're", " 've"... : the decode's clean-up may still apply
+            if any(before.startswith(stable[-k:]) and len(before) > k for before, _ in SPACE_CLEAN_UP):
+                stable = stable[:-k]
+                break
         for k in range(len(self._PLACEHOLDER) - 1, 0, -1):
             if stable.endswith(self._PLACEHOLDER[:k]):
                 stable = stable[:-k]
