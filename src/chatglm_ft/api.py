@@ -62,6 +62,7 @@ def load(
     device: str | torch.device | None = None,
     quantize: str | dict | None = None,  # "int8", "int4" or {"bits": 4, "group_size": 128, "embeddings": True}
     adapter: str | Path | list | None = None,
+    parse_special: bool = False,  # literal "<eop>", "[MASK]"... in text become control tokens, as in THUDM's tokenizer
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Load a ChatGLM-6B checkpoint directory: `model, tokenizer = load(path, dtype="float16", device="cuda")`.
 
@@ -69,6 +70,7 @@ def load(
     path = model_path(path)
     config = ChatGLMConfig.from_dir(path)
     tokenizer = ChatGLMTokenizer.from_dir(path)
+    tokenizer.parse_special = parse_special
     tokenizer.check_model(config.vocab_size)
     devices = parse_devices(device)  # "cuda:0,cuda:1": layers spread over several devices
     device = devices[0] if devices else resolve_device(device)
