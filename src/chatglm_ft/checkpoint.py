@@ -183,8 +183,12 @@ def save_checkpoint(
     *,
     tokenizer_dir: Path | None,
     max_shard_bytes: int = 2 * 1024**3,
+    copy_code: bool = True,
 ) -> None:
-    """Write safetensors shards + index + config + tokenizer files; the directory appears atomically."""
+    """Write safetensors shards + index + config + tokenizer files; the directory appears atomically.
+
+    With `copy_code`, the `*.py` files of `tokenizer_dir` (THUDM's modeling/tokenization code) come along and
+    config.json keeps its `auto_map`, so THUDM's own loading code (trust_remote_code) opens the result too."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -216,6 +220,8 @@ def save_checkpoint(
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        for code in sorted(Path(tokenizer_dir).glob("*.py")) if copy_code else ():
+            shutil.copy2(code, tmp / code.name)
     replace_dir(tmp, out)
 
 
