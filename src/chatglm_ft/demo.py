@@ -303,7 +303,7 @@ def _run_demo(out: Path, *, seed: int, steps: int, base_steps: int, device: str,
     log("  Or in the browser (the chat page; the conversation is kept, as in chat):")
     log(f"    chatglm-ft serve --model {base_dir} --adapter {lora_run.adapter_dir}   then open http://127.0.0.1:8000/")
     log("  The LoRA step from the command line (same settings, same losses):")
-    log(f"    chatglm-ft train --config {out}/train_config.json --output-dir {out}/cli-run")
+    log(f"    chatglm-ft train --config {out}/train_config.json --output-dir {out}/cli-run --threads 1")
     log("")
     log("The same pipeline on the real ChatGLM-6B (on a GPU; add --quantize int4 for QLoRA on 6-8 GB):")
     for line in real_model_commands(data_dir):

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise ChatGLMError("--max-batch must be >= 1 and --max-queue >= 0")
+    sock = listening_socket(args.host, args.port)  # before minutes of loading, not after
     model, tokenizer = load_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                     decode=args.decode)
@@ -68,5 +69,22 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, after_drain)
-    server.run()
+    server.run(sockets=[sock])
     return 0
+
+
+def listening_socket(host: str, port: int):
+    """The server's socket, bound now: a taken port is one clear error (exit code 4), not uvicorn's exit 3."""
+    import socket
+
+    from ..errors import AddressInUseError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise AddressInUseError(f"cannot listen on {host}:{port} ({e.strerror}); stop the other server or pass --port N")
+    return sock
