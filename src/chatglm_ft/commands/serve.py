@@ -35,7 +35,8 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
     s.add_argument("--decode", default="auto", choices=["auto", "eager", "graphs", "compile"],
                    help="decode step: torch.compile + CUDA graphs of bucketed sizes (compile: compiles at start, about"
-                        " a minute the first time), graphs without compiling (graphs), or plain PyTorch (eager);"
+                        " 2 minutes the first time, ~30 s with a warm cache), graphs without compiling (graphs), or"
+                        " plain PyTorch (eager);"
                         " auto = compile on one GPU, eager otherwise")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=run)
