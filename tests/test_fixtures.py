@@ -35,3 +35,15 @@ def test_every_golden_dir_is_a_loadable_checkpoint_layout(shared):
         assert set(index["weight_map"].values()) == set(fixture_build.SHARDS)
         assert all((folder / shard).exists() for shard in fixture_build.SHARDS)
         assert (folder / fixture_build.TOKENIZER[name][1]).exists() and (folder / "golden.json").exists()
+
+
+def test_the_suite_needs_nothing_outside_the_repository(shared):
+    assert shared.resolve().is_relative_to(REPO.resolve())
+    for test_file in (REPO / "tests").glob("*.py"):
+        text = test_file.read_text(encoding="utf-8")
+        for outside in ("CHATGLM_FT_SHARED", "../shared", "/work/shared", "parents[2]"):
+            assert outside not in text or test_file.name in ("test_fixtures.py", "test_readme.py"), (test_file.name, outside)
+    ci = (REPO / ".ci" / "run").read_text()
+    # CI runs exactly the README's test command, without the data folder that development machines may have
+    assert "unset CHATGLM_FT_SHARED" in ci and ci.rstrip().endswith("bash scripts/test.sh")
+    assert "bash scripts/test.sh" in (REPO / "README.md").read_text(encoding="utf-8")
