@@ -84,8 +84,8 @@ def test_demo_base_fails_and_lora_fixes_it(demo):
 def test_demo_prints_the_real_model_commands(demo):
     out, result, _ = demo
     assert f"chatglm-ft chat --model {out / 'base'} --adapter {out / 'adapter'}" in result.stdout
-    for command in ("chatglm-ft train --model path/to/chatglm-6b", "chatglm-ft eval --model path/to/chatglm-6b",
-                    "chatglm-ft chat --model path/to/chatglm-6b --adapter"):
+    for command in ("chatglm-ft train --model /path/to/chatglm-6b", "chatglm-ft eval --model /path/to/chatglm-6b",
+                    "chatglm-ft chat --model /path/to/chatglm-6b --adapter"):
         assert command in result.stdout
 
 

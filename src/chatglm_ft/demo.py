@@ -347,7 +347,7 @@ def build_base(base_dir: Path, warmup_file: Path, *, seed: int, steps: int, devi
 
 
 def real_model_commands(data_dir: Path) -> list[str]:
-    model = "path/to/chatglm-6b"
+    model = "/path/to/chatglm-6b"
     return [
         f"chatglm-ft train --model {model} --data {data_dir}/train.json --output-dir runs/demo-6b \\",
         "    --learning-rate 5e-4 --max-steps 300 --warmup-steps 30 --per-device-train-batch-size 32",
