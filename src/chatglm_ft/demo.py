@@ -1,4 +1,4 @@
-"""`chatglm-ft demo`: the whole LoRA story on a CPU in about 30 seconds, with nothing downloaded.
+"""`chatglm-ft demo`: the whole LoRA story on a CPU in about 40 seconds, with nothing downloaded.
 
     run_demo(out="demo-out", seed=0)
 
