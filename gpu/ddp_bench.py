@@ -12,7 +12,8 @@ sequences of exactly 1024 tokens (`random_data.random_examples`, no padding) fro
 global batch of 8 every step of 2gpu and 1gpu_acc sees the same examples, split the same way into
 4 + 4: their loss curves must agree (max |difference| below TOLERANCE). tokens/s counts the steps after
 the first `--warmup` steps; peak memory is torch.cuda.max_memory_allocated of each process (weights
-included: 12.35 GB). FSDP is not offered (the bfloat16 model fits one GPU), so no FSDP step is run.
+included: 12.35 GB). FSDP (`chatglm-ft train --fsdp`, full fine-tuning sharded over the GPUs) is another
+setup and is not measured here.
 
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1): set below before torch loads, and passed in every child's environment.
@@ -227,7 +228,7 @@ def print_table(results: dict) -> None:
         print(f"loss curves 2gpu vs 1gpu_acc (global batch {curves['global_batch']}, {len(curves['two_gpus'])} steps): "
               f"max |diff| {curves['max_abs_diff']:.2e} (tolerance {curves['tolerance']:g}): "
               f"{'agree' if curves['agree'] else 'DIFFER'}; loss falls: {'yes' if curves['loss_falls'] else 'NO'}")
-    print("FSDP: not offered (the bfloat16 model fits one GPU); no FSDP step run")
+    print("FSDP (train --fsdp, full fine-tuning sharded over the GPUs): not measured by this LoRA benchmark")
 
 
 def main() -> None:

@@ -1,24 +1,23 @@
-"""Shared fixtures. Tests read ../shared (or $CHATGLM_FT_SHARED); under CI a missing shared/ fails, never skips."""
+"""Shared fixtures. Everything comes from tests/fixtures/ (built once into tests/artifacts/shared/ by
+tests/fixtures/make_fixtures.py): the suite never needs data outside the repository."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_fixtures", REPO / "tests" / "fixtures" / "make_fixtures.py")
+fixture_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixture_build)
 
 
 def shared_dir() -> Path:
-    path = Path(os.environ.get("CHATGLM_FT_SHARED", REPO.parent / "shared"))
-    if not (path / "golden" / "chatglm-6b-tiny").exists():
-        message = f"shared test data not found at {path} (set CHATGLM_FT_SHARED)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    """The fixture tree (golden/, models/, data/), rebuilt when a committed fixture changes."""
+    return fixture_build.build()
 
 
 @pytest.fixture(scope="session")

@@ -38,3 +38,25 @@ def test_response_streamer_prints_only_final_characters():
     raw = "你好,世界!"
     out = "".join(streamer.update(raw[: k + 1]) for k in range(len(raw))) + streamer.finish()
     assert out == clean_response(raw) == "你好，世界！"
+
+
+# THUDM's chat() decodes with transformers' clean_up_tokenization_spaces: the same tokens give the same text.
+SPACE_CLEAN_UP_CASES = [
+    ("你好 ,我是助手 。", "你好，我是助手 。"),  # " ," loses its space, then becomes full-width next to CJK
+    ("It 's fine , isn't it ?", "It's fine, isn't it?"),
+    ("I do n't know . We 're here , they 've gone , I 'm done !", "I don't know. We're here, they've gone, I'm done!"),
+    ("a ' b", "a'b"),
+    ("睡前 :喝牛奶", "睡前 ：喝牛奶"),  # " :" is not in transformers' list: the space stays
+]
+
+
+def test_reply_text_gets_the_original_decodes_space_clean_up():
+    for raw, expected in SPACE_CLEAN_UP_CASES:
+        assert clean_response(raw) == expected
+
+
+def test_streamed_reply_equals_the_final_clean_up_character_by_character():
+    for raw, _ in SPACE_CLEAN_UP_CASES:
+        streamer = ResponseStreamer()
+        printed = "".join(streamer.update(raw[:k]) for k in range(1, len(raw) + 1)) + streamer.finish()
+        assert printed == clean_response(raw)

@@ -63,3 +63,46 @@ def test_chat_session_streams_and_keeps_history(golden_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ChatGLM-6B: ") == 2
     assert "(history cleared)" in result.stdout
+
+
+def test_exit_codes_are_distinct_and_a_taken_port_is_not_out_of_memory(golden_dir):
+    import socket
+
+    from chatglm_ft.errors import AddressInUseError, ChatGLMError
+
+    assert ChatGLMError("x").exit_code == 2 and AddressInUseError("x").exit_code == 4
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "chatglm_ft", "serve", "--model", str(golden_dir), "--port", str(port),
+                                 "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 4, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "loaded in" not in result.stderr  # refused before loading the model
+
+
+def test_one_data_format_flag_for_train_and_eval():
+    from chatglm_ft.cli import build_parser
+
+    parser = build_parser()
+    for command in (["train"], ["eval", "--data", "d.json", "--out", "o"]):
+        assert parser.parse_args(command + ["--data-format", "hc3"]).data_format == "hc3"
+    assert parser.parse_args(["eval", "--data", "d.json", "--out", "o", "--format", "hc3"]).data_format == "hc3"  # old name
+    assert "--format" not in parser._subparsers._group_actions[0].choices["eval"].format_help()
+
+
+def test_train_threads_caps_torchs_cpu_threads(tmp_path):
+    import torch
+
+    from chatglm_ft.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        # the data is missing, so training stops with a user error right after the flag took effect
+        assert main(["train", "--threads", "1", "--model", str(tmp_path / "none"), "--data", str(tmp_path / "x.json"),
+                     "--output-dir", str(tmp_path / "run")]) == 2
+        assert torch.get_num_threads() == 1
+        assert main(["train", "--threads", "0"]) == 2
+    finally:
+        torch.set_num_threads(before)

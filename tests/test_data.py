@@ -340,25 +340,27 @@ def test_collate_right_pads():
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
 
 
-# -- the shared data sets -----------------------------------------------------------------------------
-def test_shared_data_sets_load_with_their_known_problems(shared):
+# -- the data sets (excerpts in tests/fixtures/data) -----------------------------------------------
+def test_data_set_excerpts_load_with_their_known_problems(shared):
     data = shared / "data"
     en, report = load_records([data / "alpaca_en"])
-    assert (report.total_rows, report.kept, report.duplicates, len(report.files)) == (52002, 51974, 0, 18)
-    assert len(report.bad_rows) == 28 and {reason for _, reason in report.bad_rows} == {"empty target 'output'"}
-    assert en[0].instruction == "Give three tips for staying healthy." and en[0].source.endswith(":1 [0]")
+    # Alpaca records 284 and 1223 have an empty output (28 in the full set)
+    assert (report.total_rows, report.kept, report.duplicates, len(report.files)) == (82, 80, 0, 1)
+    assert len(report.bad_rows) == 2 and {reason for _, reason in report.bad_rows} == {"empty target 'output'"}
+    assert en[0].instruction == "Give three tips for staying healthy." and en[0].source.endswith(":2 [0]")
 
     zh, report = load_records([str(data / "alpaca_zh" / "*.json")])
-    # The two parts overlap in 27 records (README); one more pair is identical too.
-    assert (report.total_rows, report.kept, report.duplicates, len(report.bad_rows)) == (20465, 20426, 28, 11)
+    # The two parts overlap (27 records in the full set, 3 in the excerpts); each has an empty output.
+    assert (report.total_rows, report.kept, report.duplicates, len(report.bad_rows)) == (21, 16, 3, 2)
     source, reason = report.bad_rows[0]
     path, line = source.split(" ")[0].rsplit(":", 1)
     element = "".join(Path(path).read_text(encoding="utf-8").splitlines()[int(line) - 1:int(line) + 4])
-    assert reason == "empty target 'output'" and element.startswith("{") and '"output": ""' in element
+    assert reason == "empty target 'output'" and element.lstrip().startswith("{") and '"output": ""' in element
 
-    hc3, report = load_records([data / "hc3_psychology_zh" / "psychology.jsonl"])
-    # Lines 1098 and 1099 repeat one question with the same human answers (only chatgpt_answers differ).
-    assert (report.total_rows, report.kept, report.duplicates, report.bad_rows) == (1099, 1098, 1, [])
-    assert report.formats == {str(data / "hc3_psychology_zh" / "psychology.jsonl"): "hc3"}
+    path = data / "hc3_psychology_zh" / "psychology-excerpt.jsonl"
+    hc3, report = load_records([path])
+    # The last two lines (1098 and 1099 of the full file) repeat one question with the same human answers.
+    assert (report.total_rows, report.kept, report.duplicates, report.bad_rows) == (7, 6, 1, [])
+    assert report.formats == {str(path): "hc3"}
     assert all(len(r.references) >= 3 and r.response == r.references[0] for r in hc3)
-    assert isinstance(report, DataReport) and "1,098 records" in report.summary()
+    assert isinstance(report, DataReport) and "6 records" in report.summary()

@@ -84,8 +84,8 @@ def test_demo_base_fails_and_lora_fixes_it(demo):
 def test_demo_prints_the_real_model_commands(demo):
     out, result, _ = demo
     assert f"chatglm-ft chat --model {out / 'base'} --adapter {out / 'adapter'}" in result.stdout
-    for command in ("chatglm-ft train --model path/to/chatglm-6b", "chatglm-ft eval --model path/to/chatglm-6b",
-                    "chatglm-ft chat --model path/to/chatglm-6b --adapter"):
+    for command in ("chatglm-ft train --model /path/to/chatglm-6b", "chatglm-ft eval --model /path/to/chatglm-6b",
+                    "chatglm-ft chat --model /path/to/chatglm-6b --adapter"):
         assert command in result.stdout
 
 
@@ -159,3 +159,70 @@ def test_demo_adapter_loads_with_peft_itself(demo):
         ids = torch.tensor([tokenizer.encode(summary["samples"][0]["question"])])
         torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
         assert (peft_model(ids).logits - plain).abs().max() > 1e-2  # the adapter changes the output
+
+
+def test_demo_model_answers_the_second_question_of_a_conversation(demo):
+    out, result, summary = demo
+    rows = json.loads((out / "data" / "train.json").read_text(encoding="utf-8"))
+    with_history = [r for r in rows if r.get("history")]
+    assert len(with_history) == len(rows) // 2 and all(len(turn) == 2 for r in with_history for turn in r["history"])
+    assert summary["after_with_history"] >= 0.85  # trained on multi-turn prompts (single-turn only: far lower)
+    assert "as the second turn of a conversation" in result.stdout
+    assert f"chatglm-ft serve --model {out / 'base'} --adapter {out / 'adapter'}" in result.stdout
+    assert "http://127.0.0.1:8000/" in result.stdout
+
+
+def test_chat_page_with_its_defaults_gets_two_questions_of_one_conversation_right(demo):
+    """The demo server (context 256) in real Chromium: the page bounds its slider by the server's context,
+    keeps the conversation, and the sampling defaults (temperature 0.95, top-p 0.7) still answer right."""
+    from test_server import LiveServer
+    from test_web import CHROMIUM, CHROMIUM_ARGS, require_browser, send, wait_idle
+
+    from chatglm_ft import load
+    from chatglm_ft.engine import Engine
+    from chatglm_ft.server import create_app
+
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    out, _, summary = demo
+    samples = summary["samples"]
+    model, tokenizer = load(out / "base", dtype="float32", device="cpu", adapter=out / "adapter")
+
+    def confident(query, history):
+        """Greedy is right and every token (and the end) has probability >= 0.75: then top-p 0.7 keeps only
+        that token at the page's temperature 0.95, so the page's sampling gives the same answer."""
+        import torch
+
+        from chatglm_ft.generate import GenerationConfig, generate
+        from chatglm_ft.prompt import chat_prompt
+
+        ids = tokenizer.encode(chat_prompt(query, history))
+        answer = generate(model, tokenizer, [ids], GenerationConfig(max_new_tokens=16))[0].token_ids
+        answer = answer + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            probs = model(torch.tensor([ids + answer[:-1]])).logits[0, len(ids) - 1:].softmax(-1)
+        return bool(probs[torch.arange(len(answer)), answer].min() >= 0.75)
+
+    # the demo asked question i after question i+1 (answered): pick such a pair the model answers confidently
+    i = next(i for i in range(len(samples) - 1)
+             if samples[i + 1]["after"] == samples[i + 1]["expected"] and samples[i]["after_in_chat"] == samples[i]["expected"]
+             and confident(samples[i + 1]["question"], None)
+             and confident(samples[i]["question"], [(samples[i + 1]["question"], samples[i + 1]["expected"])]))
+    first, second = samples[i + 1], samples[i]
+    engine = Engine(model, tokenizer, max_batch=2)
+    assert engine.max_context == 256
+    with LiveServer(create_app(engine, model_name="chatglm-ft-demo")) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('max-length').max === '256'")
+        assert page.inner_text("#max-length-value") == "256 (up to the context)"
+        send(page, first["question"])
+        wait_idle(page, 2)
+        send(page, second["question"])
+        wait_idle(page, 4)
+        messages = page.evaluate("window.chatState.messages")
+        browser.close()
+    assert [m["content"] for m in messages] == [first["question"], first["expected"], second["question"], second["expected"]]

@@ -35,7 +35,7 @@ def adapter_dir(tmp_path_factory, golden_dir):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory, shared):
     """Five HC3 rows (several human answers each) with two malformed lines in between."""
-    lines = (shared / "data" / "hc3_psychology_zh" / "psychology.jsonl").read_text(encoding="utf-8").splitlines()[:5]
+    lines = (shared / "data" / "hc3_psychology_zh" / "psychology-excerpt.jsonl").read_text(encoding="utf-8").splitlines()[:5]
     lines.insert(2, '{"question": "unterminated", ')
     lines.insert(4, '{"question": 7, "human_answers": ["x"]}')
     path = tmp_path_factory.mktemp("data") / "psych.jsonl"

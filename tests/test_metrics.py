@@ -100,3 +100,15 @@ def test_score_corpus_summary_and_parallel_equal_serial(monkeypatch):
     assert parallel == serial and parallel_summary == summary
     with pytest.raises(ValueError):
         score_corpus(["x"], [])
+
+
+def test_exact_match_beside_bleu_for_exact_tasks():
+    # the demo's task: short exact answers, where BLEU-4 stays far below 100 even when every answer is right
+    predictions = ["三个红苹果", "two blue cats ", "五本黄书"]
+    references = [["三个红苹果"], ["two blue cats"], ["五本绿书", "五本黄书"]]
+    per_sample, summary = score_corpus(predictions, references, workers=1)
+    assert [s["exact-match"] for s in per_sample] == [100.0, 100.0, 100.0] and summary["exact-match"] == 100.0
+    assert summary["word"]["bleu-4"] < 100  # why BLEU alone misleads here
+    _, summary = score_corpus(["三个红苹果", "two blue cat"], [["三个红苹果"], ["two blue cats"]], workers=1)
+    assert summary["exact-match"] == 50.0
+    assert score_sample("x", ["x"])["exact-match"] == 100.0

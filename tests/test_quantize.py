@@ -373,3 +373,21 @@ def test_cuda_model_matches_cpu_model(golden, golden_dir, quantized, name):
     result = generate(model, None, [case["input_ids"]], GenerationConfig(max_new_tokens=8))[0]  # GEMV path
     reference = generate(quantized[name], None, [case["input_ids"]], GenerationConfig(max_new_tokens=8))[0]
     assert len(result.token_ids) == 8 and result.token_ids[0] == reference.token_ids[0]  # later near-ties may flip
+
+
+def test_int4_group_size_falls_back_for_widths_it_does_not_divide(tmp_path):
+    from chatglm_ft.api import build_model
+    from chatglm_ft.config import ChatGLMConfig
+    from chatglm_ft.quantize import group_size_for
+
+    assert [group_size_for(k, 128) for k in (4096, 64, 320, 336, 100, 18)] == [128, 64, 64, 16, 100, 18]
+    torch.manual_seed(0)
+    model = build_model(ChatGLMConfig.tiny(inner_hidden_size=320, vocab_size=130528), dtype=torch.float32, device="cpu")
+    reference = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("dense_4h_to_h")}
+    quantize_model(model, "int4")
+    layer = model.transformer.layers[0].mlp.dense_4h_to_h
+    assert layer.in_features == 320 and layer.group_size == 64 and layer.weight_scale.shape == (64, 5)
+    assert model.config.quantization["group_size_fallbacks"] == {
+        f"transformer.layers.{i}.mlp.dense_4h_to_h": 64 for i in range(2)}
+    error = (layer.dequantize() - reference["transformer.layers.0.mlp.dense_4h_to_h"]).abs().max()
+    assert error < 0.6 * float(layer.weight_scale.max())

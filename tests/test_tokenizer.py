@@ -45,3 +45,22 @@ def test_stream_decoder_holds_partial_byte_fallback(tokenizer):
     if any(p.startswith("<0x") for p in pieces):
         assert out[:-1] == [""] * (len(out) - 1) or all("\ufffd" not in o for o in out)
     assert "".join(out) + decoder.flush() == tokenizer.decode(ids)
+
+
+def test_literal_special_token_text_stays_text_unless_parsing_is_asked_for(golden_dir):
+    from chatglm_ft import load
+    from chatglm_ft.tokenizer import ChatGLMTokenizer
+
+    plain = ChatGLMTokenizer.from_dir(golden_dir)
+    text = "a <eop> b[MASK]你好<pad><unk><sop> [gMASK]"
+    assert 130005 not in plain.encode(text) and plain.decode(plain.encode(text, add_special_tokens=False)) == text
+    parsing = ChatGLMTokenizer.from_dir(golden_dir)
+    parsing.parse_special = True
+    ids = parsing.encode(text, add_special_tokens=False)
+    # THUDM's tokenizer: each special is its control id, the whitespace beside it is stripped, the text
+    # between is encoded on its own; [gMASK] is no special token of the HF tokenizer and stays text
+    assert ids == (plain.encode("a", False) + [130005] + plain.encode("b", False) + [130000] + plain.encode("你好", False)
+                   + [3, 0, 130004] + plain.encode("[gMASK]", False))
+    assert parsing.encode("no specials here") == plain.encode("no specials here")
+    _, loaded = load(golden_dir, device="cpu", parse_special=True)
+    assert loaded.encode(text) == ids + [130001, 130004]

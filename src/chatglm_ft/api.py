@@ -74,6 +74,7 @@ def load(
     quantize: str | dict | None = None,  # "int8", "int4" or {"bits": 4, "group_size": 128, "embeddings": True}
     adapter: str | Path | list | None = None,
     ptuning: str | Path | None = None,
+    parse_special: bool = False,  # literal "<eop>", "[MASK]"... in text become control tokens, as in THUDM's tokenizer
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Load a ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B checkpoint directory (config.json tells which):
     `model, tokenizer = load(path, dtype="float16", device="cuda")`.
@@ -84,6 +85,7 @@ def load(
     path = model_path(path)
     config = load_config(path)
     tokenizer = load_tokenizer(path, config)
+    tokenizer.parse_special = parse_special
     model = load_model(path, config, dtype=dtype, device=device, quantize=quantize, adapter=adapter, ptuning=ptuning)
     return model, tokenizer
 

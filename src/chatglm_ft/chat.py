@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator
 
 from .chat_format import ChatFormat, chat_format_for
 from .generate import GenerationConfig, generate, stream_text
-from .prompt import History, clean_response
+from .prompt import SPACE_CLEAN_UP, History, clean_response
 
 
 def chat_generation_config(fmt: ChatFormat | None = None, *, max_length: int | None = None, do_sample: bool = True,
@@ -52,7 +52,8 @@ def stream_chat(model, tokenizer, query: str, history: History | list | None = N
 
 class ResponseStreamer:
     """Prints a cleaned response as it grows: clean-up depends on the next character, so hold back
-    trailing punctuation/space (and a partial `[[训练时间]]`) until what follows is known."""
+    trailing punctuation/space, the start of a contraction (" n", " 'r") and a partial `[[训练时间]]` until
+    what follows is known."""
 
     _UNSTABLE_TAIL = " \t\n,!:;?"
     _PLACEHOLDER = "[[训练时间]]"
@@ -67,6 +68,10 @@ class ResponseStreamer:
         stable = self.response
         while stable and stable[-1] in self._UNSTABLE_TAIL:
             stable = stable[:-1]
+        for k in range(3, 0, -1):  # a start of " n't", " 're", " 've"... : the decode's clean-up may still apply
+            if any(before.startswith(stable[-k:]) and len(before) > k for before, _ in SPACE_CLEAN_UP):
+                stable = stable[:-k]
+                break
         for k in range(len(self._PLACEHOLDER) - 1, 0, -1):
             if stable.endswith(self._PLACEHOLDER[:k]):
                 stable = stable[:-k]

@@ -236,21 +236,28 @@ def save_checkpoint(
     *,
     tokenizer_dir: Path | None,
     max_shard_bytes: int = 2 * 1024**3,
+    copy_code: bool = True,
 ) -> None:
-    """Write safetensors shards + index + config + tokenizer files; the directory appears atomically."""
+    """Write safetensors shards + index + config + tokenizer files; the directory appears atomically.
+
+    With `copy_code`, the `*.py` files of `tokenizer_dir` (THUDM's modeling/tokenization code) come along and
+    config.json keeps its `auto_map`, so THUDM's own loading code (trust_remote_code) opens the result too."""
+    from safetensors.torch import save_file
+
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp-partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     with writing(out, tmp):
-        _write_checkpoint(state, config, tmp, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
+        _write_checkpoint(state, config, tmp, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes,
+                          copy_code=copy_code)
     share_like_other_files(tmp)
     replace_dir(tmp, out)
 
 
 def _write_checkpoint(state: dict[str, torch.Tensor], config: ChatGLMConfig, tmp: Path, *, tokenizer_dir: Path | None,
-                      max_shard_bytes: int) -> None:
+                      max_shard_bytes: int, copy_code: bool) -> None:
     from safetensors.torch import save_file
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -277,6 +284,8 @@ def _write_checkpoint(state: dict[str, torch.Tensor], config: ChatGLMConfig, tmp
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        for code in sorted(Path(tokenizer_dir).glob("*.py")) if copy_code else ():
+            shutil.copy2(code, tmp / code.name)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except ChatGLMError as e:
         print(f"chatglm-ft {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except ImportError as e:
         from .extras import missing_extra
 

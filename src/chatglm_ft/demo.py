@@ -1,4 +1,4 @@
-"""`chatglm-ft demo`: the whole LoRA story on a CPU in about a minute, with nothing downloaded.
+"""`chatglm-ft demo`: the whole LoRA story on a CPU in about 40 seconds, with nothing downloaded.
 
     run_demo(out="demo-out", seed=0)
 
@@ -82,10 +82,23 @@ def repeat_pairs(phrases: Sequence[Phrase]) -> list[tuple[str, str]]:
     return pairs
 
 
-def write_alpaca(path: Path, pairs: Sequence[tuple[str, str]]) -> Path:
-    """Alpaca JSON (instruction/input/output): `chatglm-ft train --data` and `eval --data` read it as is."""
+def with_histories(pairs: Sequence[tuple[str, str]], seed: int) -> list[list[tuple[str, str]]]:
+    """A conversation before every second question (one or two other questions, answered correctly):
+    chat keeps history by default, so the model must answer the last question of a multi-turn prompt."""
+    rng = random.Random(seed + 1)
+    return [[] if i % 2 == 0 else [pairs[rng.randrange(len(pairs))] for _ in range(rng.choice((1, 1, 2)))]
+            for i in range(len(pairs))]
+
+
+def write_alpaca(path: Path, pairs: Sequence[tuple[str, str]],
+                 histories: Sequence[Sequence[tuple[str, str]]] | None = None) -> Path:
+    """Alpaca JSON (instruction/input/output, and `history` where there is one): `chatglm-ft train --data`
+    and `eval --data` read it as is."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"instruction": q, "input": "", "output": a} for q, a in pairs]
+    for row, history in zip(rows, histories or []):
+        if history:
+            row["history"] = [list(turn) for turn in history]
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return path
 
@@ -146,8 +159,9 @@ class Score:
         return self.correct / max(1, self.total)
 
 
-def exact_match(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 96) -> Score:
-    """Greedy answers (chat prompt, chat clean-up) compared to the expected text."""
+def exact_match(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 96,
+                histories: Sequence[Sequence[tuple[str, str]]] | None = None) -> Score:
+    """Greedy answers (chat prompt with the given history, chat clean-up) compared to the expected text."""
     from .generate import GenerationConfig, generate
     from .prompt import chat_prompt, clean_response
 
@@ -155,7 +169,8 @@ def exact_match(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_siz
     gen = GenerationConfig(max_new_tokens=16)
     answers: list[str] = []
     for start in range(0, len(pairs), batch_size):
-        prompts = [tokenizer.encode(chat_prompt(q)) for q, _ in pairs[start:start + batch_size]]
+        prompts = [tokenizer.encode(chat_prompt(q, histories[start + i] if histories else None))
+                   for i, (q, _) in enumerate(pairs[start:start + batch_size])]
         answers += [clean_response(g.text) for g in generate(model, tokenizer, prompts, gen)]
     correct = sum(a == expected for a, (_, expected) in zip(answers, pairs))
     return Score(correct, len(pairs), answers)
@@ -177,6 +192,7 @@ class DemoResult:
     base_repeat_accuracy: float  # the warm-up task, held-out phrases: the base model works
     before: float  # held-out translation exact match, base model
     after: float  # the same, base + adapter loaded from disk
+    after_with_history: float  # the same questions, each after an earlier question and answer (as in a chat)
     test_questions: int
     lora_steps: int
     final_loss: float
@@ -221,7 +237,7 @@ def _run_demo(out: Path, *, seed: int, steps: int, base_steps: int, device: str,
     train_pairs, test_pairs = translation_pairs(train_phrases), translation_pairs(test_phrases)
     data_dir = out / "data"
     warmup_file = write_alpaca(data_dir / "warmup.json", repeat_pairs(train_phrases))
-    train_file = write_alpaca(data_dir / "train.json", train_pairs)
+    train_file = write_alpaca(data_dir / "train.json", train_pairs, with_histories(train_pairs, seed))
     write_alpaca(data_dir / "test.json", test_pairs)
     log("  task: translate between English and Chinese, e.g. 'three red apples' <-> '三个红苹果'")
     log(f"  {len(train_pairs)} training questions; {len(test_pairs)} test questions on {len(test_phrases)} phrases"
@@ -257,14 +273,19 @@ def _run_demo(out: Path, *, seed: int, steps: int, base_steps: int, device: str,
     after = exact_match(tuned, tokenizer, test_pairs)
     log(f"  translation exact match: {before.accuracy:.1%} -> {after.accuracy:.1%} ({after.correct}/{after.total})")
     show_samples(log, test_pairs, after)
+    # a chat keeps the conversation: each question again, after another test question and its answer
+    chats = [[test_pairs[(i + 1) % len(test_pairs)]] for i in range(len(test_pairs))]
+    in_chat = exact_match(tuned, tokenizer, test_pairs, histories=chats)
+    log(f"  the same questions as the second turn of a conversation: {in_chat.accuracy:.1%}"
+        f" ({in_chat.correct}/{in_chat.total})")
     lap("after")
 
     result = DemoResult(
         out=str(out), seed=seed, device=str(resolved), base_repeat_accuracy=repeat_score.accuracy,
-        before=before.accuracy, after=after.accuracy, test_questions=len(test_pairs), lora_steps=lora_run.steps,
+        before=before.accuracy, after=after.accuracy, after_with_history=in_chat.accuracy, test_questions=len(test_pairs), lora_steps=lora_run.steps,
         final_loss=lora_run.final_loss, seconds={**seconds, "total": round(time.perf_counter() - started, 2)},
-        samples=[{"question": q, "expected": a, "before": b, "after": c}
-                 for (q, a), b, c in zip(test_pairs, before.answers, after.answers)],
+        samples=[{"question": q, "expected": a, "before": b, "after": c, "after_in_chat": d}
+                 for (q, a), b, c, d in zip(test_pairs, before.answers, after.answers, in_chat.answers)],
     )
     (out / "demo_results.json").write_text(json.dumps(asdict(result), ensure_ascii=False, indent=1) + "\n")
 
@@ -279,8 +300,10 @@ def _run_demo(out: Path, *, seed: int, steps: int, base_steps: int, device: str,
     log("  Talk to it:")
     log(f"    chatglm-ft chat --model {base_dir} --adapter {lora_run.adapter_dir} --temperature 0")
     log(f"    (ask: 翻译成英文：{test_phrases[0].chinese}   or   Translate into Chinese: {test_phrases[1].english})")
+    log("  Or in the browser (the chat page; the conversation is kept, as in chat):")
+    log(f"    chatglm-ft serve --model {base_dir} --adapter {lora_run.adapter_dir}   then open http://127.0.0.1:8000/")
     log("  The LoRA step from the command line (same settings, same losses):")
-    log(f"    chatglm-ft train --config {out}/train_config.json --output-dir {out}/cli-run")
+    log(f"    chatglm-ft train --config {out}/train_config.json --output-dir {out}/cli-run --threads 1")
     log("")
     log("The same pipeline on the real ChatGLM-6B (on a GPU; add --quantize int4 for QLoRA on 6-8 GB):")
     for line in real_model_commands(data_dir):
@@ -324,7 +347,7 @@ def build_base(base_dir: Path, warmup_file: Path, *, seed: int, steps: int, devi
 
 
 def real_model_commands(data_dir: Path) -> list[str]:
-    model = "path/to/chatglm-6b"
+    model = "/path/to/chatglm-6b"
     return [
         f"chatglm-ft train --model {model} --data {data_dir}/train.json --output-dir runs/demo-6b \\",
         "    --learning-rate 5e-4 --max-steps 300 --warmup-steps 30 --per-device-train-batch-size 32",

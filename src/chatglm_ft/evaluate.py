@@ -361,10 +361,11 @@ COLUMNS = [("bleu-4", "BLEU-4"), ("corpus-bleu-4", "corpus BLEU-4"), ("rouge-1",
 
 def markdown_table(summaries: dict[str, dict], *, view: str = "word") -> str:
     """Variants side by side: text metrics of one view, loss and perplexity."""
-    head = ["variant"] + [title for _, title in COLUMNS] + ["loss", "perplexity"]
+    head = ["variant", "exact match %"] + [title for _, title in COLUMNS] + ["loss", "perplexity"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in summaries.items():
-        cells = [name] + [f"{s[view][key]:.2f}" for key, _ in COLUMNS] + [f"{s['loss']:.3f}", f"{s['perplexity']:.2f}"]
+        cells = [name, f"{s.get('exact-match', float('nan')):.1f}"] + [f"{s[view][key]:.2f}" for key, _ in COLUMNS] \
+            + [f"{s['loss']:.3f}", f"{s['perplexity']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

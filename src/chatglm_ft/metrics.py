@@ -91,7 +91,8 @@ def rouge_f1(references: Sequence[Sequence[str]], hypothesis: Sequence[str]) -> 
 def _score_one(prediction: str, references: Sequence[str]) -> tuple[dict, dict[str, tuple[list, list]]]:
     """Scores of one sample plus its tokens per view (for corpus BLEU)."""
     lang = language(" ".join(references) or prediction)
-    scores: dict = {"lang": lang}
+    # exact tasks (the demo's translations): 100 when the answer equals a reference, ignoring outer whitespace
+    scores: dict = {"lang": lang, "exact-match": 100.0 * any(prediction.strip() == r.strip() for r in references)}
     tokens = {}
     for view in VIEWS:
         hyp = segment(prediction, view=view, lang=lang)
@@ -102,7 +103,7 @@ def _score_one(prediction: str, references: Sequence[str]) -> tuple[dict, dict[s
 
 
 def score_sample(prediction: str, references: Sequence[str]) -> dict:
-    """{"lang", "word": {bleu-4, rouge-1, rouge-2, rouge-l}, "char": {...}} for one prediction."""
+    """{"lang", "exact-match", "word": {bleu-4, rouge-1, rouge-2, rouge-l}, "char": {...}} for one prediction."""
     return _score_one(prediction, references)[0]
 
 
@@ -113,7 +114,8 @@ def _score_star(args: tuple[str, Sequence[str]]):
 def score_corpus(
     predictions: Sequence[str], references: Sequence[Sequence[str]], *, workers: int | None = None
 ) -> tuple[list[dict], dict]:
-    """Per-sample scores and the summary per view: mean sentence BLEU-4, corpus BLEU-4, mean ROUGE F1s.
+    """Per-sample scores and the summary: exact match (%), and per view mean sentence BLEU-4, corpus BLEU-4,
+    mean ROUGE F1s.
 
     ROUGE-L is a pure-Python O(n*m) LCS, so large sets are scored in worker processes
     (`workers`, default: up to 8 CPUs; 1 = in this process).
@@ -129,7 +131,7 @@ def score_corpus(
     else:
         results = [_score_one(p, r) for p, r in jobs]
     per_sample = [s for s, _ in results]
-    summary: dict = {"samples": len(per_sample)}
+    summary: dict = {"samples": len(per_sample), "exact-match": mean([s["exact-match"] for s in per_sample])}
     for view in VIEWS:
         view_summary = {m: mean([s[view][m] for s in per_sample]) for m in TEXT_METRICS}
         view_summary["corpus-bleu-4"] = corpus_bleu4([t[view][0] for _, t in results], [t[view][1] for _, t in results])

@@ -27,9 +27,22 @@ _CJK = r"[\u4e00-\u9fff]"
 _PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")]
 
 
+# transformers' `clean_up_tokenization_spaces` (on by default in the versions THUDM's code runs on), which
+# the original chat() applies when it decodes the reply: the same tokens must give the same text.
+SPACE_CLEAN_UP = (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), \
+    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")
+
+
+def clean_up_spaces(text: str) -> str:
+    for before, after in SPACE_CLEAN_UP:
+        text = text.replace(before, after)
+    return text
+
+
 def clean_response(response: str) -> str:
-    """Post-processing of the original chat(): strip, fill the date placeholder, full-width punctuation next to CJK."""
-    response = response.strip().replace("[[训练时间]]", "2023年")
+    """Post-processing of the original chat(): the decode's space clean-up, strip, the date placeholder,
+    full-width punctuation next to CJK."""
+    response = clean_up_spaces(response).strip().replace("[[训练时间]]", "2023年")
     for half, full in _PUNCTUATION:
         h = re.escape(half)
         response = re.sub(rf"({_CJK}){h}", rf"\g<1>{full}", response)

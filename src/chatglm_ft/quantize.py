@@ -39,6 +39,7 @@ if USE_TRITON:
     from . import kernels
 
 FORMAT = "chatglm-ft"
+OWN_FORMAT_ARCHITECTURE = "ChatGLMForConditionalGenerationChatglmFtQuantized"  # config.json `architectures`
 INT4_PACKING = "group-halves"  # config.json `quantization.packing`; absent = "pairs" (THUDM's order)
 DEFAULT_GROUP_SIZE = 128
 
@@ -77,10 +78,31 @@ class QuantScheme:
 
 
 def group_size_for(in_features: int, group_size: int) -> int:
+    """The int4 group of a layer: the requested size (capped at the width) when it divides the width, else
+    the largest power of two >= 16 below it that does, else the whole row (per channel, as THUDM's int4).
+    Deterministic in (width, request), so loading derives the same; config.json records fallbacks."""
     group = min(group_size, in_features)
-    if in_features % group:
-        raise ChatGLMError(f"in_features {in_features} is not a multiple of the int4 group size {group}")
-    return group
+    if in_features % group == 0:
+        return group
+    power = 1 << (group.bit_length() - 1)
+    while power >= 16:
+        if in_features % power == 0:
+            return power
+        power //= 2
+    if in_features % 2:
+        raise ChatGLMError(f"in_features {in_features} is odd: int4 packs two columns per byte")
+    return in_features
+
+
+def record_group_sizes(model: nn.Module, entry: dict[str, Any]) -> dict[str, Any]:
+    """config.json's `quantization` entry, plus `group_size_fallbacks` {layer: group} where a layer's width
+    made its int4 group differ from the requested one."""
+    fallbacks = {name: m.group_size for name, m in model.named_modules()
+                 if isinstance(m, QuantizedWeight) and m.bits == 4
+                 and m.group_size != min(entry["group_size"], 2 * m.weight.shape[1])}  # packed: 2 columns a byte
+    if fallbacks:
+        entry["group_size_fallbacks"] = fallbacks
+    return entry
 
 
 # -- quantize / dequantize (PyTorch reference; also the CPU path) ------------------------------
@@ -355,7 +377,7 @@ def quantize_model(model: ChatGLMForConditionalGeneration, scheme: "QuantScheme 
             new.dtype_carrier = torch.empty(0, dtype=old.weight.dtype, device=old.weight.device)
     if scheme.embeddings and tied:
         tie_quantized_lm_head(model)
-    model.config.quantization = scheme.config_entry(lm_head_tied=model.lm_head_tied)
+    model.config.quantization = record_group_sizes(model, scheme.config_entry(lm_head_tied=model.lm_head_tied))
     return model
 
 
@@ -524,7 +546,7 @@ def finish_loading(model: ChatGLMForConditionalGeneration, scheme: QuantScheme, 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{source}: {left[0]} was not loaded")
-    model.config.quantization = scheme.config_entry(lm_head_tied=model.lm_head_tied)
+    model.config.quantization = record_group_sizes(model, scheme.config_entry(lm_head_tied=model.lm_head_tied))
 
 
 def load_quantized(
@@ -560,6 +582,45 @@ def save_quantized(model: ChatGLMForConditionalGeneration, out: Path, *, tokeniz
         if tied and name.startswith("lm_head."):
             continue  # a tied lm_head is the embeddings: loading ties it again
         state[name] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
-    config = replace(model.config, quantization_bit=0, torch_dtype="float16",
+    # THUDM's code must refuse this folder rather than load it wrongly (it would take the int8 tensors as
+    # float weights and ignore the scales): no auto_map and no *.py, so trust_remote_code finds no code, and
+    # an architecture name no code knows, so a config.json edited by hand still does not load it.
+    extra = {k: v for k, v in model.config.extra.items() if k != "auto_map"}
+    extra["architectures"] = [OWN_FORMAT_ARCHITECTURE]
+    config = replace(model.config, quantization_bit=0, torch_dtype="float16", extra=extra,
                      quantization={**model.config.quantization, "lm_head_tied": tied})
+    save_checkpoint(state, config, Path(out), tokenizer_dir=tokenizer_dir, copy_code=False)
+
+
+# -- THUDM's own format (quantization_bit), for THUDM's loading code -------------------------------
+def thudm_quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC.md section 7: symmetric per output row, scale = max|w| / (2**(bits-1) - 1) in float16,
+    q = round(w / scale); int4 packs column 2j in the high nibble of byte j (signed nibbles)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).to(torch.float16)
+    divisor = torch.where(scale == 0, 1.0, scale.float())
+    limit = 2 ** (bits - 1) - 1
+    q = (w / divisor[:, None]).round().clamp(-limit, limit).to(torch.int8)
+    if bits == 4:
+        q = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)
+    return q, scale
+
+
+def save_thudm(model: ChatGLMForConditionalGeneration, out: Path, *, bits: int, tokenizer_dir: Path | None) -> None:
+    """Write `model` (a float model) as THUDM's chatglm-6b-int8/int4 layout: every Linear inside the layers as
+    int8 `weight` + float16 `weight_scale` [out] (int4: per channel, any width), the rest float16, config.json
+    with `quantization_bit`, THUDM's *.py and `auto_map` kept, so both THUDM's code and chatglm-ft load it."""
+    if model.config.quantization or model.config.quantization_bit:
+        raise ChatGLMError("--format thudm needs a float source checkpoint; pass the float16 checkpoint as --model")
+    if bits not in (4, 8):
+        raise ChatGLMError(f"quantization bits must be 4 or 8, not {bits}")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name = name.removesuffix(".weight")
+        if name.startswith("transformer.layers.") and name.endswith(".weight") \
+                and type(model.get_submodule(module_name)) is nn.Linear:
+            state[name], state[module_name + ".weight_scale"] = thudm_quantize_weight(tensor, bits)
+        else:
+            state[name] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+    config = replace(model.config, quantization_bit=bits, quantization=None, torch_dtype="float16")
     save_checkpoint(state, config, Path(out), tokenizer_dir=tokenizer_dir)

@@ -468,12 +468,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "chatglm-ft"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "chatglm-ft",
+                                            "max_model_len": engine.max_context}]}  # vLLM's name; the page bounds its slider
 
     @app.get("/v1/models/{name}")
     async def model(name: str):
         check_model(name)
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "chatglm-ft"}
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "chatglm-ft",
+                "max_model_len": engine.max_context}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

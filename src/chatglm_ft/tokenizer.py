@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,8 +28,18 @@ def _postprocess(text: str) -> str:
     return text
 
 
+# The tokens THUDM's tokenizer (through transformers) recognises when they are typed literally in text.
+LITERAL_SPECIAL_TOKENS = ("<sop>", "<eop>", "[MASK]", "<pad>", "<unk>")
+_LITERAL_SPECIAL = re.compile("|".join(re.escape(t) for t in LITERAL_SPECIAL_TOKENS))
+
+
 class ChatGLMTokenizer:
-    """Encodes text the way THUDM's ChatGLMTokenizer does; ids are sentencepiece ids (num_image_tokens = 0)."""
+    """Encodes text the way THUDM's ChatGLMTokenizer does; ids are sentencepiece ids (num_image_tokens = 0).
+
+    Text like "<eop>" or "[MASK]" typed by a user stays plain text by default (a user cannot end the
+    answer or inject a mask); `parse_special = True` turns it into the control token, as THUDM's does."""
+
+    parse_special = False
 
     def __init__(self, model_file: str | Path, *, num_image_tokens: int = 0):
         import sentencepiece as spm
@@ -83,9 +94,23 @@ class ChatGLMTokenizer:
     # -- encoding -------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with special tokens the prompt ends in `[gMASK] <sop>` as the model expects."""
-        ids = list(self.sp.encode(_preprocess(text)))
+        ids = self._encode_parsing_special(text) if self.parse_special else list(self.sp.encode(_preprocess(text)))
         if add_special_tokens:
             ids += [self.gmask_token_id, self.bos_token_id]
+        return ids
+
+    def _encode_parsing_special(self, text: str) -> list[int]:
+        """transformers (4.33) splits the text at special tokens, strips the whitespace beside them and
+        encodes each remaining piece on its own (each with sentencepiece's leading "▁")."""
+        ids: list[int] = []
+        pieces = _LITERAL_SPECIAL.split(text)
+        for i, (piece, token) in enumerate(zip(pieces, _LITERAL_SPECIAL.findall(text) + [None])):
+            piece = piece.lstrip() if i > 0 else piece
+            piece = piece.rstrip() if token is not None else piece
+            if piece:
+                ids += self.sp.encode(_preprocess(piece))
+            if token is not None:
+                ids.append(self.sp.piece_to_id(token))
         return ids
 
     def tokenize(self, text: str) -> list[str]:

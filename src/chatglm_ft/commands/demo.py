@@ -6,7 +6,7 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "demo", help="LoRA fine-tuning end to end on a tiny generated model (CPU, about a minute, nothing downloaded)",
+        "demo", help="LoRA fine-tuning end to end on a tiny generated model (CPU, about 40 s on two cores, nothing downloaded)",
         description="Generate a bilingual translation task, a sentencepiece tokenizer and a tiny model of the ChatGLM-6B "
                     "architecture; measure exact match on held-out questions, LoRA-train with the same code as "
                     "`chatglm-ft train`, reload base + adapter from disk and measure again. Writes OUT/base (checkpoint), "

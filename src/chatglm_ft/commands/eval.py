@@ -22,7 +22,10 @@ def register(sub) -> None:
                         "(default: base only)")
     p.add_argument("--data", action="append", required=True, metavar="FILE",
                    help="evaluation data: JSON/JSONL file, directory or glob (repeatable); Alpaca, HC3, chat, ...")
-    p.add_argument("--format", default="auto", help="data format (default: detected from the first record)")
+    p.add_argument("--data-format", dest="data_format", default="auto",
+                   choices=["auto", "alpaca", "chatglm-tuning", "hc3", "chat", "messages"],
+                   help="data format, as for train (default: detected per file)")
+    p.add_argument("--format", dest="data_format", help=argparse.SUPPRESS)  # the old name, kept working
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N records only")
     p.add_argument("--template", default="chatglm", choices=["chatglm", "alpaca"],
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.do_sample and not gen.do_sample:
         gen = replace(gen, do_sample=True, temperature=0.95)
 
-    records, report = load_records(args.data, format=args.format, on_bad_row="skip")
+    records, report = load_records(args.data, format=args.data_format, on_bad_row="skip")
     print(report.summary(), file=sys.stderr)
     if args.limit is not None:
         records = records[: args.limit]

@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
                        help="weight-only quantization applied while loading")
         p.add_argument("--quantize-embeddings", action="store_true",
                        help="with --quantize: also quantize word_embeddings and lm_head (less memory, some accuracy)")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="treat <sop> <eop> [MASK] <pad> <unk> typed in text as control tokens, as THUDM's tokenizer"
+                        " does (default: they stay plain text)")
     if adapter:
         p.add_argument("--adapter", action="append", default=None, metavar="DIR",
                        help="LoRA adapter directory (PEFT layout) applied unmerged")
@@ -78,6 +81,7 @@ def load_from_args(args: argparse.Namespace):
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
                             quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None),
-                            ptuning=getattr(args, "ptuning", None))
+                            ptuning=getattr(args, "ptuning", None),
+                            parse_special=getattr(args, "parse_special_tokens", False))
     print(f"loaded in {time.perf_counter() - start:.1f}s on {model.device} ({model.dtype})", file=sys.stderr)
     return model, tokenizer

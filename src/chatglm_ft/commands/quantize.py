@@ -22,6 +22,9 @@ def register(sub) -> None:
                    help="int4 only: columns sharing one scale and zero point (64: a little more accurate and larger)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="also quantize word_embeddings and lm_head (saves 0.5-0.8 GB; costs some accuracy)")
+    p.add_argument("--format", choices=["chatglm-ft", "thudm"], default="chatglm-ft",
+                   help="chatglm-ft: our format (int4 grouped with zero points, loads fast here; THUDM's code refuses it); "
+                        "thudm: THUDM's chatglm-6b-int8/int4 layout (per-channel), which THUDM's own code loads too")
     p.add_argument("--device", default="auto",
                    help="where to quantize: cuda is fastest, cpu needs about the output's size in RAM (default: auto)")
     p.set_defaults(handler=run)
@@ -30,10 +33,20 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import load, model_path
     from ..outputs import check_output_dir
-    from ..quantize import QuantScheme, save_quantized
+    from ..quantize import QuantScheme, save_quantized, save_thudm
 
     source = model_path(args.model)
     out = check_output_dir(args.out, command="quantize", overwrite=args.overwrite, sources=[("--model", source)])
+    if args.format == "thudm":
+        if args.quantize_embeddings:
+            raise ChatGLMError("--format thudm keeps the embeddings in float16; drop --quantize-embeddings")
+        start = time.perf_counter()
+        model, _ = load(source, dtype="float16", device=args.device)  # the stored weights, as THUDM quantizes them
+        save_thudm(model, out, bits=args.bits, tokenizer_dir=source)
+        size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+        print(f"wrote {out} in THUDM's int{args.bits} layout in {time.perf_counter() - start:.1f}s"
+              f" ({size / 1e9:.2f} GB of weights)", file=sys.stderr)
+        return 0
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, embeddings=args.quantize_embeddings)
     start = time.perf_counter()
     model, _ = load(source, dtype="float16", device=args.device, quantize=scheme)

@@ -35,7 +35,8 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
     s.add_argument("--decode", default="auto", choices=["auto", "eager", "graphs", "compile"],
                    help="decode step: torch.compile + CUDA graphs of bucketed sizes (compile: compiles at start, about"
-                        " a minute the first time), graphs without compiling (graphs), or plain PyTorch (eager);"
+                        " 2 minutes the first time, ~30 s with a warm cache), graphs without compiling (graphs), or"
+                        " plain PyTorch (eager);"
                         " auto = compile on one GPU, eager otherwise")
     s.add_argument("--allow-host", action="append", default=None, metavar="NAME",
                    help="a Host name clients may use (repeatable; '*' for any). Default: localhost, 127.0.0.1, ::1"
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChatGLMError(f"--max-connections must be at least 1, not {args.max_connections}")
     wildcard = args.host in ("0.0.0.0", "::", "")
     allowed = tuple(args.allow_host) if args.allow_host else LOCAL_HOSTS + (() if wildcard else (args.host,))
+    sock = listening_socket(args.host, args.port)  # before minutes of loading, not after
     model, tokenizer = load_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                     decode=args.decode)
@@ -100,5 +102,22 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, after_drain)
-    server.run()
+    server.run(sockets=[sock])
     return 0
+
+
+def listening_socket(host: str, port: int):
+    """The server's socket, bound now: a taken port is one clear error (exit code 4), not uvicorn's exit 3."""
+    import socket
+
+    from ..errors import AddressInUseError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise AddressInUseError(f"cannot listen on {host}:{port} ({e.strerror}); stop the other server or pass --port N")
+    return sock

@@ -104,6 +104,9 @@ def register(sub) -> None:
                     "OUTPUT_DIR/prefix (P-Tuning, THUDM's layout) or OUTPUT_DIR/model, resumable checkpoints and a JSONL log. Several GPUs: "
                     "torchrun --nproc_per_node N -m chatglm_ft train ...")
     add_train_args(p)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models such as the"
+                        " demo's on a busy machine)")
     p.set_defaults(handler=run)
 
 
@@ -121,7 +124,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ChatGLMError
     from ..train import train
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ChatGLMError(f"--threads must be at least 1, not {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     train(config_from_args(args))
     return 0
