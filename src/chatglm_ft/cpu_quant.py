@@ -1,0 +1,88 @@
+"""Int8/int4 matmuls on the CPU that read the quantized weight as stored, never a float copy of it.
+
+Decoding a token reads every weight once, so on the CPU its speed is set by the bytes read: the
+float path (dequantize a block of rows, then BLAS) reads the integer weight AND writes and re-reads
+a float32 copy, and is slower than float32 itself. These kernels stream the int8 (or packed int4)
+rows once and accumulate in float32 registers: 4x (8x) fewer bytes than a float32 weight.
+
+The kernels are a small C++ file (cpu_quant.cpp) compiled on first use, as THUDM's implementation compiles its CPU
+kernels with gcc; without a compiler the float path is used (one warning). It reads the stored
+layouts of quantize.py directly (int4 group halves: byte j of a group holds column j low and column
+j + G/2 high, so each nibble plane meets a contiguous slice of the input), any even group size, so
+nothing is repacked. Outputs equal the float path up to float32 summation order.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+# Token rows up to which the kernel beats dequantize-then-BLAS (prefill uses BLAS: it reuses each
+# dequantized block across many rows). Measured on AVX2: the kernel's cost grows with rows.
+MAX_ROWS = 4
+
+SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_loaded: bool | None = None  # None: not tried yet
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-ffp-contract=fast"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # what this CPU runs; the build is cached per machine
+    return flags
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (built on first use, cached by torch under
+    ~/.cache/torch_extensions); False where they cannot be built (no C++ compiler)."""
+    global _loaded
+    if _loaded is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            load(name="chatglm_ft_cpu_quant", sources=[str(SOURCE)], extra_cflags=_flags(),
+                 is_python_module=False, verbose=False)
+            _loaded = True
+        except Exception as e:  # no compiler or ninja: the float path still works, just slower
+            _loaded = False
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            warnings.warn(f"CPU int8/int4 kernels unavailable ({reason}); quantized layers on the CPU "
+                          "dequantize instead (slower)", stacklevel=2)
+    return _loaded
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
+            and x.is_floating_point() and scale.dtype == torch.float16 and available())
+
+
+@torch.library.custom_op(
+    "chatglm_ft::cpu_quantized_linear", mutates_args=(), device_types="cpu",
+    schema="(Tensor x, Tensor weight, Tensor scale, Tensor? zero) -> Tensor",
+)
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) float32 x @ the int8 (zero None) or int4 weight's transpose -> (M, N) float32."""
+    if zero is None:
+        return torch.ops.chatglm_ft_cpu.int8_linear(x, weight, scale)
+    xsum = x.view(x.shape[0], scale.shape[1], -1).sum(-1)
+    return torch.ops.chatglm_ft_cpu.int4_linear(x, weight, scale, zero, xsum)
+
+
+@quantized_matmul.register_fake
+def _(x, weight, scale, zero):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ dequantize(weight).T + bias for a few CPU rows (see `usable`), in x's dtype."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K).to(torch.float32).contiguous()
+    y = quantized_matmul(x2, weight.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous())
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).view(*x.shape[:-1], N)
