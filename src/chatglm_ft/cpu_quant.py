@@ -14,6 +14,7 @@ nothing is repacked. Outputs equal the float path up to float32 summation order.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 MAX_ROWS = 4
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+ENABLED = True  # False forces the dequantizing reference path (benchmarks compare both)
 _loaded: bool | None = None  # None: not tried yet
 
 
@@ -53,10 +55,21 @@ def available() -> bool:
     return _loaded
 
 
+@contextmanager
+def enabled(flag: bool):
+    """Run a block with the kernels on or off (off: the dequantizing reference path)."""
+    global ENABLED
+    previous, ENABLED = ENABLED, flag
+    try:
+        yield
+    finally:
+        ENABLED = previous
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
     rows = x.numel() // max(1, x.shape[-1])
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
+    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
             and x.is_floating_point() and scale.dtype == torch.float16 and available())
 
 
