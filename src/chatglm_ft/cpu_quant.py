@@ -5,14 +5,20 @@ float path (dequantize a block of rows, then BLAS) reads the integer weight AND 
 a float32 copy, and is slower than float32 itself. These kernels stream the int8 (or packed int4)
 rows once and accumulate in float32 registers: 4x (8x) fewer bytes than a float32 weight.
 
-The kernels are a small C++ file (cpu_quant.cpp) compiled on first use, as THUDM's implementation compiles its CPU
-kernels with gcc; without a compiler the float path is used (one warning). It reads the stored
+The kernels are a small C++ file (cpu_quant.cpp) compiled on first use with the system's C++
+compiler (`c++`), as THUDM's implementation compiles its CPU kernels with gcc; without a
+compiler the dequantizing path is used (one warning). It reads the stored
 layouts of quantize.py directly (int4 group halves: byte j of a group holds column j low and column
 j + G/2 high, so each nibble plane meets a contiguous slice of the input), any even group size, so
 nothing is repacked. Outputs equal the float path up to float32 summation order.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,28 +36,49 @@ _loaded: bool | None = None  # None: not tried yet
 
 def _flags() -> list[str]:
     flags = ["-O3", "-ffp-contract=fast"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]  # what this CPU runs; the build is cached per machine
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # what this CPU runs (the build is cached per flags)
     return flags
 
 
+def _build() -> Path:
+    """Compile cpu_quant.cpp against this torch into a cached shared library (one compiler call: no
+    ninja or build system needed); the name hashes the source, flags and torch version."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    flags = _flags() + ["-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, torch.__version__]).encode()).hexdigest()[:16]
+    cache = Path.home() / ".cache" / "chatglm_ft"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir())
+    library = cache / f"cpu_quant-{key}.so"
+    if not library.exists():
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        compiler = shutil.which("c++") or shutil.which("g++") or "c++"
+        command = [compiler, *flags, str(SOURCE), "-o", str(partial),
+                   *(f"-I{p}" for p in include_paths()), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+            raise RuntimeError(errors[0][:300])
+        os.replace(partial, library)  # atomic: a process building beside this one never loads half a file
+    return library
+
+
 def available() -> bool:
-    """Whether the kernels are built and loaded (built on first use, cached by torch under
-    ~/.cache/torch_extensions); False where they cannot be built (no C++ compiler)."""
+    """Whether the kernels are built and loaded (compiled on first use, then cached under
+    ~/.cache/chatglm_ft); False where they cannot be built (no C++ compiler: one warning)."""
     global _loaded
     if _loaded is None:
         try:
-            from torch.utils.cpp_extension import load
-
-            load(name="chatglm_ft_cpu_quant", sources=[str(SOURCE)], extra_cflags=_flags(),
-                 is_python_module=False, verbose=False)
+            torch.ops.load_library(str(_build()))
             _loaded = True
-        except Exception as e:  # no compiler or ninja: the float path still works, just slower
+        except Exception as e:  # no compiler: the float path still works, just slower
             _loaded = False
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            warnings.warn(f"CPU int8/int4 kernels unavailable ({reason}); quantized layers on the CPU "
-                          "dequantize instead (slower)", stacklevel=2)
+            warnings.warn(f"CPU int8/int4 kernels unavailable ({type(e).__name__}: {e}); quantized layers on "
+                          "the CPU dequantize instead (slower)", stacklevel=2)
     return _loaded
 
 
