@@ -335,6 +335,24 @@ def test_cpu_kernel_traces_into_one_graph(cpu_kernels):
         torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
 
 
+def test_cli_bench_compares_formats_in_one_run(capsys):
+    threads = torch.get_num_threads()
+    try:
+        code, stdout, err = run_cli(capsys, "bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--threads", "1",
+                                    "--compare-quantized", "--reference-path", "--decode-tokens", "4", "--rounds", "2", "--json")
+    finally:
+        torch.set_num_threads(threads)  # --threads set it for this process
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["threads"] == 1
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["float32", "int8", "int8 (dequantize)", "int4", "int4 (dequantize)"]
+    assert rows["float32"]["weight_bytes"] > rows["int8"]["weight_bytes"] > rows["int4"]["weight_bytes"]
+    assert all(len(r["tokens_per_second"]) == 2 and min(r["tokens_per_second"]) > 0 for r in rows.values())
+    code, _, err = run_cli(capsys, "bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--threads", "0")
+    assert code != 0 and "--threads must be at least 1" in err
+
+
 # -- Triton kernels ------------------------------------------------------------------------------
 KERNEL_CHECK = textwrap.dedent("""
     import torch
