@@ -48,13 +48,14 @@ static float dot_int8(const int8_t* w, const float* x, int64_t K) {
     return dot;
 }
 
-// sum_j (b[j] & 15) * lo[j] + (b[j] >> 4) * hi[j] over the H bytes of one int4 group
-static float dot_int4_group(const uint8_t* b, const float* lo, const float* hi, int64_t H) {
-    int64_t j = 0;
-    float dot = 0.f;
+// Adds scale * sum_j (b[j] & 15) * lo[j] + (b[j] >> 4) * hi[j] over the H bytes of one int4 group
+// to `total` (AVX2: 8 lanes, summed once per row, not per group) and to `rest` (the scalar tail).
 #ifdef __AVX2__
+static inline void add_int4_group(const uint8_t* b, const float* lo, const float* hi, int64_t H, float scale,
+                                  __m256& total, float& rest) {
     const __m128i mask = _mm_set1_epi8(15);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
     for (; j + 16 <= H; j += 16) {
         __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j));
         __m128i low = _mm_and_si128(bytes, mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
@@ -69,11 +70,19 @@ static float dot_int4_group(const uint8_t* b, const float* lo, const float* hi, 
         a0 = _mm256_fmadd_ps(widen_u8(low), _mm256_loadu_ps(lo + j), a0);
         a2 = _mm256_fmadd_ps(widen_u8(high), _mm256_loadu_ps(hi + j), a2);
     }
-    dot = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; j < H; ++j) dot += static_cast<float>(b[j] & 15) * lo[j] + static_cast<float>(b[j] >> 4) * hi[j];
-    return dot;
+    total = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), total);
+    float tail = 0.f;
+    for (; j < H; ++j) tail += static_cast<float>(b[j] & 15) * lo[j] + static_cast<float>(b[j] >> 4) * hi[j];
+    rest += scale * tail;
 }
+#else
+static inline void add_int4_group(const uint8_t* b, const float* lo, const float* hi, int64_t H, float scale,
+                                  float& rest) {
+    float dot = 0.f;
+    for (int64_t j = 0; j < H; ++j) dot += static_cast<float>(b[j] & 15) * lo[j] + static_cast<float>(b[j] >> 4) * hi[j];
+    rest += scale * dot;
+}
+#endif
 
 // y (M, N) = x (M, K) @ (q * scale).T: int8 q (N, K), float16 scale (N,); x float32 contiguous
 static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
@@ -108,15 +117,25 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
             for (int64_t m = 0; m < M; ++m) {
-                float total = 0.f;
+                // (q - zero) * scale summed against x = scale * q.x - scale * zero * sum(x)
+                float rest = 0.f;
+#ifdef __AVX2__
+                __m256 total = _mm256_setzero_ps();
+#endif
                 for (int64_t g = 0; g < groups; ++g) {
                     const float* lo = xp + m * K + g * G;
-                    float dot = dot_int4_group(pp + n * (K / 2) + g * H, lo, lo + H, H);
-                    // (q - zero) * scale summed against x = scale * (q.x - zero * sum(x))
-                    total += static_cast<float>(sp[n * groups + g])
-                           * (dot - static_cast<float>(zp[n * groups + g]) * xs[m * groups + g]);
+                    const float s = static_cast<float>(sp[n * groups + g]);
+#ifdef __AVX2__
+                    add_int4_group(pp + n * (K / 2) + g * H, lo, lo + H, H, s, total, rest);
+#else
+                    add_int4_group(pp + n * (K / 2) + g * H, lo, lo + H, H, s, rest);
+#endif
+                    rest -= s * static_cast<float>(zp[n * groups + g]) * xs[m * groups + g];
                 }
-                yp[m * N + n] = total;
+#ifdef __AVX2__
+                rest += hsum(total);
+#endif
+                yp[m * N + n] = rest;
             }
         }
     });
