@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-# Token rows up to which the kernel beats dequantize-then-BLAS (prefill uses BLAS: it reuses each
-# dequantized block across many rows). Measured on AVX2: the kernel's cost grows with rows.
-MAX_ROWS = 4
+# Token rows up to which the kernels run; more rows (prefill) take dequantize-then-BLAS, which reuses
+# each dequantized block across the rows. The kernels' cost grows with the rows: on one AVX2 core
+# (4096 x 1024) they break even with it at 8-16 rows (int8) and 16-32 (int4).
+MAX_ROWS = 8
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 ENABLED = True  # False forces the dequantizing reference path (benchmarks compare both)
@@ -106,6 +107,8 @@ def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
 )
 def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """(M, K) float32 x @ the int8 (zero None) or int4 weight's transpose -> (M, N) float32."""
+    if not available():
+        raise RuntimeError("the CPU int8/int4 kernels could not be built here (see the warning)")
     if zero is None:
         return torch.ops.chatglm_ft_cpu.int8_linear(x, weight, scale)
     xsum = x.view(x.shape[0], scale.shape[1], -1).sum(-1)
