@@ -283,6 +283,76 @@ def test_cli_quantize_embeddings_needs_quantize(capsys, golden_dir):
     assert code == 2 and "needs --quantize" in err
 
 
+# -- CPU kernels -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    from chatglm_ft import cpu_quant
+
+    if not cpu_quant.available():
+        pytest.skip("no C++ compiler: the CPU int8/int4 kernels cannot be built here")
+    return cpu_quant
+
+
+# (out, in, int4 group): groups of 16 and 128, and one group per row whose half (20) needs the
+# vector loop's 8-wide step and the scalar tail
+@pytest.mark.parametrize("n,k,group", [(37, 256, 16), (50, 512, 128), (24, 40, 64)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_kernels_match_dequantized_matmul(cpu_kernels, monkeypatch, bits, n, k, group):
+    import chatglm_ft.quantize as quantize
+
+    torch.manual_seed(0)
+    layer = (Int8Linear if bits == 8 else Int4Linear)(k, n, bias=True, group_size=group)
+    layer.set_quantized(*(quantize_int8(torch.randn(n, k)) + (None,) if bits == 8 else quantize_int4(torch.randn(n, k), group)))
+    layer.bias = torch.nn.Parameter(torch.randn(n))
+    w = layer.dequantize(torch.float64)
+    # the kernel path never builds a float weight: forbid it, for a decode step of up to MAX_ROWS rows
+    monkeypatch.setattr(quantize, "dequantize_reference", None)
+    with torch.no_grad():
+        for shape in [(1, 1, k), (cpu_kernels.MAX_ROWS, k), (2, 1, k)]:
+            x = torch.randn(*shape)
+            y = layer(x)
+            assert y.dtype == torch.float32 and y.shape == (*shape[:-1], n)
+            torch.testing.assert_close(y.double(), F.linear(x.double(), w, layer.bias.double()), rtol=0, atol=1e-4)
+        with pytest.raises(TypeError):  # more rows take the dequantizing path (here: forbidden)
+            layer(torch.randn(cpu_kernels.MAX_ROWS + 1, k))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_cpu_kernel_decoding_matches_reference_path(cpu_kernels, golden, quantized, name):
+    """Greedy decoding (one row per step: the kernels) gives the tokens of the dequantizing path."""
+    for case in golden["greedy"]:
+        config = GenerationConfig(max_new_tokens=16)
+        with cpu_kernels.enabled(False):
+            expected = generate(quantized[name], None, [case["input_ids"]], config)[0].token_ids
+        assert generate(quantized[name], None, [case["input_ids"]], config)[0].token_ids == expected
+
+
+def test_cpu_kernel_traces_into_one_graph(cpu_kernels):
+    layer = Int4Linear(256, 64, bias=False, group_size=64)
+    layer.set_quantized(*quantize_int4(torch.randn(64, 256), 64))
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
+
+
+def test_cli_bench_compares_formats_in_one_run(capsys):
+    threads = torch.get_num_threads()
+    try:
+        code, stdout, err = run_cli(capsys, "bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--threads", "1",
+                                    "--compare-quantized", "--reference-path", "--decode-tokens", "4", "--rounds", "2", "--json")
+    finally:
+        torch.set_num_threads(threads)  # --threads set it for this process
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["threads"] == 1
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == ["float32", "int8", "int8 (dequantize)", "int4", "int4 (dequantize)"]
+    assert rows["float32"]["weight_bytes"] > rows["int8"]["weight_bytes"] > rows["int4"]["weight_bytes"]
+    assert all(len(r["tokens_per_second"]) == 2 and min(r["tokens_per_second"]) > 0 for r in rows.values())
+    code, _, err = run_cli(capsys, "bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--threads", "0")
+    assert code != 0 and "--threads must be at least 1" in err
+
+
 # -- Triton kernels ------------------------------------------------------------------------------
 KERNEL_CHECK = textwrap.dedent("""
     import torch

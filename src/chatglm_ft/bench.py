@@ -296,6 +296,51 @@ def run_bench(
     return report
 
 
+# -- quantized against float, same run --------------------------------------------------------------
+@dataclass
+class ModeDecode:
+    """Decode speed of one weight format over interleaved rounds (tokens/s, one per round)."""
+
+    mode: str  # "float32", "int8", "int4"
+    weight_bytes: int
+    rates: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def compare_formats(models: dict, *, new_tokens: int, rounds: int, prompt_tokens: int = 16, seed: int = 0,
+                    fast=None) -> list[ModeDecode]:
+    """Batch-1 greedy decode tokens/s of each (model, CPU kernels on) entry (the same weights in
+    different formats), interleaved round by round so that a change in the machine's load touches
+    all of them alike."""
+    from . import cpu_quant
+
+    first = next(iter(models.values()))[0]
+    prompt = random_prompt(first.config, prompt_tokens, torch.Generator().manual_seed(seed))
+    results = {name: ModeDecode(name, weight_bytes(m), []) for name, (m, _) in models.items()}
+    for model, kernels in models.values():  # warm-up: kernels built and caches allocated outside the timing
+        with cpu_quant.enabled(kernels):
+            time_decode(model, "warm-up", prompt, 4, fast=fast, bandwidth=1.0, weights=1)
+    for _ in range(rounds):
+        for name, (model, kernels) in models.items():
+            with cpu_quant.enabled(kernels):
+                d = time_decode(model, name, prompt, new_tokens, fast=fast, bandwidth=1.0, weights=1)
+            results[name].rates.append(d.tokens_per_second)
+    return list(results.values())
+
+
+def format_formats(results: list[ModeDecode], *, threads: int) -> str:
+    base = results[0]
+    lines = [f"decode, batch 1, short context, {threads} threads, {len(base.rates)} interleaved rounds:"]
+    for r in results:
+        rates = ", ".join(f"{x:.1f}" for x in r.rates)
+        lines.append(f"  {r.mode:<20} weights {r.weight_bytes / 1e9:6.3f} GB  {r.median:7.2f} tokens/s median "
+                     f"({rates})  {r.median / base.median:5.2f}x {base.mode}")
+    return "\n".join(lines)
+
+
 # -- printing ------------------------------------------------------------------------------------
 def format_report(report: BenchReport) -> str:
     gb = 1e9

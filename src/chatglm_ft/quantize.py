@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_quant
 from .checkpoint import assign_tensor, expected_shapes, load_weights, save_checkpoint
 from .config import ChatGLMConfig
 from .errors import ChatGLMError, CheckpointError
@@ -204,7 +205,8 @@ class DequantizedMatmul(torch.autograd.Function):
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ dequantize(weight).T + bias. Decode-size inputs on CUDA run the fused GEMV kernel."""
+    """y = x @ dequantize(weight).T + bias. Decode-size inputs run a fused GEMV kernel (Triton on CUDA,
+    cpu_quant's C++ on the CPU)."""
     K, N = x.shape[-1], weight.shape[0]
     rows = x.numel() // K
     # the custom ops have no backward: anything that needs a gradient takes the autograd path
@@ -212,6 +214,8 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if x.is_cuda and USE_TRITON and rows <= kernels.MAX_ROWS and not needs_grad and kernels.gemv_supported(weight, scale):
         y = torch.ops.chatglm_ft.gemv(x.reshape(rows, K), weight, bias, 0, scale, zero)
         return y.view(*x.shape[:-1], N)
+    if not x.is_cuda and not needs_grad and cpu_quant.usable(x, weight, scale):
+        return cpu_quant.linear(x, weight, scale, zero, bias)  # reads the integer weight, no float copy
     if needs_grad:
         y = DequantizedMatmul.apply(x, weight, scale, zero)
         return y + bias if bias is not None else y

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from .options import add_model_args, quantize_from_args
+from .options import add_model_args, apply_threads, quantize_from_args
 
 
 def register(sub) -> None:
@@ -18,8 +18,9 @@ def register(sub) -> None:
                     "--random-weights builds a model of the published size on the device, no checkpoint needed.")
     add_model_args(p, adapter=False, ptuning=True)
     p.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
-    p.add_argument("--config", choices=["full", "tiny"], default="full",
-                   help="with --random-weights: the published ChatGLM-6B shape, or the tiny test shape (CPU CI)")
+    p.add_argument("--config", choices=["full", "mid", "tiny"], default="full",
+                   help="with --random-weights: the published ChatGLM-6B shape, a mid-size one (12 layers, hidden "
+                        "1024, the real vocabulary: CPU benchmarks), or the tiny test shape (CPU CI)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per measurement")
     p.add_argument("--prefill-lengths", default="128,512,2048", help="comma-separated prompt lengths to time")
     p.add_argument("--bandwidth", type=float, default=None,
@@ -31,6 +32,13 @@ def register(sub) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="print torch.profiler tables of STEPS decode steps and of one prefill of the longest"
                         " length (top kernels by device time)")
+    p.add_argument("--compare-quantized", action="store_true",
+                   help="only decode speed, of the same weights in float, int8 and int4, interleaved in one run "
+                        "(--quantize-embeddings applies to both quantized formats)")
+    p.add_argument("--reference-path", action="store_true",
+                   help="with --compare-quantized on the CPU: also time int8 and int4 through the dequantizing "
+                        "reference path (blocks of rows dequantized, then BLAS) instead of the int8/int4 kernels")
+    p.add_argument("--rounds", type=int, default=3, help="with --compare-quantized: interleaved rounds per format")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--out", help="also write the JSON results to this file")
@@ -42,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import load, resolve_device, resolve_dtype
     from ..bench import format_report, random_model, run_bench
-    from ..config import ChatGLMConfig
     from ..errors import ChatGLMError
 
     try:
@@ -53,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         raise ChatGLMError("prompt lengths and --decode-tokens must be at least 2")
     if args.random_weights == bool(args.model):
         raise ChatGLMError("pass either --model DIR or --random-weights")
+    apply_threads(args)
+    if args.compare_quantized:
+        return compare_quantized(args)
     quantize = quantize_from_args(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -62,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     began = time.perf_counter()
     if args.random_weights:
-        config = ChatGLMConfig.full() if args.config == "full" else ChatGLMConfig.tiny()
-        model = random_model(config, dtype=dtype, device=device, seed=args.seed)
+        model = random_model(bench_config(args.config), dtype=dtype, device=device, seed=args.seed)
         if quantize is not None:
             from ..quantize import quantize_model
 
@@ -89,4 +98,54 @@ def run(args: argparse.Namespace) -> int:
     print(text if args.json else format_report(report))
     if args.json and report.profile:
         print(report.profile, file=sys.stderr)
+    return 0
+
+
+def bench_config(name: str):
+    from ..config import ChatGLMConfig
+
+    if name == "mid":  # the real format and vocabulary at a size a few CPU cores decode in a benchmark's time
+        return ChatGLMConfig(num_layers=12, hidden_size=1024, num_attention_heads=8, inner_hidden_size=4096)
+    return ChatGLMConfig.full() if name == "full" else ChatGLMConfig.tiny()
+
+
+def compare_quantized(args: argparse.Namespace) -> int:
+    """--compare-quantized: decode tokens/s of float, int8 and int4 copies of one model, same run."""
+    import torch
+
+    from ..api import load, resolve_device, resolve_dtype
+    from ..bench import compare_formats, format_formats, random_model
+    from ..errors import ChatGLMError
+    from ..quantize import QuantScheme, quantize_model
+
+    if args.random_weights == bool(args.model):
+        raise ChatGLMError("pass either --model DIR or --random-weights")
+    if args.quantize:
+        raise ChatGLMError("--compare-quantized measures float, int8 and int4 itself; drop --quantize")
+    if args.rounds < 1:
+        raise ChatGLMError("--rounds must be at least 1")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    models = {}
+    for bits in (None, 8, 4):
+        scheme = None if bits is None else QuantScheme(bits=bits, embeddings=args.quantize_embeddings)
+        if args.random_weights:  # the same seed: the same weights in each format
+            model = random_model(bench_config(args.config), dtype=dtype, device=device, seed=args.seed)
+            model = quantize_model(model, scheme) if scheme else model
+        else:
+            model, _ = load(args.model, dtype=dtype, device=device, quantize=scheme)
+        name = str(dtype).removeprefix("torch.") if bits is None else f"int{bits}" + ("+emb" if args.quantize_embeddings else "")
+        models[name] = (model, True)
+        if bits and args.reference_path:
+            models[f"{name} (dequantize)"] = (model, False)
+    fast = {"auto": None, "fast": True, "eager": False}[args.path]
+    results = compare_formats(models, new_tokens=args.decode_tokens, rounds=args.rounds, seed=args.seed, fast=fast)
+    source = f"random weights, {args.config} config" if args.random_weights else str(args.model)
+    if args.json:
+        print(json.dumps({"model": source, "device": str(device), "threads": torch.get_num_threads(),
+                          "results": [{"mode": r.mode, "weight_bytes": r.weight_bytes, "tokens_per_second": r.rates,
+                                       "median": r.median} for r in results]}))
+    else:
+        print(f"model        {source} on {device}, torch {torch.__version__}")
+        print(format_formats(results, threads=torch.get_num_threads()))
     return 0

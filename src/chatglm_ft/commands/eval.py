@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .options import add_generation_args, add_model_args, generation_config, quantize_from_args
+from .options import add_generation_args, add_model_args, apply_threads, generation_config, quantize_from_args
 
 
 def register(sub) -> None:
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChatGLMError(f"--limit must be at least 1, not {args.limit}")
     if args.batch_size < 1:
         raise ChatGLMError(f"--batch-size must be at least 1, not {args.batch_size}")
+    apply_threads(args)
     variants = parse_variants(args.adapter)
     gen = generation_config(args)
     if args.do_sample and not gen.do_sample:

@@ -10,6 +10,8 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool = True, quantize
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: float16 on GPU, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or a list such as cuda:0,cuda:1 to spread the layers over several GPUs (auto: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for inference (default: PyTorch's, one per physical core)")
     if quantize:
         p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                        help="weight-only quantization applied while loading")
@@ -71,6 +73,20 @@ def quantize_from_args(args: argparse.Namespace) -> str | dict | None:
     return {"bits": 8 if quantize == "int8" else 4, "embeddings": True}
 
 
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads: the intra-op threads CPU matmuls and the quantized kernels split their rows over."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        from ..errors import ChatGLMError
+
+        raise ChatGLMError(f"--threads must be at least 1, not {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer) for the model flags, reporting load time and memory on stderr."""
     import sys
@@ -78,6 +94,7 @@ def load_from_args(args: argparse.Namespace):
 
     from ..api import load
 
+    apply_threads(args)
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
                             quantize=quantize_from_args(args), adapter=getattr(args, "adapter", None),

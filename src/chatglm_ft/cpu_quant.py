@@ -1,0 +1,131 @@
+"""Int8/int4 matmuls on the CPU that read the quantized weight as stored, never a float copy of it.
+
+Decoding a token reads every weight once, so on the CPU its speed is set by the bytes read: the
+float path (dequantize a block of rows, then BLAS) reads the integer weight AND writes and re-reads
+a float32 copy, and is slower than float32 itself. These kernels stream the int8 (or packed int4)
+rows once and accumulate in float32 registers: 4x (8x) fewer bytes than a float32 weight.
+
+The kernels are a small C++ file (cpu_quant.cpp) compiled on first use with the system's C++
+compiler (`c++`), as THUDM's implementation compiles its CPU kernels with gcc; without a
+compiler the dequantizing path is used (one warning). It reads the stored
+layouts of quantize.py directly (int4 group halves: byte j of a group holds column j low and column
+j + G/2 high, so each nibble plane meets a contiguous slice of the input), any even group size, so
+nothing is repacked. Outputs equal the float path up to float32 summation order.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+# Token rows up to which the kernels run; more rows (prefill) take dequantize-then-BLAS, which reuses
+# each dequantized block across the rows. The kernels' cost grows with the rows: on one AVX2 core
+# (4096 x 1024) they break even with it at 8-16 rows (int8) and 16-32 (int4).
+MAX_ROWS = 8
+
+SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+ENABLED = True  # False forces the dequantizing reference path (benchmarks compare both)
+_loaded: bool | None = None  # None: not tried yet
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-ffp-contract=fast"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # what this CPU runs (the build is cached per flags)
+    return flags
+
+
+def _build() -> Path:
+    """Compile cpu_quant.cpp against this torch into a cached shared library (one compiler call: no
+    ninja or build system needed); the name hashes the source, flags and torch version."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    flags = _flags() + ["-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, torch.__version__]).encode()).hexdigest()[:16]
+    cache = Path.home() / ".cache" / "chatglm_ft"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir())
+    library = cache / f"cpu_quant-{key}.so"
+    if not library.exists():
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        compiler = shutil.which("c++") or shutil.which("g++") or "c++"
+        command = [compiler, *flags, str(SOURCE), "-o", str(partial),
+                   *(f"-I{p}" for p in include_paths()), *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+            raise RuntimeError(errors[0][:300])
+        os.replace(partial, library)  # atomic: a process building beside this one never loads half a file
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (compiled on first use, then cached under
+    ~/.cache/chatglm_ft); False where they cannot be built (no C++ compiler: one warning)."""
+    global _loaded
+    if _loaded is None:
+        try:
+            torch.ops.load_library(str(_build()))
+            _loaded = True
+        except Exception as e:  # no compiler: the float path still works, just slower
+            _loaded = False
+            warnings.warn(f"CPU int8/int4 kernels unavailable ({type(e).__name__}: {e}); quantized layers on "
+                          "the CPU dequantize instead (slower)", stacklevel=2)
+    return _loaded
+
+
+@contextmanager
+def enabled(flag: bool):
+    """Run a block with the kernels on or off (off: the dequantizing reference path)."""
+    global ENABLED
+    previous, ENABLED = ENABLED, flag
+    try:
+        yield
+    finally:
+        ENABLED = previous
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
+            and x.is_floating_point() and scale.dtype == torch.float16 and available())
+
+
+@torch.library.custom_op(
+    "chatglm_ft::cpu_quantized_linear", mutates_args=(), device_types="cpu",
+    schema="(Tensor x, Tensor weight, Tensor scale, Tensor? zero) -> Tensor",
+)
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) float32 x @ the int8 (zero None) or int4 weight's transpose -> (M, N) float32."""
+    if not available():
+        raise RuntimeError("the CPU int8/int4 kernels could not be built here (see the warning)")
+    if zero is None:
+        return torch.ops.chatglm_ft_cpu.int8_linear(x, weight, scale)
+    xsum = x.view(x.shape[0], scale.shape[1], -1).sum(-1)
+    return torch.ops.chatglm_ft_cpu.int4_linear(x, weight, scale, zero, xsum)
+
+
+@quantized_matmul.register_fake
+def _(x, weight, scale, zero):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ dequantize(weight).T + bias for a few CPU rows (see `usable`), in x's dtype."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K).to(torch.float32).contiguous()
+    y = quantized_matmul(x2, weight.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous())
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).view(*x.shape[:-1], N)
