@@ -384,7 +384,9 @@ def save_prefix(model, out: str | Path, *, state: dict[str, torch.Tensor] | None
     the float32 `transformer.prefix_encoder.*` tensors (`state`: already gathered ones, e.g. from FSDP shards)."""
     import shutil
 
-    from .checkpoint import TOKENIZER_FILES, replace_dir
+    from .checkpoint import replace_dir
+    from .tokenizer import TOKENIZER_FILES
+    from .tokenizer_glm2 import TOKENIZER_FILES as GLM2_TOKENIZER_FILES
 
     encoder = prefix_encoder_of(model)
     if encoder is None:
@@ -406,7 +408,7 @@ def save_prefix(model, out: str | Path, *, state: dict[str, torch.Tensor] | None
     tensors = state if state is not None else prefix_state_dict(encoder)
     torch.save({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
+        for name in dict.fromkeys(TOKENIZER_FILES + GLM2_TOKENIZER_FILES):  # whichever the base has
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     replace_dir(tmp, out)
