@@ -239,3 +239,48 @@ def test_cli_trains_a_chatglm3_prefix_and_generates_with_it(golden3_dir, tmp_pat
                      "--max-new-tokens", "4", "--json", "--prompt", "你好"]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert len(outputs[0]) == 4 and outputs[0] != outputs[1]
+
+
+def copy_task(n, seed=0):
+    """Random prompts that all have one answer: what a prefix (a fixed context) learns in a few steps."""
+    from chatglm_ft.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        prompt = [64790, 64792] + torch.randint(30000, 30100, (int(torch.randint(3, 9, (1,), generator=g)),),
+                                                generator=g).tolist()
+        answer = [31000, 32000, 33000, 2]
+        examples.append(Example(input_ids=prompt + answer, labels=[-100] * len(prompt) + answer))
+    return examples
+
+
+def test_training_with_checkpointing_trains_only_the_prefix(golden2_dir, tmp_path, monkeypatch):
+    """Gradient checkpointing passes each layer its prefix keys/values: the same losses as without; base frozen."""
+    from chatglm_ft.train import TrainConfig, train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runs = []
+    for ckpt in (False, True):
+        model, _ = load(golden2_dir, dtype="float32", device="cpu")
+        before = {name: p.clone() for name, p in model.named_parameters()}
+        config = TrainConfig(output_dir=str(tmp_path / str(ckpt)), finetuning_type="ptuning", pre_seq_len=4,
+                             max_steps=4, per_device_train_batch_size=4, learning_rate=0.3, warmup_steps=0,
+                             logging_steps=1, save_steps=0, eval_steps=0, progress=False, report_to=["none"], seed=0,
+                             gradient_checkpointing=ckpt)
+        runs.append(train(config, model=model, examples=copy_task(16)).losses)
+        assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)
+        assert [name for name, p in model.named_parameters() if p.requires_grad] == [PREFIX_KEY + "embedding.weight"]
+    assert runs[0][-1][1] < runs[0][0][1] - 0.3, runs[0]
+    for (_, a), (_, b) in zip(*runs):
+        assert abs(a - b) < 1e-5
+
+
+def test_int8_base_with_a_prefix_stays_close_to_float(prefixed, golden2_dir, ptuning_dirs):
+    model, _, golden = prefixed["v2"]
+    quantized, _ = load(golden2_dir, dtype="float32", device="cpu", quantize="int8", ptuning=ptuning_dirs["v2"])
+    ids = torch.tensor([golden["forward"][0]["input_ids"]])
+    with torch.no_grad():
+        exact, approx = model(ids).logits, quantized(ids).logits
+    assert (approx - exact).abs().max() < 0.2  # the tiny random network is far more sensitive than a real one
+    assert torch.equal(approx[0, -1].topk(5).indices, exact[0, -1].topk(5).indices)
