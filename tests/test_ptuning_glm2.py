@@ -284,3 +284,30 @@ def test_int8_base_with_a_prefix_stays_close_to_float(prefixed, golden2_dir, ptu
         exact, approx = model(ids).logits, quantized(ids).logits
     assert (approx - exact).abs().max() < 0.2  # the tiny random network is far more sensitive than a real one
     assert torch.equal(approx[0, -1].topk(5).indices, exact[0, -1].topk(5).indices)
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", VERSIONS)
+def test_cuda_generation_matches_golden_and_trains_in_bf16(bases, ptuning_dirs, name, tmp_path):
+    """float32 on CUDA: greedy and the left-padded batch give the golden ids with the prefix in the first
+    cache columns; a bfloat16 base trains a float32 prefix."""
+    from chatglm_ft.train import TrainConfig, train
+
+    model, tokenizer = load(bases[name], dtype="float32", device="cuda", ptuning=ptuning_dirs[name])
+    golden = golden_of(ptuning_dirs[name])
+    for case in golden["greedy"]:
+        (result,) = generate(model, tokenizer, [case["input_ids"]], GenerationConfig(max_new_tokens=len(case["new_ids"])))
+        assert result.token_ids == case["new_ids"]
+    case = golden["batch"][0]
+    prompts = [[t for t in row if t != case["pad_token_id"]] for row in case["input_ids"]]
+    gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]))
+    assert [r.token_ids for r in generate(model, tokenizer, prompts, gen)] == case["new_ids"]
+    result = train(TrainConfig(model=str(bases[name]), output_dir=str(tmp_path), max_steps=6, finetuning_type="ptuning",
+                               pre_seq_len=8, per_device_train_batch_size=4, learning_rate=0.3, warmup_steps=0,
+                               logging_steps=1, progress=False, report_to=["none"], device="cuda"),
+                   examples=copy_task(24))
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+    assert result.losses[-1][1] < result.losses[0][1]
+    state = torch.load(result.adapter_dir / "pytorch_model.bin", weights_only=True)
+    assert state[PREFIX_KEY + "embedding.weight"].dtype == torch.float32
