@@ -400,6 +400,11 @@ def save_prefix(model, out: str | Path, *, state: dict[str, torch.Tensor] | None
     config.pop("quantization", None)  # the prefix belongs to the float model, whatever the base was trained in
     config.update(pre_seq_len=encoder.pre_seq_len, prefix_projection=encoder.shape.projection,
                   quantization_bit=0, torch_dtype="float16")
+    family = family_of_config(model.config)
+    from .config_glm2 import family_of
+
+    if family_of(config) != family:  # the base's name did not tell its generation: name it, so loading can check
+        config["_name_or_path"] = f"THUDM/{family}-6b"
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     c = model.config
     ids = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
