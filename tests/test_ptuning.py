@@ -248,7 +248,7 @@ def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tm
         "a full model checkpoint .1 tensors besides the prefix encoder": broken_copy(
             noproj, tmp_path / "full", state={**state, "transformer.final_layernorm.weight": torch.ones(64)}),
         "a full model checkpoint .pytorch_model.bin.index.json": golden_dir,
-        "a ChatGLM2/3-6B prefix": ptuning_dirs["v2"],
+        "a ChatGLM2-6B prefix; load it on a ChatGLM2-6B base model, not this ChatGLM-6B one": ptuning_dirs["v2"],
     }
     for message, path in cases.items():
         if path == golden_dir:  # the base's own config has no pre_seq_len: pretend THUDM's full save

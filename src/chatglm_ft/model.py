@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import RESIDUAL_ALPHA, ChatGLMConfig
 from .positions import attention_mask_for, position_ids_for, prefix_layout
-from .ptuning import prefix_mask, shift_cache, write_prefix_cache
+from .ptuning import prefix_inputs, with_prefix, write_prefix_cache
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -234,10 +234,8 @@ class SelfAttention(nn.Module):
             if kv_length is not None:
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
         else:
-            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-            if prefix_kv is not None:  # P-Tuning without a cache: the prefix keys/values (not rotated) come first
-                k_all = torch.cat([prefix_kv[0].to(k_all.device).expand(B, -1, -1, -1), k_all], dim=2)
-                v_all = torch.cat([prefix_kv[1].to(v_all.device).expand(B, -1, -1, -1), v_all], dim=2)
+            # P-Tuning without a cache: the prefix keys/values (not rotated) come first
+            k_all, v_all = with_prefix(k.transpose(1, 2), v.transpose(1, 2), prefix_kv)
         y = attend(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, nh, T, hd)
         return linear(self.dense, y.transpose(1, 2).reshape(B, T, H))
 
@@ -288,14 +286,10 @@ class ChatGLMModel(nn.Module):
     def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None, cache_rows=None):
         h = self.word_embeddings(input_ids)  # (B, T, H)
         cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
-        prefix_kvs = [None] * len(self.layers)
-        if self.prefix_encoder is not None:  # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence
-            P = self.prefix_encoder.pre_seq_len
-            attn_mask = prefix_mask(attn_mask, P)
-            if kv_caches is not None:  # the prefix sits in the cache's first P columns (setup_caches wrote it)
-                cache_columns, kv_length = shift_cache(cache_columns, kv_length, P)
-            else:
-                prefix_kvs = self.prefix_encoder(input_ids.shape[0], h.dtype)
+        # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence
+        attn_mask, cache_columns, kv_length, prefix_kvs = prefix_inputs(
+            self.prefix_encoder, attn_mask, kv_caches, cache_columns, kv_length, input_ids.shape[0], h.dtype)
+        prefix_kvs = prefix_kvs or [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config_glm2 import ChatGLM2Config
 from .model import CausalLMOutput, KVCache, LinearCrossEntropy, linear
+from .ptuning import prefix_inputs, with_prefix, write_prefix_cache
 
 
 # -- positions and masks (what differs from ChatGLM-6B's prefix LM) -----------------------------
@@ -168,7 +169,7 @@ class SelfAttention(nn.Module):
         return q.unflatten(-1, (N, d)), k.unflatten(-1, (G, d)), v.unflatten(-1, (G, d))
 
     def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None = None, cache_columns=None, kv_length=None,
-                cache_rows=None) -> torch.Tensor:
+                cache_rows=None, prefix_kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.split_qkv(linear(self.query_key_value, x))
         q = apply_rotary(q, cos, sin)
@@ -177,8 +178,8 @@ class SelfAttention(nn.Module):
             k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows, kv_length)  # (B, G, S, d)
             if kv_length is not None:
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
-        else:
-            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        else:  # P-Tuning without a cache: the prefix keys/values (G groups, not rotated) come first
+            k_all, v_all = with_prefix(k.transpose(1, 2), v.transpose(1, 2), prefix_kv)
         y = attend_grouped(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, N, T, d)
         return linear(self.dense, y.transpose(1, 2).reshape(B, T, -1))
 
@@ -204,9 +205,10 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device)
         self.mlp = MLP(config, device)
 
-    def forward(self, h, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None, cache_rows=None):
+    def forward(self, h, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None, cache_rows=None,
+                prefix_kv=None):
         h = h + self.self_attention(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_columns, kv_length,
-                                    cache_rows)
+                                    cache_rows, prefix_kv)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -250,6 +252,7 @@ class ChatGLM2Model(nn.Module):
         self.encoder = Encoder(config, device)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         self.gradient_checkpointing = False
+        self.prefix_encoder = None  # P-Tuning v2: a ptuning.PrefixEncoder, attached by ptuning.attach
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -269,12 +272,17 @@ class ChatGLM2Model(nn.Module):
         """Final-normed hidden states (B, T, H); position_ids (B, T); attn_mask (B, 1, T, S) bool or None (causal)."""
         h = self.embedding(input_ids)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, h.dtype, self.config.family)
+        # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence; positions unchanged (SPEC.md II.7.3)
+        attn_mask, cache_columns, kv_length, prefix_kvs = prefix_inputs(
+            self.prefix_encoder, attn_mask, kv_caches, cache_columns, kv_length, input_ids.shape[0], h.dtype)
+        prefix_kvs = prefix_kvs or [None] * len(self.encoder.layers)
         for i, layer in enumerate(self.encoder.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, prefix_kv=prefix_kvs[i],
+                                                      use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows)
+                h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows, prefix_kvs[i])
         return self.encoder.final_layernorm(h)
 
 
@@ -315,18 +323,22 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
 
     # -- KV cache --------------------------------------------------------------------------------
     def setup_caches(self, batch_size: int, max_length: int) -> None:
-        """Per layer keys/values (B, G, S, d): only the G key/value heads, stored after rotary."""
+        """Per layer keys/values (B, G, S, d): only the G key/value heads, stored after rotary; a P-Tuning
+        prefix's columns come in front of the `max_length` sequence columns, filled here."""
         c = self.config
+        prefix = self.transformer.prefix_encoder
+        max_length += prefix.pre_seq_len if prefix is not None else 0
         first = self.kv_caches[0] if self.kv_caches is not None else None
-        if (first is not None and first.k.shape[0] == batch_size and first.k.shape[2] >= max_length
+        if not (first is not None and first.k.shape[0] == batch_size and first.k.shape[2] >= max_length
                 and first.k.dtype == self.compute_dtype and first.k.device == self.device):
-            return
-        self.kv_caches = None  # free the old cache before allocating the new one
-        self.kv_caches = nn.ModuleList(
-            KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.compute_dtype,
-                    device=layer.input_layernorm.weight.device)
-            for layer in self.transformer.encoder.layers
-        )
+            self.kv_caches = None  # free the old cache before allocating the new one
+            self.kv_caches = nn.ModuleList(
+                KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.compute_dtype,
+                        device=layer.input_layernorm.weight.device)
+                for layer in self.transformer.encoder.layers
+            )
+        if prefix is not None:
+            write_prefix_cache(prefix, self.kv_caches)  # cheap, and current after training steps
 
     def clear_caches(self) -> None:
         self.kv_caches = None

@@ -5,16 +5,18 @@ The prefix encoder lives at `transformer.prefix_encoder` with THUDM's parameter 
 layout THUDM's ptuning trainers write (config.json with `pre_seq_len` + a pytorch_model.bin holding
 only `transformer.prefix_encoder.*` in float32) loads here, and one saved here loads with THUDM's code.
 
-How the network uses it (model.py calls the three hooks below, nothing else knows about prefixes):
+How the networks use it (model.py and model_glm2.py call the hooks below, nothing else knows about prefixes):
 - `PrefixEncoder.forward` turns the prefix into per-layer keys/values, which are not rotated;
-- `prefix_mask` prepends P always-visible key columns to the attention mask;
-- `shift_cache` moves the prompt behind the prefix in the KV cache: the prefix owns the first P
-  columns (`write_prefix_cache`), the sequence's column c is cache column P + c.
-Positions do not change (ChatGLM-6B's 2D positions ignore the prefix).
+- `prefix_inputs` (at the top of the transformer's forward) prepends P always-visible key columns to the
+  attention mask (`prefix_mask`) and moves the sequence behind the prefix in the KV cache (`shift_cache`):
+  the prefix owns the first P columns (`write_prefix_cache`, from `setup_caches`), the sequence's column c
+  is cache column P + c; without a cache it gives each layer its prefix keys/values, which the attention
+  puts in front of the sequence's (`with_prefix`).
+Positions do not change: ChatGLM-6B's 2D positions and ChatGLM2/3's 1D positions ignore the prefix.
 
-ChatGLM2/3 plug in at three places: `prefix_shape` (kv heads G instead of N, and their projection embeds into
-K), `check_same_model` (compare their size fields), and their network calling the same hooks (its mask is
-a 2D padding mask to which the P ones are prepended, SPEC.md II.7.3).
+What differs between the generations (SPEC.md II.7.1) is one `Generation` record per family: the key/value
+heads (N for ChatGLM-6B, the G groups for ChatGLM2/3), the width the projection variant embeds into (H for
+ChatGLM-6B, K for ChatGLM2/3) and the config fields a prefix must share with its base.
 """
 from __future__ import annotations
 
@@ -44,10 +46,10 @@ class PrefixShape:
     pre_seq_len: int  # P
     projection: bool
     num_layers: int  # L
-    kv_heads: int  # key/value heads per layer: N for ChatGLM-6B (G for ChatGLM2/3)
+    kv_heads: int  # key/value heads per layer: N for ChatGLM-6B, G for ChatGLM2/3
     head_dim: int
     hidden_size: int  # H: the projection's hidden width
-    embedding_width: int  # ChatGLM-6B with projection embeds into H; otherwise into K
+    embedding_width: int  # ChatGLM-6B with projection embeds into H; otherwise (and ChatGLM2/3 always) into K
 
     @property
     def kv_width(self) -> int:
@@ -62,12 +64,47 @@ class PrefixShape:
         return shapes
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What a prefix looks like for one model generation (SPEC.md II.7.1)."""
+
+    title: str  # for messages
+    size_fields: tuple[str, ...]  # config.json fields a prefix must share with its base
+    grouped_kv: bool  # keys/values per G key/value group (ChatGLM2/3), else per attention head
+    projection_embeds_kv: bool  # with projection, the embedding is [P, K] (ChatGLM2/3), else [P, H]
+
+    def kv_heads(self, config) -> int:
+        return config.kv_heads if self.grouped_kv else config.num_attention_heads
+
+    def describe(self, sizes: dict[str, Any]) -> str:
+        text = f"{sizes['num_layers']} layers, hidden {sizes['hidden_size']}, {sizes['num_attention_heads']} heads"
+        if self.grouped_kv:
+            text += f", {sizes['multi_query_group_num']} key/value groups of {sizes['kv_channels']}"
+        return text
+
+
+GLM2_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "multi_query_group_num")
+GENERATIONS = {
+    "chatglm": Generation("ChatGLM-6B", ("num_layers", "hidden_size", "num_attention_heads"), False, False),
+    "chatglm2": Generation("ChatGLM2-6B", GLM2_SIZES, True, True),
+    "chatglm3": Generation("ChatGLM3-6B", GLM2_SIZES, True, True),
+}
+
+
+def family_of_config(config) -> str:
+    """'chatglm', 'chatglm2' or 'chatglm3' of a loaded config (ChatGLM-6B's config has no family field)."""
+    return getattr(config, "family", "chatglm")
+
+
 def prefix_shape(config, pre_seq_len: int, projection: bool) -> PrefixShape:
-    """The prefix geometry of a ChatGLM-6B config (ChatGLM2/3 add their branch here: kv heads G, embed into K)."""
+    """The prefix geometry of a model's config, per its generation."""
+    generation = GENERATIONS[family_of_config(config)]
+    kv_heads = generation.kv_heads(config)
+    kv_width = 2 * config.num_layers * kv_heads * config.head_dim
     return PrefixShape(pre_seq_len=pre_seq_len, projection=projection, num_layers=config.num_layers,
-                       kv_heads=config.num_attention_heads, head_dim=config.head_dim, hidden_size=config.hidden_size,
-                       embedding_width=config.hidden_size if projection else
-                       2 * config.num_layers * config.num_attention_heads * config.head_dim)
+                       kv_heads=kv_heads, head_dim=config.head_dim, hidden_size=config.hidden_size,
+                       embedding_width=config.hidden_size if projection and not generation.projection_embeds_kv
+                       else kv_width)
 
 
 # -- the module --------------------------------------------------------------------------------------
@@ -105,7 +142,32 @@ class PrefixEncoder(nn.Module):
         return [(x[2 * i], x[2 * i + 1]) for i in range(s.num_layers)]
 
 
-# -- model hooks (model.py) --------------------------------------------------------------------------
+# -- model hooks (model.py, model_glm2.py) -------------------------------------------------------------
+def prefix_inputs(encoder: PrefixEncoder | None, attn_mask, kv_caches, cache_columns, kv_length: int | None,
+                  batch_size: int, dtype: torch.dtype):
+    """What a transformer's forward passes its layers with a prefix: (attn_mask, cache_columns, kv_length,
+    per-layer prefix keys/values or Nones). With a cache the prefix is already in its first P columns
+    (setup_caches wrote it); without one each layer gets the prefix keys/values to put in front."""
+    prefix_kvs = None
+    if encoder is not None:
+        attn_mask = prefix_mask(attn_mask, encoder.pre_seq_len)
+        if kv_caches is not None:
+            cache_columns, kv_length = shift_cache(cache_columns, kv_length, encoder.pre_seq_len)
+        else:
+            prefix_kvs = encoder(batch_size, dtype)
+    return attn_mask, cache_columns, kv_length, prefix_kvs
+
+
+def with_prefix(k: torch.Tensor, v: torch.Tensor, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values (B, heads, S, d) with the prefix's (b, heads, P, d) in front (no cache: nothing else put them there)."""
+    if prefix_kv is None:
+        return k, v
+    B = k.shape[0]
+    return (torch.cat([prefix_kv[0].to(k.device).expand(B, -1, -1, -1), k], dim=2),
+            torch.cat([prefix_kv[1].to(v.device).expand(B, -1, -1, -1), v], dim=2))
+
+
 def prefix_mask(mask, pre_seq_len: int):
     """The attention mask with P visible key columns in front: a (B, 1, T, S) bool mask (True = visible)
     gets (B, 1, T, P) True; a model.PromptMask records the prefix; None (all visible) stays None."""
@@ -230,16 +292,25 @@ def read_prefix(path: str | Path, base_config) -> PrefixEncoder:
 
 
 def check_same_model(raw: dict, base_config, source: Path) -> None:
-    """The prefix's config.json must describe the base's architecture and size (a prefix is per-model)."""
-    if "ffn_hidden_size" in raw or "multi_query_group_num" in raw:
-        raise CheckpointError(f"{source}: a ChatGLM2/3-6B prefix; it needs its own base model, not this ChatGLM-6B one")
-    fields = ("num_layers", "hidden_size", "num_attention_heads")
-    theirs = {f: raw.get(f) for f in fields}
-    ours = {f: getattr(base_config, f) for f in fields}
+    """The prefix's config.json must describe the base's generation, architecture and size (a prefix is per-model)."""
+    from .config_glm2 import family_of
+
+    tokenizer_config = source.parent / "tokenizer_config.json"  # THUDM's trainer copies it beside the prefix
+    try:
+        tokenizer_raw = json.loads(tokenizer_config.read_text(encoding="utf-8")) if tokenizer_config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        tokenizer_raw = None
+    theirs_family, ours_family = family_of(raw, tokenizer_raw), family_of_config(base_config)
+    if theirs_family != ours_family:
+        theirs_title, ours_title = GENERATIONS[theirs_family].title, GENERATIONS[ours_family].title
+        raise CheckpointError(f"{source}: a {theirs_title} prefix; load it on a {theirs_title} base model, not this"
+                              f" {ours_title} one")
+    generation = GENERATIONS[ours_family]
+    theirs = {f: raw.get(f) for f in generation.size_fields}
+    ours = {f: getattr(base_config, f) for f in generation.size_fields}
     if theirs != ours:
-        describe = lambda d: f"{d['num_layers']} layers, hidden {d['hidden_size']}, {d['num_attention_heads']} heads"
-        raise CheckpointError(f"{source}: prefix for another model size ({describe(theirs)}); the base has"
-                              f" {describe(ours)}: load it on the model it was trained on")
+        raise CheckpointError(f"{source}: prefix for another model size ({generation.describe(theirs)}); the base has"
+                              f" {generation.describe(ours)}: load it on the model it was trained on")
 
 
 def read_prefix_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -313,7 +384,9 @@ def save_prefix(model, out: str | Path, *, state: dict[str, torch.Tensor] | None
     the float32 `transformer.prefix_encoder.*` tensors (`state`: already gathered ones, e.g. from FSDP shards)."""
     import shutil
 
-    from .checkpoint import TOKENIZER_FILES, replace_dir
+    from .checkpoint import replace_dir
+    from .tokenizer import TOKENIZER_FILES
+    from .tokenizer_glm2 import TOKENIZER_FILES as GLM2_TOKENIZER_FILES
 
     encoder = prefix_encoder_of(model)
     if encoder is None:
@@ -327,15 +400,20 @@ def save_prefix(model, out: str | Path, *, state: dict[str, torch.Tensor] | None
     config.pop("quantization", None)  # the prefix belongs to the float model, whatever the base was trained in
     config.update(pre_seq_len=encoder.pre_seq_len, prefix_projection=encoder.shape.projection,
                   quantization_bit=0, torch_dtype="float16")
+    family = family_of_config(model.config)
+    from .config_glm2 import family_of
+
+    if family_of(config) != family:  # the base's name did not tell its generation: name it, so loading can check
+        config["_name_or_path"] = f"THUDM/{family}-6b"
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     c = model.config
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"_from_model_config": True, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-         "pad_token_id": c.pad_token_id}, indent=2) + "\n")
+    ids = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps(  # ChatGLM2/3 have no bos id: the key is left out
+        {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}, indent=2) + "\n")
     tensors = state if state is not None else prefix_state_dict(encoder)
     torch.save({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
+        for name in dict.fromkeys(TOKENIZER_FILES + GLM2_TOKENIZER_FILES):  # whichever the base has
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     replace_dir(tmp, out)
