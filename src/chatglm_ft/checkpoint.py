@@ -20,7 +20,11 @@ from .config import ChatGLMConfig
 from .config_glm2 import ChatGLM2Config
 from .errors import CheckpointError
 from .outputs import share_like_other_files, writing
-from .tokenizer import TOKENIZER_FILES
+from .tokenizer import TOKENIZER_FILES as GLM_TOKENIZER_FILES
+from .tokenizer_glm2 import TOKENIZER_FILES as GLM2_TOKENIZER_FILES
+
+# Every family's tokenizer files: a checkpoint directory holds those of its own family.
+TOKENIZER_FILES = tuple(dict.fromkeys(GLM_TOKENIZER_FILES + GLM2_TOKENIZER_FILES))
 
 IGNORED_KEY = re.compile(r".*\.(rotary_emb|rotary_pos_emb)\.inv_freq$")  # recomputed, never read
 SAFETENSORS_INDEX = "model.safetensors.index.json"
