@@ -1,6 +1,6 @@
 """`chatglm-ft merge`: fold LoRA adapters into the base weights and write a full checkpoint in the
-original layout (safetensors shards + index, config.json, tokenizer files) that any ChatGLM-6B
-loader reads."""
+original layout (safetensors shards + index, config.json, tokenizer files) that any ChatGLM-6B,
+ChatGLM2-6B or ChatGLM3-6B loader reads (the base's generation)."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +11,9 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("merge", help="merge a LoRA adapter into the model and save a full checkpoint",
-                       description="Merge one or more LoRA adapters (PEFT layout) into a ChatGLM-6B checkpoint and "
+                       description="Merge one or more LoRA adapters (PEFT layout) into a ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B checkpoint and "
                                    "write the result to --out in the original layout.")
-    p.add_argument("--model", help="base ChatGLM-6B checkpoint directory (default: $CHATGLM_FT_MODEL)")
+    p.add_argument("--model", help="base checkpoint directory (default: $CHATGLM_FT_MODEL)")
     p.add_argument("--adapter", action="append", required=True, metavar="DIR",
                    help="LoRA adapter directory, or a `chatglm-ft train` output directory (repeatable: adapters add up)")
     p.add_argument("--out", required=True, metavar="DIR",
@@ -28,7 +28,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import load, model_path
     from ..checkpoint import save_model
-    from ..config import ChatGLMConfig
+    from ..config import load_config
     from ..errors import ChatGLMError
     from ..lora import merge_adapter
     from ..outputs import check_output_dir
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             raise ChatGLMError(f"{adapter} is a P-Tuning prefix, which cannot be merged: it adds keys and values to"
                                " every layer's attention instead of changing weights; use it with --ptuning DIR")
     source = model_path(args.model)
-    config = ChatGLMConfig.from_dir(source)
+    config = load_config(source)
     if config.quantization_bit or config.quantization:
         raise ChatGLMError(f"{source} is quantized; merge into the float16 checkpoint, then quantize the result")
     out = check_output_dir(args.out, command="merge", overwrite=args.overwrite,
