@@ -17,21 +17,25 @@ from functools import partial
 import torch
 
 from .config import ChatGLMConfig
+from .config_glm2 import ChatGLM2Config
 from .fast import decoder_for, fast_options, prefill_logits, prompt_mask_for
-from .generate import GenerationConfig, stream_tokens
+from .generate import GenerationConfig, step_logits, stream_tokens
 from .model import ChatGLMForConditionalGeneration
 from .positions import prefix_layout
 
 # -- building a model without a checkpoint -------------------------------------------------------
 @torch.no_grad()
-def random_model(config: ChatGLMConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+def random_model(config: ChatGLMConfig | ChatGLM2Config, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
                  tie_lm_head: bool = True) -> ChatGLMForConditionalGeneration:
-    """A model of `config` with small random weights, allocated directly on `device`.
+    """A model of `config` (any ChatGLM generation) with small random weights, allocated directly on `device`.
 
     Built on `meta`, given storage with `to_empty` and filled in place, so a full-size model never
-    exists on the host. lm_head is tied to the embeddings, as in the released checkpoint.
+    exists on the host. ChatGLM-6B's lm_head is tied to the embeddings, as in the released checkpoint;
+    ChatGLM2/3's output layer is its own weight, as in theirs.
     """
-    model = ChatGLMForConditionalGeneration(config, device="meta").to(dtype)
+    from .api import model_class
+
+    model = model_class(config)(config, device="meta").to(dtype)
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
@@ -41,7 +45,7 @@ def random_model(config: ChatGLMConfig, *, dtype: torch.dtype, device: torch.dev
             p.zero_()
         else:
             p.normal_(0.0, 0.02, generator=generator)  # in place: no temporary copy
-    if tie_lm_head:
+    if tie_lm_head and hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     model.reset_buffers()
     return model.eval()
@@ -64,9 +68,11 @@ def weight_bytes(model) -> int:
 
 
 def kv_bytes_per_token(model, batch_size: int = 1) -> int:
-    """Keys + values of one cache column across all layers, for `batch_size` rows."""
+    """Keys + values of one cache column across all layers, for `batch_size` rows: 2·L·G·d elements, where
+    G is the key/value heads (all heads for ChatGLM-6B, the multi-query groups for ChatGLM2/3)."""
     c = model.config
-    return 2 * c.num_layers * c.hidden_size * torch.empty((), dtype=model.compute_dtype).element_size() * batch_size
+    kv_width = getattr(c, "kv_heads", c.num_attention_heads) * c.head_dim
+    return 2 * c.num_layers * kv_width * torch.empty((), dtype=model.compute_dtype).element_size() * batch_size
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -96,13 +102,17 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def random_prompt(config: ChatGLMConfig, length: int, generator: torch.Generator) -> list[int]:
-    """`length` ids: random text ids, then [gMASK] <sop> as every prompt ends."""
+def random_prompt(config: ChatGLMConfig | ChatGLM2Config, length: int, generator: torch.Generator) -> list[int]:
+    """`length` ids: random text ids, then [gMASK] <sop> as every ChatGLM-6B prompt ends (ChatGLM2/3
+    prompts are plainly causal: text ids only)."""
     # ids below 20,000 (ChatGLM-6B's image tokens come first) and below a small model's vocabulary, never a special id
     high = min(20000, config.vocab_size)
-    special = {config.gmask_token_id, config.mask_token_id, config.bos_token_id, config.eos_token_id, config.pad_token_id}
-    text = [i if i not in special else 5 for i in torch.randint(5, high, (max(0, length - 2),), generator=generator).tolist()]
-    return text + [config.gmask_token_id, config.bos_token_id]
+    glm1 = isinstance(config, ChatGLMConfig)
+    ends = [config.gmask_token_id, config.bos_token_id] if glm1 else []
+    special = {config.eos_token_id, config.pad_token_id} | (
+        {config.gmask_token_id, config.mask_token_id, config.bos_token_id} if glm1 else set())
+    text = [i if i not in special else 5 for i in torch.randint(5, high, (max(0, length - len(ends)),), generator=generator).tolist()]
+    return text + ends
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -153,6 +163,10 @@ def prefill_runner(model, length: int, *, generator: torch.Generator, options=No
     config = model.config
     rows = [random_prompt(config, length, generator)]
     input_ids = torch.tensor(rows, device=model.device)
+    if hasattr(model, "step_inputs"):  # ChatGLM2/3: its own positions and masks, eager (as stream_tokens runs it)
+        layout = model.decode_layout(input_ids)
+        model.setup_caches(1, length)
+        return lambda: step_logits(model, input_ids, layout, torch.arange(length, device=model.device), length)
     layout = prefix_layout(input_ids, config)
     mask = prompt_mask_for(rows, config)
     if options is None:
@@ -255,7 +269,8 @@ def run_bench(
     measured = bandwidth is None
     bandwidth = measure_bandwidth(device) if measured else bandwidth
     weights = weight_bytes(model)
-    options = fast_options(model, fast)
+    # the compiled loop knows ChatGLM-6B's positions only; other networks decode eagerly (as in stream_tokens)
+    options = fast_options(model, fast) if not hasattr(model, "step_inputs") else None
     report = BenchReport(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch_version=torch.__version__, dtype=str(model.compute_dtype).removeprefix("torch."), quantize=quantize,
@@ -271,9 +286,11 @@ def run_bench(
         seconds = time_prefill(model, length, repeats=3, generator=generator, options=options)
         report.prefill.append({"tokens": length, "seconds": seconds})
 
-    new_tokens = min(decode_tokens, config.max_sequence_length - short_prompt)
+    # "2k context": ChatGLM-6B's whole window; ChatGLM2/3's 8k/32k windows are measured at 2k all the same
+    context = min(config.max_sequence_length, 2048)
+    new_tokens = min(decode_tokens, context - short_prompt)
     short = random_prompt(config, short_prompt, generator)
-    long = random_prompt(config, config.max_sequence_length - new_tokens, generator)
+    long = random_prompt(config, context - new_tokens, generator)
     cases = [("short context", short), ("2k context", long)]
     # warm-up runs compile the step and capture the graphs each case needs (the decoder times that)
     for _, prompt in cases:

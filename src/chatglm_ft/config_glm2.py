@@ -44,6 +44,10 @@ def family_of(raw: dict[str, Any], tokenizer_config: dict[str, Any] | None = Non
     return "chatglm2"
 
 
+# seq_length of the released config.json files (THUDM/chatglm2-6b, THUDM/chatglm3-6b)
+PUBLISHED_SEQ_LENGTH = {"chatglm2": 32768, "chatglm3": 8192}
+
+
 @dataclass
 class ChatGLM2Config:
     """The fields of ChatGLM2/3's config.json that the network uses (SPEC.md II.1).
@@ -104,6 +108,12 @@ class ChatGLM2Config:
         return self.kv_channels // 2
 
     bos_token_id = None  # no <sop> convention: prompts are not GLM prefix-LM blocks
+
+    @classmethod
+    def full(cls, family: str = "chatglm2") -> "ChatGLM2Config":
+        """The published ChatGLM2-6B or ChatGLM3-6B shape (for random-weight benchmarks): the defaults,
+        with the generation's context length (the only shape field in which the two differ)."""
+        return cls(family=family, seq_length=PUBLISHED_SEQ_LENGTH[family])
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "ChatGLM2Config":

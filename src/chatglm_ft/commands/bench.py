@@ -18,9 +18,11 @@ def register(sub) -> None:
                     "--random-weights builds a model of the published size on the device, no checkpoint needed.")
     add_model_args(p, adapter=False, ptuning=True)
     p.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
-    p.add_argument("--config", choices=["full", "mid", "tiny"], default="full",
-                   help="with --random-weights: the published ChatGLM-6B shape, a mid-size one (12 layers, hidden "
-                        "1024, the real vocabulary: CPU benchmarks), or the tiny test shape (CPU CI)")
+    p.add_argument("--config", choices=list(BENCH_CONFIGS), default="full",
+                   help="with --random-weights: the published ChatGLM-6B shape (full), a mid-size one (12 layers, hidden "
+                        "1024, the real vocabulary: CPU benchmarks) or the tiny test shape (CPU CI); chatglm2 / chatglm3:"
+                        " the published ChatGLM2-6B / ChatGLM3-6B shape, chatglm2-tiny / chatglm3-tiny their tiny test"
+                        " shape")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per measurement")
     p.add_argument("--prefill-lengths", default="128,512,2048", help="comma-separated prompt lengths to time")
     p.add_argument("--bandwidth", type=float, default=None,
@@ -101,11 +103,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_CONFIGS = ("full", "mid", "tiny", "chatglm2", "chatglm3", "chatglm2-tiny", "chatglm3-tiny")
+
+
 def bench_config(name: str):
     from ..config import ChatGLMConfig
+    from ..config_glm2 import ChatGLM2Config
 
     if name == "mid":  # the real format and vocabulary at a size a few CPU cores decode in a benchmark's time
         return ChatGLMConfig(num_layers=12, hidden_size=1024, num_attention_heads=8, inner_hidden_size=4096)
+    if name.startswith("chatglm"):
+        family, _, size = name.partition("-")
+        return ChatGLM2Config.tiny(family=family) if size == "tiny" else ChatGLM2Config.full(family)
     return ChatGLMConfig.full() if name == "full" else ChatGLMConfig.tiny()
 
 
