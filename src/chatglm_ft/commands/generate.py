@@ -17,6 +17,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--prompt", help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="apply the chat template (no history)")
+    p.add_argument("--system", default=None, help="with --chat: system prompt (ChatGLM3-6B)")
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help="with --chat: JSON file with a list of tool descriptions (ChatGLM3-6B)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, ...")
     add_generation_args(p)
     p.set_defaults(handler=run)
@@ -26,14 +29,19 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ChatGLMError
     from ..generate import stream_text
     from ..chat_format import chat_format_for
+    from .chat import _read_tools
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ChatGLMError("empty prompt; pass --prompt TEXT or pipe text on stdin")
+    if (args.system or args.tools) and not args.chat:
+        raise ChatGLMError("--system and --tools shape a chat prompt; add --chat")
+    tools = _read_tools(args.tools)
     gen = generation_config(args)
     model, tokenizer = load_from_args(args)
     fmt = chat_format_for(tokenizer)  # the model family's chat prompt and clean-up, for --chat
-    ids = fmt.prompt_ids(prompt) if args.chat else tokenizer.encode(prompt)
+    history = fmt.new_history(system=args.system, tools=tools) if args.chat else None
+    ids = fmt.prompt_ids(prompt, history) if args.chat else tokenizer.encode(prompt)
     if args.chat:
         gen = replace(gen, stop_token_ids=fmt.stop_token_ids)
     start = time.perf_counter()
