@@ -611,7 +611,7 @@ def thudm_quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor
 
 
 def save_thudm(model: ChatGLMForConditionalGeneration, out: Path, *, bits: int, tokenizer_dir: Path | None) -> None:
-    """Write `model` (a float model) as THUDM's chatglm-6b-int8/int4 layout: every Linear inside the layers as
+    """Write `model` (a float model) as THUDM's chatglm-6b-int8/int4 layout (chatglm2/3-6b-int4 alike): every Linear inside the layers as
     int8 `weight` + float16 `weight_scale` [out] (int4: per channel, any width), the rest float16, config.json
     with `quantization_bit`, THUDM's *.py and `auto_map` kept, so both THUDM's code and chatglm-ft load it."""
     if model.config.quantization or model.config.quantization_bit:
@@ -621,7 +621,8 @@ def save_thudm(model: ChatGLMForConditionalGeneration, out: Path, *, bits: int, 
     state = {}
     for name, tensor in model.state_dict().items():
         module_name = name.removesuffix(".weight")
-        if name.startswith("transformer.layers.") and name.endswith(".weight") \
+        # the layers' Linears: transformer.layers.N (ChatGLM-6B) or transformer.encoder.layers.N (ChatGLM2/3, SPEC II.8)
+        if name.startswith(("transformer.layers.", "transformer.encoder.layers.")) and name.endswith(".weight") \
                 and type(model.get_submodule(module_name)) is nn.Linear:
             state[name], state[module_name + ".weight_scale"] = thudm_quantize_weight(tensor, bits)
         else:

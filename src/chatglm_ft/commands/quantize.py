@@ -9,7 +9,7 @@ import time
 def register(sub) -> None:
     p = sub.add_parser(
         "quantize", help="write an INT8/INT4 checkpoint (safetensors) that loads fast in little memory",
-        description="Quantize every Linear inside the layers of --model (a float ChatGLM-6B checkpoint, or THUDM's "
+        description="Quantize every Linear inside the layers of --model (a float ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B checkpoint, or THUDM's "
                     "chatglm-6b-int4/int8 to convert it) and write the result to --out with the scheme recorded in "
                     "config.json. Load it like any checkpoint: chatglm-ft chat --model OUT.")
     p.add_argument("--model", help="source checkpoint directory (default: $CHATGLM_FT_MODEL)")
@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="also quantize word_embeddings and lm_head (saves 0.5-0.8 GB; costs some accuracy)")
     p.add_argument("--format", choices=["chatglm-ft", "thudm"], default="chatglm-ft",
                    help="chatglm-ft: our format (int4 grouped with zero points, loads fast here; THUDM's code refuses it); "
-                        "thudm: THUDM's chatglm-6b-int8/int4 layout (per-channel), which THUDM's own code loads too")
+                        "thudm: THUDM's int8/int4 layout (chatglm-6b-int4, chatglm2-6b-int4, ...: per-channel), which THUDM's own code loads too")
     p.add_argument("--device", default="auto",
                    help="where to quantize: cuda is fastest, cpu needs about the output's size in RAM (default: auto)")
     p.set_defaults(handler=run)
@@ -32,6 +32,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import load, model_path
+    from ..errors import ChatGLMError
     from ..outputs import check_output_dir
     from ..quantize import QuantScheme, save_quantized, save_thudm
 
