@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .generate import GenerationConfig, generate, stream_text
+from .generate import generate, stream_text
+from .generation_config import CHAT_MAX_LENGTH, CHAT_TEMPERATURE, CHAT_TOP_P, GenerationConfig
 from .prompt import History, chat_prompt, clean_response
 
 
 def chat_generation_config(
-    *, max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, **kwargs
+    *, max_length: int = CHAT_MAX_LENGTH, do_sample: bool = True, top_p: float = CHAT_TOP_P,
+    temperature: float = CHAT_TEMPERATURE, **kwargs
 ) -> GenerationConfig:
     kwargs.pop("num_beams", None)  # accepted for compatibility; beam search is not offered
     kwargs.pop("logits_processor", None)

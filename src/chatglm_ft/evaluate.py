@@ -22,9 +22,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX
 from .errors import ChatGLMError, DataError
 from .generate import Generation, GenerationConfig, generate
-from .positions import attention_mask_for, position_ids_for, prefix_layout
 from .prompt import clean_response
 from .tokenizer import left_pad
 
@@ -150,10 +150,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], *, gen:
     """Batched generation, longest prompts first (less padding, and an out-of-memory shows at once)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    for b, start in enumerate(range(0, len(order), batch_size)):
+    for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch_gen = replace(gen, seed=gen.seed + b) if gen.do_sample and gen.seed is not None else gen
-        for i, result in zip(chunk, generate(model, tokenizer, [prompts[i] for i in chunk], batch_gen)):
+        # every row draws with the seed's own sequence (sampling.row_seeds): an answer does not depend on its batch
+        for i, result in zip(chunk, generate(model, tokenizer, [prompts[i] for i in chunk], gen)):
             results[i] = result
         if log:
             log(f"generated {min(start + batch_size, len(order))}/{len(order)}")
@@ -169,11 +169,11 @@ def sequence_losses(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tup
     through lm_head.
     """
     B, T = input_ids.shape
-    layout = prefix_layout(input_ids, model.config)
+    layout = model.prompt_layout(input_ids)
     columns = torch.arange(T, device=input_ids.device)
-    h = model.transformer(input_ids, position_ids_for(layout, columns), attention_mask_for(layout, columns, T))
+    h = model.transformer(input_ids, layout.positions(columns), layout.mask_for(columns, T))
     targets = labels[:, 1:]
-    keep = targets != -100  # (B, T-1)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
     selected = h[:, :-1][keep]  # (N, H)
     goal = targets[keep]  # (N,)
     rows = torch.arange(B, device=input_ids.device)[:, None].expand_as(targets)[keep]  # (N,)
@@ -193,7 +193,7 @@ def reference_losses(model, examples: Sequence[Any], *, batch_size: int, pad_id:
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids = torch.tensor(left_pad([examples[i].input_ids for i in chunk], pad_id), device=device)
-        labels = torch.tensor(left_pad([examples[i].labels for i in chunk], -100), device=device)
+        labels = torch.tensor(left_pad([examples[i].labels for i in chunk], IGNORE_INDEX), device=device)
         sums, counts = sequence_losses(model, ids, labels)
         for i, s, c in zip(chunk, sums.tolist(), counts.tolist()):
             out[i] = (s, int(c))

@@ -36,8 +36,8 @@ from torch import nn
 
 from .api import resolve_device
 from .checkpoint import read_shard, replace_dir, save_checkpoint, weight_files
-from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, load_records, split_validation,
-                   tokenize_records)
+from .data import (IGNORE_INDEX, Example, LengthGroupedBatches, collate, default_cache_dir, load_records,
+                   split_validation, tokenize_records)
 from .errors import ChatGLMError
 from .lora import apply_lora, save_adapter
 from .train_config import TrainConfig, TrainResult
@@ -48,7 +48,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "train_results.json"
-IGNORE_INDEX = -100
 
 
 def info(message: str) -> None:

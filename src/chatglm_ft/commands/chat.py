@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_generation_args, add_model_args, generation_config, load_from_args
+from .options import add_compile_arg, add_generation_args, add_model_args, generation_config, load_from_args
 
 WELCOME = "ChatGLM-6B chat. Type to talk; 'clear' resets the history, 'stop' or 'exit' (or Ctrl-D) leaves, Ctrl-C interrupts an answer."
 
@@ -14,7 +14,8 @@ def register(sub) -> None:
                        description=WELCOME)
     add_model_args(p)
     add_generation_args(p, max_new_tokens=None)
-    p.set_defaults(handler=run, max_length_default=2048)
+    add_compile_arg(p)
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
