@@ -81,7 +81,7 @@ def activated(model, variants: Sequence[Variant]) -> Iterator[tuple[Variant, Any
     Each adapter is applied on its own with `lora.apply_adapters` (its checks and dtype handling) and
     taken out again before the next variant, so `model` is the plain base model afterwards.
     """
-    from .lora import apply_adapters
+    from .lora import apply_adapters, remove_adapters
 
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for variant in variants:
@@ -95,18 +95,6 @@ def activated(model, variants: Sequence[Variant]) -> Iterator[tuple[Variant, Any
             remove_adapters(adapted)
             for name, p in model.named_parameters():  # apply_adapters froze the base
                 p.requires_grad_(trainable.get(name, p.requires_grad))
-
-
-def remove_adapters(model) -> None:
-    """Put every LoRA-wrapped layer's base layer back (no merge): the inverse of `apply_adapters`."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module.get_base_layer())
-    if hasattr(model, "peft_config"):  # PEFT records its adapters on the model too
-        del model.peft_config
 
 
 # -- the samples ----------------------------------------------------------------------------------

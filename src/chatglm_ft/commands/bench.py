@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from .options import add_compile_arg, add_model_args, kernel_options, quantize_from_args
+from .options import add_compile_arg, add_model_args, configure_kernel_launch, kernel_options, quantize_from_args
 
 
 def register(sub) -> None:
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..options import DecodeOptions
 
+    configure_kernel_launch()
     model.use_kernels(kernel_options())
     fast = DecodeOptions(compile=args.compile, compile_prefill=args.compile_prefill).validate()
     report = run_bench(

@@ -69,10 +69,29 @@ def kernel_options(environ=None):
         raise ChatGLMError(f"{', '.join(f'{n}={env.get(n)}' for n in KERNEL_ENV.values() if env.get(n))}: {e}") from None
 
 
+def configure_kernel_launch(environ=None) -> None:
+    """$CHATGLM_FT_PDL=0 (no programmatic dependent launch) and $CHATGLM_FT_GEMV_CONFIGS=FILE (tile sizes from
+    gpu/gemv_sweep.py) for the Triton kernels; nothing is imported when neither is set."""
+    import os
+
+    env = os.environ if environ is None else environ
+    pdl = env.get("CHATGLM_FT_PDL", "").strip().lower()
+    configs = env.get("CHATGLM_FT_GEMV_CONFIGS") or None
+    if not (pdl or configs):
+        return
+    from .. import ops
+
+    if ops.TRITON:
+        from .. import kernels
+
+        kernels.configure(pdl=pdl not in ("0", "false", "off", "no") if pdl else None, gemv_configs=configs)
+
+
 def configure_model(model, args: argparse.Namespace):
     """The model with the kernel choice (environment switches) and the --compile choice applied."""
     from ..options import DecodeOptions
 
+    configure_kernel_launch()
     model.use_kernels(kernel_options())
     model.decode_options = DecodeOptions(compile=getattr(args, "compile", "auto")).validate()
     return model
