@@ -36,13 +36,22 @@ def use_kernels(module: nn.Module, options: KernelOptions) -> None:
             m.kernels = options
 
 
+_KERNELS: list = []  # kernels.py once imported (an import statement per matmul would cost a microsecond each)
+
+
+def _kernels():
+    if not _KERNELS:
+        from . import kernels  # registers torch.ops.chatglm_ft.gemv
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
+
+
 def skinny_rows(options: KernelOptions) -> int:
     """Most token rows a matmul runs on the skinny kernel with these options (0: never), on CUDA."""
     if not (TRITON and options.gemv == "kernel"):
         return 0
-    from . import kernels  # registers torch.ops.chatglm_ft.gemv
-
-    return kernels.MAX_ROWS
+    return _kernels().MAX_ROWS
 
 
 def _quantized(layer: nn.Module) -> bool:
@@ -57,8 +66,7 @@ def _skinny(layer: nn.Module, x: torch.Tensor, options: KernelOptions) -> bool:
     rows = skinny_rows(options)
     if not (rows and x.numel() <= rows * x.shape[-1]):
         return False
-    from . import kernels
-
+    kernels = _kernels()
     if type(layer) is nn.Linear:
         return kernels.gemv_supported(layer.weight, None)
     return _quantized(layer) and kernels.gemv_supported(layer.weight, layer.weight_scale)
