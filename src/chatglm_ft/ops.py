@@ -106,7 +106,7 @@ def gelu_linear(layer: nn.Module, x: torch.Tensor, options: KernelOptions = DEFA
     """GELU(layer(x)) (tanh approximation), applied before the result is rounded to x's dtype: by the
     skinny kernel for a few rows, by cuBLASLt's GELU epilogue for more (no separate pass over the 4h-wide
     activation: 134 MB each way per layer at a 2048-token prefill)."""
-    if _skinny(layer, x, options):
+    if type(layer) is nn.Linear and _skinny(layer, x, options):  # quantized layers: GELU after (as measured so far)
         return _skinny_linear(layer, x, act=1)
     if (options.fused and type(layer) is nn.Linear and layer.bias is not None and eager_cuda_inference(x)
             and x.dtype in (torch.float16, torch.bfloat16)):
