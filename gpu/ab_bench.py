@@ -4,7 +4,7 @@ default decode mode, 1 and 128 streams), each run once per tree in its own proce
 
     BEFORE_SRC=/path/to/old/src AFTER_SRC=src python3 gpu/ab_bench.py [--parts bench,serve]
 
-Writes $OUT/ab_bench.json (and each run's own JSON under $OUT/ab/) and prints a comparison table
+Writes $OUT/ab_bench_<parts>.json (and each run's own JSON under $OUT/ab/) and prints a comparison table
 last: after / before for every number, where >= 0.98 is "no regression" (2%). The scripts of THIS
 checkout drive both trees (serve_bench.py imports the tree named by $CHATGLM_FT_SRC; bench is the
 tree's own CLI), so a tree only needs the library's public entry points.
@@ -126,7 +126,7 @@ def main() -> int:
                                                       "error": (report or {}).get("error", "")[:500] or None}
     results["total_seconds"] = elapsed()
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "ab_bench.json").write_text(json.dumps(results, indent=2))
+        Path(os.environ["OUT"], f"ab_bench_{'_'.join(parts)}.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return 0
 
