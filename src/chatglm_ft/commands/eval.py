@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from ..api import load, model_path
     from ..data import load_records
     from ..errors import ChatGLMError
-    from ..evaluate import evaluate, markdown_table, missing_eval_modules, parse_variants, write_outputs
+    from ..eval_report import markdown_table, write_outputs
+    from ..evaluate import evaluate, missing_eval_modules, parse_variants
 
     missing = missing_eval_modules()
     if missing:  # before minutes of generation, not after
