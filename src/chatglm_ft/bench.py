@@ -20,7 +20,6 @@ from .config import ChatGLMConfig
 from .fast import decoder_for, fast_options, prefill_logits, prompt_mask_for
 from .generate import GenerationConfig, stream_tokens
 from .model import ChatGLMForConditionalGeneration
-from .positions import prefix_layout
 
 # -- building a model without a checkpoint -------------------------------------------------------
 @torch.no_grad()
@@ -66,7 +65,7 @@ def weight_bytes(model) -> int:
 def kv_bytes_per_token(model, batch_size: int = 1) -> int:
     """Keys + values of one cache column across all layers, for `batch_size` rows."""
     c = model.config
-    return 2 * c.num_layers * c.hidden_size * torch.empty((), dtype=model.compute_dtype).element_size() * batch_size
+    return 2 * c.num_layers * c.hidden_size * torch.empty((), dtype=model.dtype).element_size() * batch_size
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -153,7 +152,7 @@ def prefill_runner(model, length: int, *, generator: torch.Generator, options=No
     config = model.config
     rows = [random_prompt(config, length, generator)]
     input_ids = torch.tensor(rows, device=model.device)
-    layout = prefix_layout(input_ids, config)
+    layout = model.prompt_layout(input_ids)
     mask = prompt_mask_for(rows, config)
     if options is None:
         model.setup_caches(1, config.max_sequence_length + 1)
@@ -258,11 +257,12 @@ def run_bench(
     options = fast_options(model, fast)
     report = BenchReport(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch_version=torch.__version__, dtype=str(model.compute_dtype).removeprefix("torch."), quantize=quantize,
+        torch_version=torch.__version__, dtype=str(model.dtype).removeprefix("torch."), quantize=quantize,
         model=model_name, parameters=model.num_parameters(), weight_bytes=weights,
         kv_bytes_per_token=kv_bytes_per_token(model), bandwidth=bandwidth,
         bandwidth_source="measured" if measured else "given", load_seconds=load_seconds,
-        fast_path=None if options is None else {**asdict(options), "cuda_graphs": options.cuda_graphs and device.type == "cuda"},
+        fast_path=None if options is None else {**asdict(options), "cuda_graphs": options.cuda_graphs and device.type == "cuda",
+                                                "gemv": model.kernels.gemv},
         memory_after_load=memory_after_load,
     )
 
