@@ -35,6 +35,7 @@ from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig, TextStream, new_token_budget
 from .multigpu import is_split
 from .ops import skinny_rows
+from .ptuning import refresh_prefix_cache
 from .sampling import RowSettings, argmax_rows, choose, guarded_scores, mark_seen, request_seed
 from .steps import prefill
 from .tokenizer import ChatGLMTokenizer
@@ -517,6 +518,7 @@ class Engine:
         state = self._to_device([r.state for r in requests], torch.long)
         input_ids = self._to_device(ids, torch.long)
         columns_t = self._to_device(columns, torch.long)  # (B, T)
+        refresh_prefix_cache(self.model)  # a P-Tuning prefix changed since start() is written again
         logits = prefill(self.model, input_ids, self.model.slot_layout(state), columns=columns_t, cache_rows=slots)
         seen = None
         if _penalised(requests):

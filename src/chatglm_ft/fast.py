@@ -31,6 +31,7 @@ from .graphs import StepGraphs, compile_step, inductor_options  # noqa: F401  (i
 from .model import PromptMask
 from .multigpu import is_split
 from .options import DecodeOptions
+from .ptuning import refresh_prefix_cache
 from .sampling import RowSettings, argmax_rows, choose, guarded_scores, mark_seen, row_seeds
 from .steps import Layout, copy_layout, decode_one_token, prefill, static_layout
 
@@ -264,6 +265,7 @@ class FastDecoder:
         if B < self.batch_size:  # fill the decoder's rows with copies of the last prompt; their tokens are dropped
             input_ids = torch.cat([input_ids, input_ids[-1:].expand(self.batch_size - B, -1)])
         model.kv_caches = self.caches
+        refresh_prefix_cache(model)  # a P-Tuning prefix changed since the decoder was built is written again
         layout = model.prompt_layout(input_ids)
         copy_layout(self.layout, layout)
         self.column.fill_(T)

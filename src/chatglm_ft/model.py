@@ -17,7 +17,7 @@ from .data import IGNORE_INDEX
 from .ops import DEFAULT_KERNELS, PromptMask, apply_rotary  # noqa: F401  (re-exported: model.PromptMask)
 from .options import DecodeOptions, KernelOptions
 from .positions import PrefixLayout, prefix_layout
-from .ptuning import prefix_mask, shift_cache, write_prefix_cache
+from .ptuning import prefix_mask, refresh_prefix_cache
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -172,13 +172,11 @@ class ChatGLMModel(nn.Module):
         h = self.word_embeddings(input_ids)  # (B, T, H)
         cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
         prefix_kvs = [None] * len(self.layers)
-        if self.prefix_encoder is not None:  # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence
-            P = self.prefix_encoder.pre_seq_len
-            attn_mask = prefix_mask(attn_mask, P)
-            if kv_caches is not None:  # the prefix sits in the cache's first P columns (setup_caches wrote it)
-                cache_columns, kv_length = shift_cache(cache_columns, kv_length, P)
-            else:
-                prefix_kvs = self.prefix_encoder(input_ids.shape[0], h.dtype)
+        if self.prefix_encoder is not None and kv_caches is None:  # P-Tuning v2 (ptuning.py) without a cache:
+            # the P prefix keys/values go in front of every sequence here. Cached steps come from steps.py with
+            # cache columns behind the prefix and its columns in the mask already.
+            attn_mask = prefix_mask(attn_mask, self.prefix_encoder.pre_seq_len)
+            prefix_kvs = self.prefix_encoder(input_ids.shape[0], h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -309,8 +307,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
             and self.kv_caches[0].k.dtype == self.dtype
             and self.kv_caches[0].k.device == self.device
         ):
-            if prefix is not None:
-                write_prefix_cache(prefix, self.kv_caches)  # cheap, and current after training steps
+            refresh_prefix_cache(self)  # current after training steps or a new prefix
             return
         self.kv_caches = None  # free the old cache before allocating the new one
         # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
@@ -319,8 +316,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
                     device=layer.input_layernorm.weight.device)
             for layer in self.transformer.layers
         )
-        if prefix is not None:
-            write_prefix_cache(prefix, self.kv_caches)
+        refresh_prefix_cache(self)
 
     def clear_caches(self) -> None:
         self.kv_caches = None

@@ -105,7 +105,7 @@ class PrefixEncoder(nn.Module):
         return [(x[2 * i], x[2 * i + 1]) for i in range(s.num_layers)]
 
 
-# -- model hooks (model.py) --------------------------------------------------------------------------
+# -- hooks (steps.py for cached steps, model.py without a cache) ------------------------------------------
 def prefix_mask(mask, pre_seq_len: int):
     """The attention mask with P visible key columns in front: a (B, 1, T, S) bool mask (True = visible)
     gets (B, 1, T, P) True; a model.PromptMask records the prefix; None (all visible) stays None."""
@@ -117,13 +117,17 @@ def prefix_mask(mask, pre_seq_len: int):
     return torch.cat([visible, mask], dim=-1)  # (B, 1, T, P + S)
 
 
-def shift_cache(columns, kv_length: int | None, pre_seq_len: int):
-    """Sequence cache columns -> KV-cache columns behind the prefix, and the attended length with the prefix."""
-    if isinstance(columns, slice):
-        columns = slice((columns.start or 0) + pre_seq_len, columns.stop + pre_seq_len if columns.stop is not None else None)
-    elif columns is not None:
-        columns = columns + pre_seq_len
-    return columns, (kv_length + pre_seq_len if kv_length is not None else None)
+def refresh_prefix_cache(model) -> None:
+    """Write the model's prefix into its caches unless they already hold it as it is now: a new encoder, or
+    parameters changed in place (training steps bump a tensor's version counter) are written again. The
+    decoders call this before each prefill, so a cache set up earlier never serves a stale prefix."""
+    encoder, caches = prefix_encoder_of(model), getattr(model, "kv_caches", None)
+    if encoder is None or caches is None:
+        return
+    key = (id(encoder), tuple((p.data_ptr(), p._version) for p in encoder.parameters()))
+    if getattr(caches, "prefix_key", None) != key:
+        write_prefix_cache(encoder, caches)
+        caches.prefix_key = key
 
 
 @torch.inference_mode()  # caches made under inference mode (generation) may only be written in it

@@ -9,16 +9,19 @@ all call them. What differs between architectures comes from the model (docs/arc
   Layout.positions(columns) -> position ids for absolute cache columns
   Layout.mask_for(query_columns, key_length) -> bool (B, 1, T, S) mask (or None for a plain causal one)
 
-Columns are absolute cache columns of the row. A P-Tuning prefix (pre_seq_len cache columns filled
-before the prompt and always attended) will shift these: the place for its offset is here, where
-columns and kv_length are formed, and in the layout's mask.
+Columns are sequence columns of the row. A P-Tuning prefix (pre_seq_len cache columns filled before
+the prompt and always attended, ptuning.py) shifts them: here, and only here, sequence columns become
+cache columns behind the prefix, kv_length grows by it and the mask gets its columns in front, visible
+to every query. Layouts, the decoders and the server never see the prefix.
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Protocol
 
 import torch
+
+from .ptuning import prefix_length, prefix_mask
 
 
 class Layout(Protocol):
@@ -52,17 +55,21 @@ def prefill(model, input_ids: torch.Tensor, layout: Layout, *, columns: torch.Te
     stands in for the mask of one unpadded prompt ending in <sop> (flash attention).
     """
     T = input_ids.shape[1]
+    P = prefix_length(model)
     if columns is None:
-        query_columns, cache_columns = torch.arange(T, device=input_ids.device), slice(0, T)
+        query_columns, cache_columns = torch.arange(T, device=input_ids.device), slice(P, P + T)
     else:
-        query_columns = cache_columns = columns
-    mask = prompt_mask if prompt_mask is not None else layout.mask_for(query_columns, T)
+        query_columns, cache_columns = columns, columns + P
+    if prompt_mask is not None:
+        mask = replace(prompt_mask, prefix=P)
+    else:
+        mask = prefix_mask(layout.mask_for(query_columns, T), P) if P else layout.mask_for(query_columns, T)
     return model(
         input_ids,
         layout.positions(query_columns),
         mask,
         cache_columns=cache_columns,
-        kv_length=T,
+        kv_length=P + T,
         cache_rows=cache_rows,
         last_logits_only=True,
     ).logits[:, -1].float()
@@ -73,12 +80,14 @@ def decode_one_token(model, token: torch.Tensor, column: torch.Tensor, layout: L
     """Run `token` (B, 1) at cache `column` ((1,) shared, or (B, 1) per row), attending over the first
     `kv_length` cache columns; float32 logits (B, V). `cache_rows=slice(0, B)`: the batch is the
     cache's first B slots, used in place (the server)."""
+    P = prefix_length(model)
+    mask = layout.mask_for(column, kv_length)  # (B, 1, 1, S): the static-shape stand-in for slicing
     return model(
         token,
         layout.positions(column),
-        layout.mask_for(column, kv_length),  # (B, 1, 1, S): the static-shape stand-in for slicing
-        cache_columns=column,
-        kv_length=kv_length,
+        prefix_mask(mask, P) if P else mask,
+        cache_columns=column + P if P else column,
+        kv_length=P + kv_length,
         cache_rows=cache_rows,
         last_logits_only=True,
     ).logits[:, -1].float()
