@@ -5,16 +5,20 @@ The prefix encoder lives at `transformer.prefix_encoder` with THUDM's parameter 
 layout THUDM's ptuning trainers write (config.json with `pre_seq_len` + a pytorch_model.bin holding
 only `transformer.prefix_encoder.*` in float32) loads here, and one saved here loads with THUDM's code.
 
-How the network uses it (model.py calls the three hooks below, nothing else knows about prefixes):
+How decoding uses it:
 - `PrefixEncoder.forward` turns the prefix into per-layer keys/values, which are not rotated;
-- `prefix_mask` prepends P always-visible key columns to the attention mask;
-- `shift_cache` moves the prompt behind the prefix in the KV cache: the prefix owns the first P
-  columns (`write_prefix_cache`), the sequence's column c is cache column P + c.
+- the KV cache's first P columns hold them (`setup_caches` sizes the cache for them, and
+  `refresh_prefix_cache` writes them whenever the caches do not hold the current prefix: a new encoder or
+  parameters changed in place; the decoders call it before each prefill);
+- steps.py (cached steps) turns sequence column c into cache column P + c, attends over P more columns and
+  prepends P always-visible key columns to the layout's mask (`prefix_mask`); without a cache (training,
+  evaluation losses) model.py puts the prefix keys/values in front itself.
 Positions do not change (ChatGLM-6B's 2D positions ignore the prefix).
 
 ChatGLM2/3 plug in at three places: `prefix_shape` (kv heads G instead of N, and their projection embeds into
-K), `check_same_model` (compare their size fields), and their network calling the same hooks (its mask is
-a 2D padding mask to which the P ones are prepended, SPEC.md II.7.3).
+K), `check_same_model` (compare their size fields), and a `prefix_encoder` on their transformer used
+without a cache as model.py does (SPEC.md II.7.3); steps.py already shifts their cached steps, but their
+layout must then answer a mask tensor, not None (None means "causal" to them, "all visible" to `prefix_mask`).
 """
 from __future__ import annotations
 
