@@ -148,3 +148,29 @@ def test_server_answers_a_chatglm3_chat_request(golden3_dir, golden3):
                  if line.startswith("data: ") and line != "data: [DONE]"]
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in lines if c.get("choices"))
         assert text == data["choices"][0]["message"]["content"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dir_fixture,gold_fixture", [("golden2_dir", "golden2"), ("golden3_dir", "golden3")])
+def test_cuda_paths_give_the_golden_ids_and_one_seed_one_answer(request, dir_fixture, gold_fixture):
+    """On CUDA (float32): the eager loop, the compiled + CUDA-graphed decoder and the compiled server engine
+    (alone and among other requests) give THUDM's greedy ids, and the same sampled tokens for one seed."""
+    ckpt, gold = request.getfixturevalue(dir_fixture), request.getfixturevalue(gold_fixture)
+    model = load_model(ckpt, dtype="float32", device="cuda")
+    case = gold["greedy"][0]
+    sampled = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.8, top_k=20,
+                               repetition_penalty=1.3, seed=11, stop_token_ids=())
+    want = decode(model, [case["input_ids"]], sampled, False)
+    assert decode(model, [case["input_ids"]], greedy(len(case["new_ids"])), False) == [case["new_ids"]]
+    assert decode(model, [case["input_ids"]], greedy(len(case["new_ids"])), None) == [case["new_ids"]]
+    assert decode(model, [case["input_ids"]], sampled, None) == want
+    batch = gold["batch"][0]
+    assert decode(model, batch_prompts(batch), greedy(len(batch["new_ids"][0])), None) == batch["new_ids"]
+    engine = Engine(model, None, max_batch=4, max_context=128).start()  # compiled, graphed slots
+    try:
+        assert engine.generate(case["input_ids"], greedy(len(case["new_ids"])), timeout=300).token_ids == case["new_ids"]
+        handles = [engine.submit(p, greedy(len(n))) for p, n in zip(batch_prompts(batch), batch["new_ids"])]
+        handles.append(engine.submit(case["input_ids"], sampled))
+        assert [h.result(300).token_ids for h in handles] == batch["new_ids"] + want
+    finally:
+        engine.stop(drain=False, timeout=30)
