@@ -17,7 +17,7 @@ from .data import IGNORE_INDEX
 from .ops import DEFAULT_KERNELS, PromptMask, apply_rotary  # noqa: F401  (re-exported: model.PromptMask)
 from .options import DecodeOptions, KernelOptions
 from .positions import PrefixLayout, prefix_layout
-from .ptuning import prefix_mask, refresh_prefix_cache
+from .ptuning import prefix_inputs, refresh_prefix_cache, with_prefix
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -116,10 +116,8 @@ class SelfAttention(nn.Module):
             if kv_length is not None:
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
         else:
-            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
-            if prefix_kv is not None:  # P-Tuning without a cache: the prefix keys/values (not rotated) come first
-                k_all = torch.cat([prefix_kv[0].to(k_all.device).expand(B, -1, -1, -1), k_all], dim=2)
-                v_all = torch.cat([prefix_kv[1].to(v_all.device).expand(B, -1, -1, -1), v_all], dim=2)
+            # P-Tuning without a cache: the prefix keys/values (not rotated) come first
+            k_all, v_all = with_prefix(k.transpose(1, 2), v.transpose(1, 2), prefix_kv)
         y = ops.attend(q.transpose(1, 2), k_all, v_all, attn_mask, self.kernels)  # (B, nh, T, hd)
         return ops.linear(self.dense, y.transpose(1, 2).reshape(B, T, H), self.kernels)
 
@@ -171,12 +169,10 @@ class ChatGLMModel(nn.Module):
     def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None, cache_rows=None):
         h = self.word_embeddings(input_ids)  # (B, T, H)
         cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
-        prefix_kvs = [None] * len(self.layers)
-        if self.prefix_encoder is not None and kv_caches is None:  # P-Tuning v2 (ptuning.py) without a cache:
-            # the P prefix keys/values go in front of every sequence here. Cached steps come from steps.py with
-            # cache columns behind the prefix and its columns in the mask already.
-            attn_mask = prefix_mask(attn_mask, self.prefix_encoder.pre_seq_len)
-            prefix_kvs = self.prefix_encoder(input_ids.shape[0], h.dtype)
+        # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence (cached steps: steps.py placed them)
+        attn_mask, cache_columns, kv_length, prefix_kvs = prefix_inputs(
+            self.prefix_encoder, attn_mask, kv_caches, cache_columns, kv_length, input_ids.shape[0], h.dtype)
+        prefix_kvs = prefix_kvs or [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -16,9 +16,10 @@ How decoding uses it:
 Positions do not change (ChatGLM-6B's 2D positions ignore the prefix).
 
 ChatGLM2/3 plug in at three places: `prefix_shape` (kv heads G instead of N, and their projection embeds into
-K), `check_same_model` (compare their size fields), and a `prefix_encoder` on their transformer used
-without a cache as model.py does (SPEC.md II.7.3); steps.py already shifts their cached steps, but their
-layout must then answer a mask tensor, not None (None means "causal" to them, "all visible" to `prefix_mask`).
+K), `check_same_model` (compare their size fields), and a `prefix_encoder` on their transformer used through
+`prefix_inputs`/`with_prefix` as model.py does (SPEC.md II.7.3). steps.py shifts their cached steps as any
+model's; their layout's None mask (an unpadded prompt) stays None, which their attention reads as causal
+over the last T of the S keys, so the prefix columns in front are visible.
 """
 from __future__ import annotations
 
@@ -109,7 +110,28 @@ class PrefixEncoder(nn.Module):
         return [(x[2 * i], x[2 * i + 1]) for i in range(s.num_layers)]
 
 
-# -- hooks (steps.py for cached steps, model.py without a cache) ------------------------------------------
+# -- hooks (steps.py for cached steps, the networks without a cache) --------------------------------------
+def prefix_inputs(encoder: PrefixEncoder | None, attn_mask, kv_caches, cache_columns, kv_length: int | None,
+                  batch_size: int, dtype: torch.dtype):
+    """What a transformer's forward passes its layers with a prefix: (attn_mask, cache_columns, kv_length,
+    per-layer prefix keys/values or None). With a cache nothing changes: steps.py already put the sequence
+    behind the prefix's cache columns and the prefix in the mask. Without one (training, evaluation losses)
+    the mask gets the P prefix columns in front and each layer the prefix keys/values to put there."""
+    if encoder is None or kv_caches is not None:
+        return attn_mask, cache_columns, kv_length, None
+    return prefix_mask(attn_mask, encoder.pre_seq_len), cache_columns, kv_length, encoder(batch_size, dtype)
+
+
+def with_prefix(k: torch.Tensor, v: torch.Tensor, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values (B, heads, S, d) with the prefix's (b, heads, P, d) in front (no cache: nothing else put them there)."""
+    if prefix_kv is None:
+        return k, v
+    B = k.shape[0]
+    return (torch.cat([prefix_kv[0].to(k.device).expand(B, -1, -1, -1), k], dim=2),
+            torch.cat([prefix_kv[1].to(v.device).expand(B, -1, -1, -1), v], dim=2))
+
+
 def prefix_mask(mask, pre_seq_len: int):
     """The attention mask with P visible key columns in front: a (B, 1, T, S) bool mask (True = visible)
     gets (B, 1, T, P) True; a model.PromptMask records the prefix; None (all visible) stays None."""
