@@ -74,11 +74,12 @@ def test_fast_path_gives_the_golden_greedy_ids(model, gold):
         assert decode(model, batch_prompts(case), greedy(len(case["new_ids"][0])), UNCOMPILED) == case["new_ids"]
 
 
-def test_engine_gives_the_golden_greedy_ids_alone_and_in_a_batch(model, gold):
+@pytest.mark.parametrize("decode", ["eager", "graphs"])  # graphs: the bucketed static step (captured on CUDA only)
+def test_engine_gives_the_golden_greedy_ids_alone_and_in_a_batch(model, gold, decode):
     cases = [(c["input_ids"], c["new_ids"]) for c in gold["greedy"]]
     for case in gold["batch"]:
         cases += list(zip(batch_prompts(case), case["new_ids"]))
-    engine = Engine(model, None, max_batch=4, max_context=128, decode="eager").start()
+    engine = Engine(model, None, max_batch=4, max_context=128, decode=decode).start()
     try:
         for prompt, new_ids in cases:
             assert engine.generate(prompt, greedy(len(new_ids)), timeout=60).token_ids == new_ids
