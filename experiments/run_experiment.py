@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from chatglm_ft.api import build_model, load, resolve_device  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
 from chatglm_ft.data import Record, load_records, split_validation, tokenize_records  # noqa: E402
-from chatglm_ft.evaluate import (BASE, Variant, evaluate, markdown_table, missing_eval_modules, write_chart,  # noqa: E402
-                                 write_outputs)
+from chatglm_ft.eval_report import markdown_table, write_chart, write_outputs  # noqa: E402
+from chatglm_ft.evaluate import BASE, Variant, evaluate, missing_eval_modules  # noqa: E402
 from chatglm_ft.generate import GenerationConfig  # noqa: E402
 from chatglm_ft.tokenizer import ChatGLMTokenizer  # noqa: E402
 from chatglm_ft.train import TrainConfig, train  # noqa: E402
@@ -307,7 +307,8 @@ def render_summary(r: dict) -> str:
 
 def finish(out: Path) -> None:
     """Stage 2 (CPU): BLEU/ROUGE of the saved predictions, charts, curves and summary.md."""
-    from chatglm_ft.evaluate import read_outputs, score_variant
+    from chatglm_ft.eval_report import read_outputs
+    from chatglm_ft.evaluate import score_variant
 
     began = time.perf_counter()
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))

@@ -44,8 +44,9 @@ def main() -> None:
     launcher = ("import sys; from chatglm_ft.cli import main; rc = main(sys.argv[1:]); "
                 "print('VmHWM_kB', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr); sys.exit(rc)")
     cmd = [sys.executable, "-c", launcher, "generate", "--model", args.workdir, "--prompt", "你好，请介绍一下你自己",
-           "--temperature", "0", "--max-new-tokens", "128", "--json", "--device", "cuda", "--dtype", "float16"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "CHATGLM_FT_COMPILE": "0"}
+           "--temperature", "0", "--max-new-tokens", "128", "--json", "--device", "cuda", "--dtype", "float16",
+           "--compile", "off"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0

@@ -119,7 +119,7 @@ def main() -> int:
                  ("int4", "int4", ["--dtype", "float16", "--quantize", "int4", "--quantize-embeddings"], None, 80)]
     variants = [("float16/cublas", "float16", ["--dtype", "float16"], {"CHATGLM_FT_GEMV": "cublas"}, 0),
                 ("float16/kernel", "float16", ["--dtype", "float16", "--profile", "20"], {"CHATGLM_FT_GEMV": "kernel"}, 0),
-                ("float16/prefill", "float16", ["--dtype", "float16"], {"CHATGLM_FT_COMPILE_PREFILL": "1"}, 0),
+                ("float16/prefill", "float16", ["--dtype", "float16", "--compile-prefill"], None, 0),
                 ("float16/nopdl", "float16", ["--dtype", "float16"], {"CHATGLM_FT_PDL": "0"}, 0),
                 ("float16/unfused", "float16", ["--dtype", "float16"], {"CHATGLM_FT_FUSED": "0"}, 0)]
     if options.only:

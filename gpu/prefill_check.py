@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from chatglm_ft import model as model_module  # noqa: E402
 from chatglm_ft.bench import profile_prefill, random_model, time_prefill  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
+from chatglm_ft.options import KernelOptions  # noqa: E402
 
 BACKENDS = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION],
             "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
@@ -34,7 +34,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for fused in (True, False):
-        model_module.FUSED_EAGER = fused
+        model.use_kernels(KernelOptions(fused=fused))
         for name, backends in BACKENDS.items():
             if not fused and name != "default":
                 continue
@@ -46,7 +46,7 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a backend may not take these inputs
                     rows.append({"fused": fused, "sdpa": name, "tokens": length, "error": f"{type(e).__name__}: {e}"[:200]})
                 print(rows[-1], flush=True)
-    model_module.FUSED_EAGER = True
+    model.use_kernels(KernelOptions())
 
     layer = model.transformer.layers[0].mlp.dense_h_to_4h
     x = torch.randn(2048, 4096, device=device, dtype=torch.float16)

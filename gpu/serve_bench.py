@@ -28,7 +28,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+# run from a checkout without installing; $CHATGLM_FT_SRC runs another source tree (gpu/ab_bench.py)
+sys.path.insert(0, os.environ.get("CHATGLM_FT_SRC") or str(REPO / "src"))
 
 import torch  # noqa: E402
 
@@ -168,7 +169,10 @@ def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: s
     of the visible columns. Each timed call reads a different copy of the cache (>= 256 MB in all),
     so the numbers come from HBM, not from the 50 MB L2 (batch 1 at 2k context is 32 MB per layer)."""
     from chatglm_ft import decode_attention as da
-    from chatglm_ft.model import attend
+    try:
+        from chatglm_ft.ops import attend
+    except ImportError:  # a source tree from before the ops seam (gpu/ab_bench.py)
+        from chatglm_ft.model import attend
 
     nh, hd = config.num_attention_heads, config.head_dim
     out: dict = {"cases": []}
@@ -248,6 +252,11 @@ def main(argv: list[str]) -> int:
         return 1
     config = ChatGLMConfig.tiny() if smoke else ChatGLMConfig.full()
     levels, answer = ((1, 4), 8) if smoke else (LEVELS, ANSWER_TOKENS)
+    for arg in argv:  # --levels 1,128 and --answer N: a shorter run (gpu/ab_bench.py)
+        if arg.startswith("--levels="):
+            levels = tuple(int(x) for x in arg.split("=", 1)[1].split(","))
+        if arg.startswith("--answer="):
+            answer = int(arg.split("=", 1)[1])
     torch.manual_seed(0)
     with torch.no_grad():
         model = build_model(config, dtype=torch.float32 if smoke else torch.float16,
@@ -274,6 +283,13 @@ def main(argv: list[str]) -> int:
     # the headline numbers first (the server's default: compile on CUDA, eager on the CPU); each engine is
     # stopped before the next section sets up its own cache
     section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer)
+    if "--engine-only" in argv:  # the default engine's levels only
+        results["total_seconds"] = elapsed()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], os.environ.get("SERVE_BENCH_NAME", "serve_bench.json")).write_text(
+                json.dumps(results, indent=2))
+        print_table(results)
+        return 0
     section(results, "generate_fast", generate_latency, model, config, fast=None, answer=answer)
     if not smoke:
         section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[0], levels[-1]), answer)

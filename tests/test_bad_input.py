@@ -136,7 +136,7 @@ def test_generate_refuses_unusable_temperatures(capsys, golden_dir, value):
 
 
 def test_check_temperature_bounds():
-    from chatglm_ft.generate import GenerationConfig, check_temperature
+    from chatglm_ft.generation_config import GenerationConfig, check_temperature
 
     assert check_temperature(0) == 0 and check_temperature(1e-5) == 1e-5 and check_temperature(100) == 100
     for bad in (1e-300, float("nan"), float("inf"), -0.5, 101, True):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from triton_interpreter import interpret  # tests/triton_interpreter.py
 
-from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.positions import PrefixLayout, attention_mask_for
 
 triton = pytest.importorskip("triton")
@@ -91,20 +90,19 @@ def test_kernel_matches_reference_in_interpreter():
 GOLDEN_DECODE = INTERPRETER_SHIM + textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    import chatglm_ft.model as model_module
-    from chatglm_ft import decode_attention, load
+    from chatglm_ft import decode_attention, load, ops
     from chatglm_ft.engine import Engine
     from chatglm_ft.generate import GenerationConfig, generate
 
-    eager_attend, calls = model_module.attend, []
+    eager_attend, calls = ops.attend, []
 
-    def attend(q, k, v, mask):
-        if not isinstance(mask, model_module.PromptMask) and decode_attention.supported(q, k, v, mask):
+    def attend(q, k, v, mask, options=ops.DEFAULT_KERNELS):
+        if not isinstance(mask, ops.PromptMask) and decode_attention.supported(q, k, v, mask):
             calls.append(q.shape[0])
             return decode_attention.decode_attention(q, k, v, mask)
-        return eager_attend(q, k, v, mask)
+        return eager_attend(q, k, v, mask, options)
 
-    model_module.attend = attend
+    ops.attend = attend  # the kernel on CPU tensors (interpreted) where a GPU would use it; a separate process
     golden_dir = Path(sys.argv[1])
     golden = json.loads((golden_dir / "golden.json").read_text())
     model, tokenizer = load(golden_dir, dtype="float32", device="cpu")
@@ -145,7 +143,6 @@ def test_supported_inputs():
     assert not da.supported(grad_q, k, k, mask)  # the op has no backward
     with torch.no_grad():
         assert da.supported(grad_q, k, k, mask)
-    assert not da.use_kernel(q, k, k, mask)  # CPU tensors: the model keeps its PyTorch path
 
 
 def test_decoding_masks_are_what_the_kernel_expects():
@@ -171,13 +168,14 @@ def test_cpu_op_and_fake_agree_with_reference():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_model_decode_step_traces_the_op_and_the_switch_turns_it_off(monkeypatch):
-    """What fast.py compiles on a GPU: dynamo traces `attend` into the custom op with no graph break
+def test_model_decode_step_traces_the_op_and_the_option_turns_it_off():
+    """What fast.py compiles on a GPU: dynamo traces `ops.attend` into the custom op with no graph break
     (fake CUDA tensors, so it runs on CPU-only machines), with the cache slice and mask the decode step
-    passes; CHATGLM_FT_DECODE_ATTENTION=torch keeps the PyTorch path."""
+    passes; KernelOptions(decode_attention="torch") keeps the PyTorch path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from chatglm_ft.model import attend
+    from chatglm_ft.ops import attend, decode_kernel_applies
+    from chatglm_ft.options import KernelOptions
 
     with FakeTensorMode(), torch.no_grad():
         q = torch.empty_strided((4, 2, 1, 128), (256, 128, 256, 1), device="cuda", dtype=torch.float16)
@@ -185,22 +183,10 @@ def test_model_decode_step_traces_the_op_and_the_switch_turns_it_off(monkeypatch
         mask = torch.empty(4, 1, 1, 33, device="cuda", dtype=torch.bool)
         graph, _ = torch._dynamo.export(attend)(q, k, k, mask)
         assert "torch.ops.chatglm_ft.decode_attention" in graph.code
-        assert da.use_kernel(q, k, k, mask)
-        monkeypatch.setattr(da, "BACKEND", "torch")
-        assert not da.use_kernel(q, k, k, mask)
+        assert decode_kernel_applies(q, k, k, mask, KernelOptions())
+        assert not decode_kernel_applies(q, k, k, mask, KernelOptions(decode_attention="torch"))
 
 
-def test_backend_from_env(monkeypatch):
-    monkeypatch.setenv(da.ENV, " Torch ")
-    assert da.backend_from_env() == "torch"
-    monkeypatch.delenv(da.ENV)
-    assert da.backend_from_env() == "triton"
-    monkeypatch.setenv(da.ENV, "flash")
-    with pytest.raises(ChatGLMError, match="use triton or torch"):
-        da.backend_from_env()
-
-
-# -- on a GPU ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("B, S", [(1, 2048), (128, 256), (8, 1000)])
 def test_cuda_kernel_matches_reference_and_is_captured(B, S):
@@ -229,18 +215,19 @@ def test_cuda_kernel_matches_reference_and_is_captured(B, S):
 
 
 @pytest.mark.gpu
-def test_cuda_decoding_matches_with_and_without_the_kernel(golden_dir, golden, monkeypatch):
+def test_cuda_decoding_matches_with_and_without_the_kernel(golden_dir, golden):
     """A left-padded batch of the golden prompts on the GPU: the eager loop and the compiled, captured
     fast path with the kernel against the eager PyTorch attention."""
     from chatglm_ft import load
     from chatglm_ft.generate import GenerationConfig, stream_tokens
+    from chatglm_ft.options import KernelOptions
 
     model, _ = load(golden_dir, dtype="float16", device="cuda")
     prompts = [c["input_ids"] for c in golden["greedy"]]
     gen = GenerationConfig(max_new_tokens=8, stop_token_ids=())
-    monkeypatch.setattr(da, "BACKEND", "torch")
+    model.use_kernels(KernelOptions(decode_attention="torch"))
     reference = list(stream_tokens(model, prompts, gen, fast=False))
-    monkeypatch.setattr(da, "BACKEND", "triton")
+    model.use_kernels(KernelOptions())
     for fast in (False, None):  # eager, then compiled + CUDA graphs
         steps = list(stream_tokens(model, prompts, gen, fast=fast))
         assert steps[:2] == reference[:2]  # float16 near-ties may flip later tokens

@@ -2,13 +2,11 @@
 import time
 
 import pytest
-import torch
 
 from chatglm_ft import load
-from chatglm_ft.batching import RowSampling, nucleus, sample_tokens
 from chatglm_ft.engine import Engine, EngineClosedError, QueueFullError
 from chatglm_ft.errors import ChatGLMError, PromptTooLongError
-from chatglm_ft.generate import GenerationConfig, generate, process_logits
+from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.tokenizer import StreamDecoder
 
 GREEDY16 = GenerationConfig(max_new_tokens=16, stop_token_ids=())  # the golden ids run past <eop>-free 16 steps
@@ -86,32 +84,6 @@ def test_stop_token_ends_the_row(make_engine, golden):
     engine = make_engine(max_batch=2)
     done = engine.generate(case["input_ids"], GenerationConfig(max_new_tokens=16, stop_token_ids=(stop_id,)), timeout=60)
     assert done.finish_reason == "stop" and done.token_ids == case["new_ids"][:first]
-
-
-def test_nucleus_keeps_what_process_logits_keeps():
-    torch.manual_seed(0)
-    logits = torch.randn(5, 40) * 3
-    settings = [(1.0, 0, 0.7), (0.5, 0, 0.9), (1.3, 5, 1.0), (0.8, 3, 0.5), (2.0, 0, 1.0)]  # temperature, top_k, top_p
-    temperature, top_k, top_p = (torch.tensor(col) for col in zip(*settings))
-    probs_sorted, order = nucleus(logits, temperature.float(), top_k.long(), top_p.float())
-    probs = torch.zeros_like(probs_sorted).scatter(-1, order, probs_sorted)
-    probs = probs / probs.sum(-1, keepdim=True)
-    for row, (t, k, p) in enumerate(settings):
-        gen = GenerationConfig(do_sample=True, temperature=t, top_k=k, top_p=p)
-        reference = process_logits(logits[row:row + 1], gen, None).softmax(-1)[0]
-        torch.testing.assert_close(probs[row], reference)
-    assert (probs > 0).sum(-1).tolist() == [int((process_logits(logits[i:i + 1], GenerationConfig(
-        do_sample=True, temperature=t, top_k=k, top_p=p), None) > float("-inf")).sum()) for i, (t, k, p) in enumerate(settings)]
-
-
-def test_sample_tokens_per_row_draws():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
-    rows = RowSampling(do_sample=torch.tensor([True, True, True, False]), temperature=torch.ones(4),
-                       top_p=torch.tensor([1.0, 1.0, 0.7, 1.0]), top_k=torch.zeros(4, dtype=torch.long),
-                       uniform=torch.tensor([0.0, 0.97, 0.99, 0.99]))
-    # u=0 -> most likely; u=0.97 -> the 0.05 tail; top_p=0.7 keeps {0, 1} so u=0.99 -> id 1; greedy row -> argmax
-    assert sample_tokens(logits, rows).tolist() == [0, 3, 1, 0]
-    assert sample_tokens(torch.tensor([[1.0, float("nan"), 0, 0, 0, 0, 0]]), None).tolist() == [5]  # NaN guard
 
 
 def test_sampling_rows_are_seeded_and_do_not_disturb_greedy_rows(make_engine, golden):

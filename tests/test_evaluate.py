@@ -8,8 +8,8 @@ import torch
 
 from chatglm_ft.cli import main
 from chatglm_ft.data import Record, encode_example
-from chatglm_ft.evaluate import (Variant, evaluate, parse_variants, read_outputs, reference_losses, score_variant,
-                                 sequence_losses, write_outputs)
+from chatglm_ft.eval_report import read_outputs, write_outputs
+from chatglm_ft.evaluate import Variant, evaluate, parse_variants, reference_losses, score_variant, sequence_losses
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.generate import GenerationConfig
 

@@ -474,3 +474,35 @@ def test_cache_reuse_across_inference_mode(golden_dir, ptuning_dirs):
     model.clear_caches()
     model.setup_caches(1, 64)  # made outside inference mode, then reused by generation
     assert generate(model, tokenizer, [case["input_ids"]], gen)[0].token_ids == case["new_ids"]
+
+
+def test_a_prefix_changed_after_the_decoders_were_built_is_the_one_decoded(golden_dir, ptuning_dirs):
+    """The fast decoder and a running engine set up their caches (and wrote the prefix) once; a prefix
+    changed in place afterwards (as a training step does) is written again before the next prompt."""
+    from chatglm_ft.engine import Engine
+    from chatglm_ft.fast import FastOptions
+    from chatglm_ft.generate import stream_tokens
+
+    golden = golden_of(ptuning_dirs["v1-noproj"])
+    case = golden["greedy"][0]
+    gen = GenerationConfig(max_new_tokens=len(case["new_ids"]), stop_token_ids=())
+    model, tokenizer = load(golden_dir, dtype="float32", device="cpu", ptuning=ptuning_dirs["v1-noproj"])
+    served, _ = load(golden_dir, dtype="float32", device="cpu", ptuning=ptuning_dirs["v1-noproj"])  # the engine's own
+
+    def decode(fast):
+        return [t for (t,) in stream_tokens(model, [case["input_ids"]], gen, fast=fast)]
+
+    uncompiled = FastOptions(compile=False)
+    assert decode(uncompiled) == case["new_ids"]
+    engine = Engine(served, tokenizer, max_batch=2, max_context=128, decode="eager").start()
+    try:
+        assert engine.generate(case["input_ids"], gen, timeout=60).token_ids == case["new_ids"]
+        with torch.no_grad():
+            for m in (model, served):
+                m.transformer.prefix_encoder.embedding.weight.mul_(-1.0)  # in place: same storage, new values
+        changed = decode(uncompiled)
+        assert changed != case["new_ids"]
+        assert decode(False) == changed  # the eager loop agrees
+        assert engine.generate(case["input_ids"], gen, timeout=60).token_ids == changed
+    finally:
+        engine.stop(drain=False, timeout=30)

@@ -35,8 +35,9 @@ def test_rotary_kernel_matches_apply_rotary_in_interpreter():
 def test_fused_eager_prefill_matches_plain_pytorch():
     """A full-width layer (the real head count and head dim) on CUDA: the fused paths against the plain
     PyTorch ops, with a PromptMask prefill and a masked batch."""
-    from chatglm_ft import model as model_module
+    from chatglm_ft import ops
     from chatglm_ft.config import ChatGLMConfig
+    from chatglm_ft.options import KernelOptions
     from chatglm_ft.model import GLMBlock, PromptMask, rotary_inv_freq, rotary_tables
 
     torch.manual_seed(0)
@@ -52,13 +53,10 @@ def test_fused_eager_prefill_matches_plain_pytorch():
     mask[..., -1] = False
     mask[..., -1, -1] = True  # the prefix mask of a prompt ending in <sop>
     outputs = {}
-    try:
-        for fused in (True, False):
-            model_module.FUSED_EAGER = fused
-            with torch.inference_mode():
-                outputs[fused] = [block(h, cos, sin, PromptMask(context=T - 1)), block(h, cos, sin, mask)]
-    finally:
-        model_module.FUSED_EAGER = True
+    for fused in (True, False):
+        ops.use_kernels(block, KernelOptions(fused=fused))
+        with torch.inference_mode():
+            outputs[fused] = [block(h, cos, sin, PromptMask(context=T - 1)), block(h, cos, sin, mask)]
     for fused, plain in zip(outputs[True], outputs[False]):
         assert ((fused.float() - plain.float()).norm() / plain.float().norm()).item() < 2e-3
     assert ((outputs[True][0].float() - outputs[True][1].float()).norm() / outputs[True][1].float().norm()).item() < 2e-3

@@ -132,6 +132,16 @@ def test_seeded_sampling_repeats(client):
     assert a == b and a != c
 
 
+def test_sampling_with_repetition_penalty_equals_generate(client, tiny):
+    """The server's sampler is `generate`'s: the same seed and settings give the same text."""
+    settings = dict(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=0.9, top_k=30, repetition_penalty=1.3, seed=5)
+    _, ref = reference(tiny, chat_prompt("你好", []), **settings)
+    out = client.chat.completions.create(model="chatglm-6b-tiny", messages=[{"role": "user", "content": "你好"}],
+                                         max_tokens=10, temperature=1.0, top_p=0.9, seed=5,
+                                         extra_body={"top_k": 30, "repetition_penalty": 1.3})
+    assert out.choices[0].message.content == clean_response(ref.text)
+
+
 def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == ["chatglm-6b-tiny"]
     with pytest.raises(openai.NotFoundError):
@@ -178,6 +188,9 @@ BAD_REQUESTS = [  # (path, raw body or JSON, status, param)
     ("/v1/chat/completions", {"messages": USER + USER}, 400, "messages[1].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": MAX_CONTEXT}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo"),
     ("/v1/completions", {}, 400, "prompt"),

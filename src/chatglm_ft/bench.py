@@ -19,9 +19,8 @@ import torch
 from .config import ChatGLMConfig
 from .config_glm2 import ChatGLM2Config
 from .fast import decoder_for, fast_options, prefill_logits, prompt_mask_for
-from .generate import GenerationConfig, step_logits, stream_tokens
+from .generate import GenerationConfig, stream_tokens
 from .model import ChatGLMForConditionalGeneration
-from .positions import prefix_layout
 
 # -- building a model without a checkpoint -------------------------------------------------------
 @torch.no_grad()
@@ -72,7 +71,7 @@ def kv_bytes_per_token(model, batch_size: int = 1) -> int:
     G is the key/value heads (all heads for ChatGLM-6B, the multi-query groups for ChatGLM2/3)."""
     c = model.config
     kv_width = getattr(c, "kv_heads", c.num_attention_heads) * c.head_dim
-    return 2 * c.num_layers * kv_width * torch.empty((), dtype=model.compute_dtype).element_size() * batch_size
+    return 2 * c.num_layers * kv_width * torch.empty((), dtype=model.dtype).element_size() * batch_size
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -163,11 +162,7 @@ def prefill_runner(model, length: int, *, generator: torch.Generator, options=No
     config = model.config
     rows = [random_prompt(config, length, generator)]
     input_ids = torch.tensor(rows, device=model.device)
-    if hasattr(model, "step_inputs"):  # ChatGLM2/3: its own positions and masks, eager (as stream_tokens runs it)
-        layout = model.decode_layout(input_ids)
-        model.setup_caches(1, length)
-        return lambda: step_logits(model, input_ids, layout, torch.arange(length, device=model.device), length)
-    layout = prefix_layout(input_ids, config)
+    layout = model.prompt_layout(input_ids)
     mask = prompt_mask_for(rows, config)
     if options is None:
         model.setup_caches(1, config.max_sequence_length + 1)
@@ -269,15 +264,15 @@ def run_bench(
     measured = bandwidth is None
     bandwidth = measure_bandwidth(device) if measured else bandwidth
     weights = weight_bytes(model)
-    # the compiled loop knows ChatGLM-6B's positions only; other networks decode eagerly (as in stream_tokens)
-    options = fast_options(model, fast) if not hasattr(model, "step_inputs") else None
+    options = fast_options(model, fast)
     report = BenchReport(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        torch_version=torch.__version__, dtype=str(model.compute_dtype).removeprefix("torch."), quantize=quantize,
+        torch_version=torch.__version__, dtype=str(model.dtype).removeprefix("torch."), quantize=quantize,
         model=model_name, parameters=model.num_parameters(), weight_bytes=weights,
         kv_bytes_per_token=kv_bytes_per_token(model), bandwidth=bandwidth,
         bandwidth_source="measured" if measured else "given", load_seconds=load_seconds,
-        fast_path=None if options is None else {**asdict(options), "cuda_graphs": options.cuda_graphs and device.type == "cuda"},
+        fast_path=None if options is None else {**asdict(options), "cuda_graphs": options.cuda_graphs and device.type == "cuda",
+                                                "gemv": model.kernels.gemv},
         memory_after_load=memory_after_load,
     )
 

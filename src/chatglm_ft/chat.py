@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from .chat_format import ChatFormat, chat_format_for
-from .generate import GenerationConfig, generate, stream_text
+from .generate import generate, stream_text
+from .generation_config import GenerationConfig
 from .prompt import SPACE_CLEAN_UP, History, clean_response
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .generation_config import CHAT_MAX_LENGTH, CHAT_TEMPERATURE, CHAT_TOP_P
 from .prompt import chat_prompt, clean_response
 
 
@@ -20,9 +21,9 @@ class ChatFormat:
     family = "chatglm"
     display_name = "ChatGLM-6B"
     # the original chat()'s defaults (SPEC II.5.3)
-    max_length = 2048
-    top_p = 0.7
-    temperature = 0.95
+    max_length = CHAT_MAX_LENGTH
+    top_p = CHAT_TOP_P
+    temperature = CHAT_TEMPERATURE
     roles: tuple[str, ...] = ()  # query roles beside "user" (ChatGLM3: observation)
 
     def __init__(self, tokenizer):

@@ -14,40 +14,26 @@ The mask is the model's own bool mask (B, 1, 1, S), read in the kernel (S bytes 
 [start, column], an engine slot [0, column], an idle slot everything) needs no conversion, and
 masked columns are never loaded, so padding past a row's length costs no memory traffic.
 
-$CHATGLM_FT_DECODE_ATTENTION=torch turns the kernel off (the eager PyTorch path in model.attend),
-for A/B measurements; triton (the default) uses it on CUDA.
+KernelOptions(decode_attention="torch") (ops.attend) turns the kernel off, for A/B measurements;
+"triton" (the default) uses it on CUDA.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .errors import ChatGLMError
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .kernels import device_of, use_pdl
 
-ENV = "CHATGLM_FT_DECODE_ATTENTION"
-BACKENDS = ("triton", "torch")
 BLOCK_S = 128  # keys per loop step: a 32 KB tile of K (and of V) at head_dim 128 (fastest of serve_bench's sweep)
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 8  # below this many (row, head) programs per SM, keys are split over more programs
 LOG2E = 1.4426950408889634
-
-
-def backend_from_env() -> str:
-    value = os.environ.get(ENV, "triton").strip().lower()
-    if value not in BACKENDS:
-        raise ChatGLMError(f"{ENV}={value!r}: use triton or torch")
-    return value
-
-
-BACKEND = backend_from_env()  # read once: a module global is what a compiled step can guard on
 
 
 # -- kernels ---------------------------------------------------------------------------------------
@@ -162,10 +148,6 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                              or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != k.shape[2]):
         return False
     return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-
-
-def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    return BACKEND == "triton" and q.is_cuda and supported(q, k, v, mask)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,

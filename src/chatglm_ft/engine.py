@@ -22,7 +22,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -31,12 +30,14 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 
-from .batching import DecodeGraphs, RowSampling, batch_bucket, decode_step, sample_tokens
+from .batching import DecodeGraphs, batch_bucket, decode_step
 from .errors import ChatGLMError, PromptTooLongError
 from .generate import GenerationConfig, TextStream, new_token_budget
-from .model import SKINNY_ROWS
 from .multigpu import is_split
-from .positions import PrefixLayout, attention_mask_for, position_ids_for, prefix_layout
+from .ops import skinny_rows
+from .ptuning import refresh_prefix_cache
+from .sampling import RowSettings, argmax_rows, choose, guarded_scores, mark_seen, request_seed
+from .steps import prefill
 from .tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger("chatglm_ft.engine")
@@ -235,17 +236,17 @@ _ids = itertools.count()
 class _Request:
     """Worker-side state of one request."""
 
-    def __init__(self, prompt_ids: list[int], gen: GenerationConfig, budget: int, layout: tuple[int, int],
+    def __init__(self, prompt_ids: list[int], gen: GenerationConfig, budget: int, state: list[int],
                  stop_ids: frozenset[int], text: TextStream | None, handle: RequestHandle):
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.gen = gen
         self.budget = budget
-        self.context, self.mask = layout  # columns of <sop> and [gMASK] (start is 0)
+        self.state = state  # the slot's layout state (model.slot_layout: ChatGLM-6B's <sop> and [gMASK] columns)
         self.stop_ids = stop_ids
         self.text = text
         self.handle = handle
-        self.rng = random.Random(gen.seed) if gen.do_sample else None
+        self.seed = request_seed(gen)  # the same tokens as `generate` with this seed, in any batch
         self.slot = -1
         self.launched = 0  # tokens whose forward has been launched
         self.token_ids: list[int] = []
@@ -266,6 +267,7 @@ class _Step:
 
 
 DECODE_MODES = ("auto", "eager", "graphs", "compile")
+DECODE_ALIASES = {"off": "eager", "on": "compile"}  # the --compile spellings
 
 
 class Engine:
@@ -282,6 +284,7 @@ class Engine:
                  max_context: int | None = None, prefill_tokens: int = 16384, decode: str = "auto"):
         if max_batch < 1 or max_queue < 0:
             raise ChatGLMError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        decode = DECODE_ALIASES.get(decode, decode)
         if decode not in DECODE_MODES:
             raise ChatGLMError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         on_one_gpu = model.device.type == "cuda" and not is_split(model)
@@ -318,17 +321,20 @@ class Engine:
                 self.model.setup_caches(self.max_batch, self.max_context + 1)  # + the scratch column of idle rows
                 self._last_token = torch.full((self.max_batch,), self.config.pad_token_id, dtype=torch.long,
                                               device=self.device)
+                # tokens each slot has seen (prompt and answer), for the repetition penalty
+                self._seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
             self._kv_positions = torch.arange(self.max_context + 1, device=self.device)
             self._graphs = None
             if self.decode_mode != "eager":
                 self._graphs = DecodeGraphs(self.model, self._last_token, self.max_batch, self.max_context,
-                                            compile=self.decode_mode == "compile")
+                                            compile=self.decode_mode == "compile", gemv=self.model.kernels.gemv)
                 if self.decode_mode == "compile" and self.device.type == "cuda":
                     # one batch size per compiled range (1; 2 up to the skinny kernel's rows; more): later buckets
                     # only capture a graph
                     sizes = {1, min(2, self.max_batch)}
-                    if SKINNY_ROWS and self.max_batch > SKINNY_ROWS:
-                        sizes.add(batch_bucket(SKINNY_ROWS + 1, self.max_batch))
+                    skinny = skinny_rows(self.model.kernels)
+                    if skinny and self.max_batch > skinny:
+                        sizes.add(batch_bucket(skinny + 1, self.max_batch))
                     sizes = sorted(sizes)
                     log.warning("compiling the decode steps for batch sizes %s (cached on disk for the next start)", sizes)
                     with torch.inference_mode():
@@ -371,8 +377,6 @@ class Engine:
         n = len(prompt_ids)
         if n == 0:
             raise ChatGLMError("empty prompt: nothing to generate from")
-        if gen.repetition_penalty != 1.0:
-            raise ChatGLMError("repetition_penalty is not supported by the server")
         if n >= self.max_context:
             raise PromptTooLongError(f"the prompt has {n} tokens; this server's context is {self.max_context} tokens"
                                      " (prompt + answer): shorten it or drop history")
@@ -389,11 +393,11 @@ class Engine:
         gen = gen.validate()
         prompt_ids = [int(i) for i in prompt_ids]
         budget = self.check(prompt_ids, gen)
-        layout = prefix_layout(torch.tensor([prompt_ids]), self.config, left_padded=False)
+        state = self.model.prompt_layout(torch.tensor([prompt_ids]), left_padded=False).slot_state()[0].tolist()
         stop_ids = frozenset(gen.stop_token_ids if gen.stop_token_ids is not None else (self.config.eos_token_id,))
         handle = RequestHandle(self, loop)
         text = TextStream(self.tokenizer, gen.stop_strings) if self.tokenizer is not None else None
-        request = _Request(prompt_ids, gen, budget, (int(layout.context), int(layout.mask)), stop_ids, text, handle)
+        request = _Request(prompt_ids, gen, budget, state, stop_ids, text, handle)
         handle._request = request
         with self._lock:
             if self._closing or self._thread is None:
@@ -490,19 +494,17 @@ class Engine:
             return t.pin_memory().to(self.device, non_blocking=True)  # no sync: the caching host allocator keeps it alive
         return t.to(self.device)
 
-    def _sampling(self, requests: list[_Request], rows: list[int], batch: int) -> RowSampling | None:
-        """Per-row sampling settings for a batch of `batch` rows (request i at row rows[i])."""
-        sampled = [(r, row) for r, row in zip(requests, rows) if r.gen.do_sample]
-        if not sampled:
-            return None
-        ints = [[0] * batch, [0] * batch]  # do_sample, top_k
-        floats = [[1.0] * batch, [1.0] * batch, [0.0] * batch]  # temperature, top_p, uniform
-        for r, row in sampled:
-            ints[0][row], ints[1][row] = 1, r.gen.top_k
-            floats[0][row], floats[1][row], floats[2][row] = r.gen.temperature, r.gen.top_p, r.rng.random()
-        i = self._to_device(ints, torch.long)
-        f = self._to_device(floats, torch.float32)
-        return RowSampling(do_sample=i[0].bool(), top_k=i[1], temperature=f[0], top_p=f[1], uniform=f[2])
+    def _choose(self, logits: torch.Tensor, requests: list[_Request], rows: list[int], seen: torch.Tensor | None
+                ) -> torch.Tensor:
+        """sampling.choose for a batch of logits (request i at row rows[i]; other rows idle, greedy)."""
+        if not any(r.gen.do_sample or r.gen.repetition_penalty != 1.0 for r in requests):
+            return argmax_rows(guarded_scores(logits))  # all greedy: no settings to upload
+        configs: list[GenerationConfig | None] = [None] * logits.shape[0]
+        seeds, steps = [0] * logits.shape[0], [0] * logits.shape[0]
+        for r, row in zip(requests, rows):
+            configs[row], seeds[row], steps[row] = r.gen, r.seed, r.launched  # the index of the token being chosen
+        settings = RowSettings.of(configs, seeds, self.device)
+        return choose(logits, settings, self._to_device(steps, torch.long), seen)
 
     def _prefill(self, requests: list[_Request]) -> _Step:
         """One forward over the new prompts; row i is left-padded but written to columns 0..n-1 of its slot."""
@@ -512,21 +514,20 @@ class Engine:
             n, pad = len(r.prompt_ids), width - len(r.prompt_ids)
             ids.append([self.config.pad_token_id] * pad + r.prompt_ids)
             columns.append(list(range(n, n + pad)) + list(range(n)))  # padding goes past the prompt, overwritten later
-        meta = self._to_device([[r.slot for r in requests], [r.context for r in requests], [r.mask for r in requests]], torch.long)
+        slots = self._to_device([r.slot for r in requests], torch.long)
+        state = self._to_device([r.state for r in requests], torch.long)
         input_ids = self._to_device(ids, torch.long)
         columns_t = self._to_device(columns, torch.long)  # (B, T)
-        slots, context, mask = meta[0], meta[1], meta[2]
-        layout = PrefixLayout(start=torch.zeros_like(context), context=context, mask=mask)
-        logits = self.model(
-            input_ids,
-            position_ids_for(layout, columns_t),
-            attention_mask_for(layout, columns_t, width),
-            cache_columns=columns_t,
-            kv_length=width,
-            cache_rows=slots,
-            last_logits_only=True,
-        ).logits[:, -1].float()
-        tokens = sample_tokens(logits, self._sampling(requests, list(range(len(requests))), len(requests)))
+        refresh_prefix_cache(self.model)  # a P-Tuning prefix changed since start() is written again
+        logits = prefill(self.model, input_ids, self.model.slot_layout(state), columns=columns_t, cache_rows=slots)
+        seen = None
+        if _penalised(requests):
+            seen = torch.zeros(len(requests), self.config.vocab_size, dtype=torch.bool, device=self.device)
+            mark_seen(seen, input_ids, input_ids != self.config.pad_token_id)
+        tokens = self._choose(logits, requests, list(range(len(requests))), seen)
+        if seen is not None:
+            mark_seen(seen, tokens[:, None])
+            self._seen.index_copy_(0, slots, seen)
         self._last_token.index_copy_(0, slots, tokens)
         for r in requests:
             r.launched = 1
@@ -538,16 +539,20 @@ class Engine:
         """One token for every slot in [0, rows): running slots feed back their last token, idle ones write the scratch column."""
         hi = max(r.slot for r in requests) + 1
         rows = hi if self._graphs is None else batch_bucket(hi, self.max_batch)
-        meta = [[self.max_context, 1, 0] for _ in range(rows)]  # column, <sop>, [gMASK] of an idle slot
+        idle = [self.max_context, *self.model.idle_slot_state()]
+        meta = [idle for _ in range(rows)]  # the fed-back token's column, then the slot's layout state
         for r in requests:
-            meta[r.slot] = [len(r.prompt_ids) + r.launched - 1, r.context, r.mask]  # the fed-back token's column
+            meta[r.slot] = [len(r.prompt_ids) + r.launched - 1, *r.state]
         kv_length = max(meta[r.slot][0] for r in requests) + 1
-        meta_t = self._to_device(meta, torch.long)  # (rows, 3)
+        meta_t = self._to_device(meta, torch.long)  # (rows, 1 + state)
         if self._graphs is None:
             logits = decode_step(self.model, self._last_token[:rows, None], meta_t, self._kv_positions[:kv_length])
         else:
             logits = self._graphs.run(meta_t, kv_length)
-        tokens = sample_tokens(logits, self._sampling(requests, [r.slot for r in requests], rows))
+        seen = self._seen[:rows] if _penalised(requests) else None  # only penalised slots' `seen` is ever read
+        tokens = self._choose(logits, requests, [r.slot for r in requests], seen)
+        if seen is not None:
+            mark_seen(seen, tokens[:, None])
         self._last_token[:rows] = tokens
         for r in requests:
             r.launched += 1
@@ -644,6 +649,10 @@ class Engine:
                 for h in handles:
                     if h.loop is loop and h._request is not None:
                         h._request.cancelled = True
+
+
+def _penalised(requests: list[_Request]) -> bool:
+    return any(r.gen.repetition_penalty != 1.0 for r in requests)
 
 
 def _set_all(events: list[asyncio.Event]) -> None:

@@ -4,7 +4,7 @@ and the loss/perplexity of the reference answers under teacher forcing.
     model, tokenizer = load(path)
     results = evaluate(model=model, tokenizer=tokenizer, records=records,
                        variants=parse_variants(["base", "out/adapter"]))
-    write_outputs(out_dir, results, data=...)  # metrics.json, predictions.jsonl, report.md, chart.png
+    eval_report.write_outputs(out_dir, results, data=...)  # metrics.json, predictions.jsonl, report.md, chart.png
 
 The base model is loaded once; each adapter is applied in turn (`lora.apply_adapters`) and
 taken out again, so `base` and every adapter run on the same weights.
@@ -22,9 +22,9 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX
 from .errors import ChatGLMError, DataError
 from .generate import Generation, GenerationConfig, generate
-from .positions import attention_mask_for, position_ids_for, prefix_layout
 from .prompt import clean_response
 from .tokenizer import left_pad
 
@@ -86,7 +86,7 @@ def activated(model, variants: Sequence[Variant]) -> Iterator[tuple[Variant, Any
     Each adapter is applied on its own with `lora.apply_adapters` (its checks and dtype handling) and
     taken out again before the next variant, so `model` is the plain base model afterwards.
     """
-    from .lora import apply_adapters
+    from .lora import apply_adapters, remove_adapters
 
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for variant in variants:
@@ -109,18 +109,6 @@ def activated(model, variants: Sequence[Variant]) -> Iterator[tuple[Variant, Any
             remove_adapters(adapted)
             for name, p in model.named_parameters():  # apply_adapters froze the base
                 p.requires_grad_(trainable.get(name, p.requires_grad))
-
-
-def remove_adapters(model) -> None:
-    """Put every LoRA-wrapped layer's base layer back (no merge): the inverse of `apply_adapters`."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module.get_base_layer())
-    if hasattr(model, "peft_config"):  # PEFT records its adapters on the model too
-        del model.peft_config
 
 
 # -- the samples ----------------------------------------------------------------------------------
@@ -163,7 +151,7 @@ def _last_answer_only(example):
     earlier answers, which are prompt here."""
     if example.prompt_length is None:
         return example
-    labels = [-100] * example.prompt_length + example.labels[example.prompt_length:]
+    labels = [IGNORE_INDEX] * example.prompt_length + example.labels[example.prompt_length:]
     return replace(example, labels=labels)
 
 
@@ -173,10 +161,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], *, gen:
     """Batched generation, longest prompts first (less padding, and an out-of-memory shows at once)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    for b, start in enumerate(range(0, len(order), batch_size)):
+    for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch_gen = replace(gen, seed=gen.seed + b) if gen.do_sample and gen.seed is not None else gen
-        for i, result in zip(chunk, generate(model, tokenizer, [prompts[i] for i in chunk], batch_gen)):
+        # every row draws with the seed's own sequence (sampling.row_seeds): an answer does not depend on its batch
+        for i, result in zip(chunk, generate(model, tokenizer, [prompts[i] for i in chunk], gen)):
             results[i] = result
         if log:
             log(f"generated {min(start + batch_size, len(order))}/{len(order)}")
@@ -192,14 +180,11 @@ def sequence_losses(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tup
     through lm_head.
     """
     B, T = input_ids.shape
+    layout = model.prompt_layout(input_ids)
     columns = torch.arange(T, device=input_ids.device)
-    if hasattr(model, "step_inputs"):  # a network with its own positions and masks (ChatGLM2/3)
-        h = model.transformer(input_ids, *model.step_inputs(model.decode_layout(input_ids), columns, T))
-    else:
-        layout = prefix_layout(input_ids, model.config)
-        h = model.transformer(input_ids, position_ids_for(layout, columns), attention_mask_for(layout, columns, T))
+    h = model.transformer(input_ids, layout.positions(columns), layout.mask_for(columns, T))
     targets = labels[:, 1:]
-    keep = targets != -100  # (B, T-1)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
     selected = h[:, :-1][keep]  # (N, H)
     goal = targets[keep]  # (N,)
     rows = torch.arange(B, device=input_ids.device)[:, None].expand_as(targets)[keep]  # (N,)
@@ -219,7 +204,7 @@ def reference_losses(model, examples: Sequence[Any], *, batch_size: int, pad_id:
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids = torch.tensor(left_pad([examples[i].input_ids for i in chunk], pad_id), device=device)
-        labels = torch.tensor(left_pad([examples[i].labels for i in chunk], -100), device=device)
+        labels = torch.tensor(left_pad([examples[i].labels for i in chunk], IGNORE_INDEX), device=device)
         sums, counts = sequence_losses(model, ids, labels)
         for i, s, c in zip(chunk, sums.tolist(), counts.tolist()):
             out[i] = (s, int(c))
@@ -352,139 +337,3 @@ def evaluate(
                     f"{s['word']['rouge-2']:.2f}  ROUGE-L {s['word']['rouge-l']:.2f}  " if result.scored else "")
             print(f"[eval {result.name}] {text}perplexity {s['perplexity']:.2f}", file=sys.stderr, flush=True)
     return results, skipped
-
-
-# -- outputs --------------------------------------------------------------------------------------
-COLUMNS = [("bleu-4", "BLEU-4"), ("corpus-bleu-4", "corpus BLEU-4"), ("rouge-1", "ROUGE-1"),
-           ("rouge-2", "ROUGE-2"), ("rouge-l", "ROUGE-L")]
-
-
-def markdown_table(summaries: dict[str, dict], *, view: str = "word") -> str:
-    """Variants side by side: text metrics of one view, loss and perplexity."""
-    head = ["variant", "exact match %"] + [title for _, title in COLUMNS] + ["loss", "perplexity"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, s in summaries.items():
-        cells = [name, f"{s.get('exact-match', float('nan')):.1f}"] + [f"{s[view][key]:.2f}" for key, _ in COLUMNS] \
-            + [f"{s['loss']:.3f}", f"{s['perplexity']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_chart(path: str | Path, groups: dict[str, dict[str, dict]], *, title: str = "") -> Path:
-    """Grouped bar chart: per dataset a panel of text metrics (bars = variants) and one of perplexity."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    metrics = [("word", "bleu-4", "BLEU-4"), ("word", "rouge-1", "ROUGE-1"), ("word", "rouge-2", "ROUGE-2"),
-               ("word", "rouge-l", "ROUGE-L"), ("char", "bleu-4", "BLEU-4\n(char)"), ("char", "rouge-l", "ROUGE-L\n(char)")]
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.6 * len(groups)), squeeze=False,
-                             gridspec_kw={"width_ratios": [4, 1]})
-    for row, (group, summaries) in enumerate(groups.items()):
-        ax, ax_ppl = axes[row]
-        names = list(summaries)
-        width = 0.8 / max(1, len(names))
-        for v, name in enumerate(names):
-            xs = [m + (v - (len(names) - 1) / 2) * width for m in range(len(metrics))]
-            values = [summaries[name][view][key] for view, key, _ in metrics]
-            bars = ax.bar(xs, values, width, label=name, color=f"C{v}")
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
-            ppl = summaries[name]["perplexity"]
-            bar = ax_ppl.bar([v], [ppl], 0.6, color=f"C{v}")
-            ax_ppl.bar_label(bar, fmt="%.1f", fontsize=7)
-        ax.set_xticks(range(len(metrics)), [label for _, _, label in metrics])
-        ax.set_ylabel("score (0-100)")
-        ax.set_title(group, loc="left", fontsize=10)
-        ax.legend(fontsize=8)
-        ax_ppl.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-        ax_ppl.set_title("reference perplexity (lower is better)", fontsize=9)
-        if max((s["perplexity"] for s in summaries.values()), default=1) > 50 * max(
-                min((s["perplexity"] for s in summaries.values()), default=1), 1e-9):
-            ax_ppl.set_yscale("log")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(value)
-    return value
-
-
-def write_outputs(out_dir: str | Path, results: Sequence[VariantResult], *, dataset: str = "eval",
-                  settings: dict | None = None, data: dict | None = None) -> dict[str, Path]:
-    """metrics.json, predictions.jsonl, report.md and chart.png in `out_dir` (unscored results: the first two)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("metrics.json", "predictions.jsonl")}
-    metrics = {"dataset": dataset, "data": _jsonable(data or {}), "settings": settings or {},
-               "variants": {r.name: {"adapter": r.adapter, **r.summary} for r in results}}
-    paths["metrics.json"].write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    with paths["predictions.jsonl"].open("w", encoding="utf-8") as f:
-        for r in results:
-            for row in r.rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    if all(r.scored for r in results):
-        paths["report.md"] = out / "report.md"
-        paths["report.md"].write_text(render_report(results, dataset=dataset, settings=settings or {}, data=data or {}),
-                                      encoding="utf-8")
-        paths["chart.png"] = write_chart(out / "chart.png", {dataset: {r.name: r.summary for r in results}})
-    return paths
-
-
-def read_outputs(out_dir: str | Path) -> tuple[list[VariantResult], dict]:
-    """The results `write_outputs` saved, and the rest of metrics.json (dataset, settings, data)."""
-    out = Path(out_dir)
-    meta = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    rows: dict[str, list[dict]] = {}
-    with (out / "predictions.jsonl").open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            rows.setdefault(row["variant"], []).append(row)
-    results = []
-    for name, summary in meta.pop("variants").items():
-        summary = dict(summary)
-        adapter = summary.pop("adapter", None)
-        results.append(VariantResult(name=name, adapter=adapter, summary=summary, rows=rows.get(name, [])))
-    return results, meta
-
-
-def render_report(results: Sequence[VariantResult], *, dataset: str, settings: dict, data: dict) -> str:
-    summaries = {r.name: r.summary for r in results}
-    n = results[0].summary["samples"] if results else 0
-    lines = [f"# Evaluation: {dataset}", ""]
-    lines.append(f"{n} samples" + "".join(f", {k}: {v}" for k, v in data.items() if not isinstance(v, (list, dict))))
-    problems = data.get("problems") or []
-    if problems:
-        lines += ["", f"Data lines skipped ({len(problems)}):"] + [f"- {p}" for p in problems[:20]]
-        if len(problems) > 20:
-            lines.append(f"- ... {len(problems) - 20} more (see metrics.json)")
-    if settings:
-        lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
-    lines += [
-        "", "## Word view (jieba words for Chinese, whitespace words for English)", "",
-        markdown_table(summaries, view="word"),
-        "", "## Character view (characters for Chinese; English as above)", "",
-        markdown_table(summaries, view="char"),
-        "",
-        "BLEU-4: smoothed sentence BLEU (nltk, method3) averaged over samples; corpus BLEU-4 pools n-gram counts. "
-        "ROUGE: F1 from rouge-chinese, best over the references. All scores x100. The official ChatGLM-6B "
-        "evaluation reports character BLEU-4 and word (jieba) ROUGE. Loss/perplexity: mean cross-entropy per "
-        "reference token under teacher forcing (lower is better).",
-        "", "## Generation", "",
-        "| variant | seconds | new tokens | tokens/s | prompts/s | stopped at <eop> |", "|---|---|---|---|---|---|",
-    ]
-    for name, s in summaries.items():
-        g = s["generation"]
-        lines.append(f"| {name} | {g['seconds']:.1f} | {g['new_tokens']} | {g['tokens_per_second'] or 0:.1f} | "
-                     f"{g['prompts_per_second'] or 0:.2f} | {g['stopped']}/{s['samples']} |")
-    lines += ["", "![scores](chart.png)", ""]
-    return "\n".join(lines)

@@ -1,70 +1,27 @@
 """Generation: prefill + decode as an iterator shared by chat, generate, serve and eval.
 
 One step yields one new token per row; rows stop independently (at <eop>, a stop string or
-their length budget). Sampling follows the order of the original (transformers) pipeline:
-repetition penalty, NaN/Inf guard, temperature, top-k, top-p.
+their length budget). Tokens are chosen by sampling.py (the one sampler of every decode path)
+and the model is called through steps.py (the one place that builds positions and masks).
 """
 from __future__ import annotations
 
 import time
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from .errors import ChatGLMError, PromptTooLongError
-from .fast import FastOptions, decoder_for, fast_options, prefill_logits, prompt_mask_for
+from .fast import FastOptions, decoder_for, fast_options, prompt_mask_for
+from .generation_config import GenerationConfig
 from .model import PromptMask
-from .positions import attention_mask_for, position_ids_for, prefix_layout
+from .sampling import NAN_GUARD_TOKEN_ID, RowSettings, choose, guarded_scores, kept_probs, mark_seen, row_seeds  # noqa: F401
+from .steps import decode_one_token, prefill
 from .tokenizer import ChatGLMTokenizer, StreamDecoder, left_pad
 
-NAN_GUARD_TOKEN_ID = 5  # the original replaces bad logits by zeros with 5e4 at id 5
-MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows float32 to inf: garbage, not "nearly greedy"
-MAX_TEMPERATURE = 100.0
-
-
-def check_temperature(value: float, name: str = "temperature") -> float:
-    """A sampling temperature every route and command accepts: exactly 0 (greedy) or a finite value in
-    [MIN_TEMPERATURE, MAX_TEMPERATURE]; anything else is a ChatGLMError naming the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
-        raise ChatGLMError(f"{name} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g},"
-                           f" not {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int | None = None
-    max_length: int | None = None  # prompt + new tokens, as in the original chat(); used when max_new_tokens is None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos (<eop>)
-    stop_strings: tuple[str, ...] = ()
-    truncate_prompt: bool = False  # drop tokens from the left instead of refusing a too-long prompt
-
-    def validate(self) -> "GenerationConfig":
-        if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise ChatGLMError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.do_sample:
-            check_temperature(self.temperature)
-        if self.do_sample and self.temperature == 0:
-            return replace(self, do_sample=False)  # temperature 0 means greedy
-        for name in ("top_p", "repetition_penalty"):
-            if getattr(self, name) != getattr(self, name):  # NaN passes every comparison below
-                raise ChatGLMError(f"{name} must be a number, not nan")
-        if not 0 < self.top_p <= 1:
-            raise ChatGLMError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ChatGLMError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ChatGLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        return self
+__all__ = ["GenerationConfig", "Generation", "generate", "stream_text", "stream_tokens", "process_logits", "TextStream"]
 
 
 @dataclass
@@ -76,37 +33,18 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-# -- logits processing ---------------------------------------------------------------------------
 def process_logits(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tensor | None) -> torch.Tensor:
-    """(B, V) float32 logits -> processed scores; greedy uses the argmax of these."""
-    if gen.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits < 0, logits * gen.repetition_penalty, logits / gen.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    bad = ~torch.isfinite(logits).all(dim=-1, keepdim=True)  # (B, 1)
-    guard = torch.zeros_like(logits)
-    guard[:, min(NAN_GUARD_TOKEN_ID, logits.shape[-1] - 1)] = 5e4
-    logits = torch.where(bad, guard, logits)
+    """(B, V) float32 logits -> the scores the sampler draws from, in vocabulary order: penalised and
+    guarded; for sampling also divided by the temperature, with the tokens top-k/top-p/min-p drop at -inf.
+    (sampling.choose works on sorted probabilities directly; this view is for inspection and tests.)"""
+    gen = gen.validate()
+    rows = RowSettings.of([gen] * logits.shape[0], [0] * logits.shape[0], logits.device)
+    scores = guarded_scores(logits, seen if gen.repetition_penalty != 1.0 else None, rows.penalty)
     if not gen.do_sample:
-        return logits
-    logits = logits / gen.temperature
-    if gen.top_k > 0:
-        kth = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if gen.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # as transformers: drop a token once the more likely ones already reach top_p (the first is always kept)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= gen.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def choose_tokens(scores: torch.Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> torch.Tensor:
-    if not gen.do_sample:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+        return scores
+    probs, order = kept_probs(scores, rows.temperature, rows.top_k, rows.top_p, rows.min_p)
+    dropped = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs == 0)
+    return (scores / rows.temperature[:, None]).masked_fill(dropped, float("-inf"))
 
 
 # -- prompt checks -------------------------------------------------------------------------------
@@ -144,8 +82,8 @@ def stream_tokens(
     """Yield, per step, the new token of each row (None once a row has finished).
 
     Rows are left-padded into one batch; a row's stop token ends it and is not yielded. `fast`
-    picks the decode loop: None (default) the compiled, CUDA-graphed one of fast.py on CUDA
-    (unless $CHATGLM_FT_COMPILE=0) and the eager one on the CPU; True or False force it.
+    picks the decode loop: None (default) the compiled, CUDA-graphed one of fast.py on CUDA and
+    the eager one on the CPU; True or False force it; FastOptions choose it exactly.
     """
     gen = gen.validate()
     config = model.config
@@ -156,8 +94,7 @@ def stream_tokens(
     if budget == 0:
         return
     prompt_mask = prompt_mask_for(rows, config)
-    # the compiled, graphed loop of fast.py knows ChatGLM-6B's positions only; other networks decode eagerly
-    options = fast_options(model, fast) if not hasattr(model, "step_inputs") else None
+    options = fast_options(model, fast)
     if options is None:
         steps = eager_steps(model, input_ids, budget, gen, prompt_mask)
     else:
@@ -178,49 +115,24 @@ def eager_steps(model, input_ids: torch.Tensor, budget: int, gen: GenerationConf
     config = model.config
     device = input_ids.device
     B, T = input_ids.shape
-    own_steps = hasattr(model, "step_inputs")  # a network with its own positions and masks (ChatGLM2/3)
-    layout = model.decode_layout(input_ids) if own_steps else prefix_layout(input_ids, config)
+    layout = model.prompt_layout(input_ids)
     model.setup_caches(B, T + budget)
-    rng = None
-    if gen.do_sample:
-        rng = torch.Generator(device=device)
-        rng.manual_seed(gen.seed if gen.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    rows = RowSettings.of([gen] * B, row_seeds(gen, B), device)
     seen = None
-    if gen.repetition_penalty != 1.0:
+    if rows.any_penalty:
         seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, input_ids != config.pad_token_id)
+        mark_seen(seen, input_ids, input_ids != config.pad_token_id)
 
-    if own_steps:
-        logits = step_logits(model, input_ids, layout, torch.arange(T, device=device), T)
-    else:
-        logits = prefill_logits(model, input_ids, layout, prompt_mask)
+    logits = prefill(model, input_ids, layout, prompt_mask=prompt_mask)
     for step in range(budget):
-        tokens = choose_tokens(process_logits(logits, gen, seen), gen, rng)
+        tokens = choose(logits, rows, torch.full((B,), step, dtype=torch.long, device=device), seen)
         yield tokens.tolist()
         if step == budget - 1:
             return
         if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
+            mark_seen(seen, tokens[:, None])
         column = torch.tensor([T + step], device=device)
-        if own_steps:
-            logits = step_logits(model, tokens[:, None], layout, column, T + step + 1)
-            continue
-        logits = model(
-            tokens[:, None],
-            position_ids_for(layout, column),
-            attention_mask_for(layout, column, T + step + 1),
-            cache_columns=column,
-            kv_length=T + step + 1,
-        ).logits[:, -1].float()
-
-
-def step_logits(model, tokens: torch.Tensor, layout, columns: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """Float32 logits (B, V) of the last of `tokens` (B, T) run at cache `columns` (T,), for a network
-    that gives its own positions and mask (`model.step_inputs`, e.g. ChatGLM2/3's 1-D positions)."""
-    position_ids, mask = model.step_inputs(layout, columns, kv_length)
-    cache_columns = slice(0, kv_length) if columns.shape[0] == kv_length else columns
-    return model(tokens, position_ids, mask, cache_columns=cache_columns, kv_length=kv_length,
-                 last_logits_only=True).logits[:, -1].float()
+        logits = decode_one_token(model, tokens[:, None], column, layout, T + step + 1)
 
 
 class TextStream:

@@ -50,7 +50,8 @@ class GemvConfig:
 def gemv_config(bits: int, n: int, k: int) -> GemvConfig:
     """Tile sizes per weight width and shape: the fastest of gpu/gemv_sweep.py on an H200 for the
     model's shapes (wide outputs take 64-row tiles, the 4096-row ones longer K steps).
-    $CHATGLM_FT_GEMV_CONFIGS names a sweep result (JSON) to use instead, for tuning on another GPU."""
+    `configure(gemv_configs=...)` names a sweep result (JSON) to use instead, for tuning on another GPU
+    (the CLI passes $CHATGLM_FT_GEMV_CONFIGS)."""
     tuned = _tuned_configs().get((bits, n, k))
     if tuned is not None:
         return tuned
@@ -63,11 +64,26 @@ def gemv_config(bits: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=32, block_k=512, stages=4)
 
 
+# How these kernels launch, for A/B measurements and tuning only: set once by the CLI layer
+# (commands/options.py, from $CHATGLM_FT_PDL and $CHATGLM_FT_GEMV_CONFIGS) through `configure`.
+LAUNCH: dict = {"pdl": True, "gemv_configs": None}
+
+
+def configure(*, pdl: bool | None = None, gemv_configs: str | None = None) -> None:
+    """Turn programmatic dependent launch off (`pdl=False`) or use a gemv_sweep.py result's tile sizes."""
+    if pdl is not None:
+        LAUNCH["pdl"] = pdl
+        pdl_supported.cache_clear()
+    if gemv_configs is not None:
+        LAUNCH["gemv_configs"] = gemv_configs
+        _tuned_configs.cache_clear()
+
+
 @functools.cache
 def _tuned_configs() -> dict:
-    """{(bits, n, k): GemvConfig} from $CHATGLM_FT_GEMV_CONFIGS (gpu/gemv_sweep.py's `best` entries)."""
+    """{(bits, n, k): GemvConfig} from the configured sweep result (gpu/gemv_sweep.py's `best` entries)."""
     tuned = {}
-    path = os.environ.get("CHATGLM_FT_GEMV_CONFIGS")
+    path = LAUNCH["gemv_configs"]
     if path and os.path.exists(path):
         sweep = json.loads(open(path).read())
         for bits, table in sweep.get("widths", {}).items():
@@ -224,15 +240,12 @@ def _dequantize_kernel(
 
 
 # -- launchers (plain functions: also usable on CPU tensors under TRITON_INTERPRET=1) -----------
-ENV_PDL = "CHATGLM_FT_PDL"  # 0 turns programmatic dependent launch off
-
-
 @functools.cache
 def pdl_supported(index: int) -> bool:
     """Programmatic dependent launch (Hopper and later): a kernel's blocks start while the previous
     kernel drains and wait in-kernel (`gdc_wait`) for its results, hiding the launch latency between
-    the ~300 small kernels of a decode step. Off with $CHATGLM_FT_PDL=0."""
-    if os.environ.get(ENV_PDL, "1").strip().lower() in ("0", "false", "off", "no"):
+    the ~300 small kernels of a decode step. Off with configure(pdl=False) ($CHATGLM_FT_PDL=0 in the CLI)."""
+    if not LAUNCH["pdl"]:
         return False
     return torch.cuda.get_device_capability(index)[0] >= 9
 

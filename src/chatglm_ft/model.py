@@ -4,8 +4,6 @@ Batch-first throughout: hidden states are (B, T, H), attention tensors (B, nh, T
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -13,9 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import RESIDUAL_ALPHA, ChatGLMConfig
-from .positions import attention_mask_for, position_ids_for, prefix_layout
-from .ptuning import prefix_inputs, with_prefix, write_prefix_cache
+from .data import IGNORE_INDEX
+from .ops import DEFAULT_KERNELS, PromptMask, apply_rotary  # noqa: F401  (re-exported: model.PromptMask)
+from .options import DecodeOptions, KernelOptions
+from .positions import PrefixLayout, prefix_layout
+from .ptuning import prefix_inputs, refresh_prefix_cache, with_prefix
 
 
 def rotary_inv_freq(rotary_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -34,123 +36,6 @@ def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: tor
     sin = emb.sin()
     sin.unflatten(-1, (2, 2, -1))[..., 0, :].neg_()  # (B, T, half, quarter, r/2): negate quarters 0 and 2
     return emb.cos().to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary applied separately to each half of the head dim. x: (B, T, nh, hd).
-
-    rotate_half per half is [x1, x2] -> [-x2, x1]; the swap is a flip of the quarters, the sign is in signed_sin.
-    """
-    swapped = x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)  # quarters [x1, x2, x3, x4] -> [x2, x1, x4, x3]
-    return torch.addcmul(x * cos, swapped, signed_sin)
-
-
-# Eager inference on CUDA fuses work PyTorch would spread over several kernels: the rotary of q and k
-# (rotary_kernel.py), GELU into the matmul, no copies around prefill attention. False: the plain
-# PyTorch ops (A/B measurements; $CHATGLM_FT_FUSED=0).
-FUSED_EAGER = (importlib.util.find_spec("triton") is not None
-               and os.environ.get("CHATGLM_FT_FUSED", "1").strip().lower() not in ("0", "false", "off", "no"))
-
-# Inference matmuls of at most this many token rows on CUDA run our Triton skinny-matmul kernel
-# (kernels.py, op chatglm_ft::gemv): it streams the weights at 3.0-4.5 TB/s on an H200 where cuBLAS's
-# one-row GEMMs reach 2.5-4.0 (gpu/gemv_sweep.py). $CHATGLM_FT_GEMV=cublas|triton turns it off.
-SKINNY_ROWS = 0
-if (os.environ.get("CHATGLM_FT_GEMV", "kernel").strip().lower() == "kernel"
-        and importlib.util.find_spec("triton") is not None and torch.cuda.is_available()):
-    from . import kernels  # registers torch.ops.chatglm_ft.gemv
-
-    SKINNY_ROWS = kernels.MAX_ROWS
-
-
-def skinny(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `layer(x)` runs the skinny-matmul kernel (a plain Linear, a few token rows, inference on CUDA)."""
-    return bool(SKINNY_ROWS and type(layer) is nn.Linear and x.is_cuda and x.numel() <= SKINNY_ROWS * x.shape[-1]
-                and not torch.is_grad_enabled() and kernels.gemv_supported(layer.weight, None))
-
-
-def skinny_linear(layer: nn.Linear, x: torch.Tensor, act: int = 0) -> torch.Tensor:
-    y = torch.ops.chatglm_ft.gemv(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, act)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def eager_cuda_inference(x: torch.Tensor) -> bool:
-    """Inference on CUDA outside torch.compile: where our fused eager paths replace several PyTorch kernels
-    (compiled code keeps the plain form, which inductor fuses itself; training keeps autograd's)."""
-    return x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def gelu_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GELU(layer(x)) (tanh approximation), applied before the result is rounded to x's dtype: by the
-    skinny kernel for a few rows, by cuBLASLt's GELU epilogue for more (no separate pass over the 4h-wide
-    activation: 134 MB each way per layer at a 2048-token prefill)."""
-    if skinny(layer, x):
-        return skinny_linear(layer, x, act=1)
-    if (FUSED_EAGER and type(layer) is nn.Linear and layer.bias is not None and eager_cuda_inference(x)
-            and x.dtype in (torch.float16, torch.bfloat16)):
-        y = torch._addmm_activation(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
-        return y.view(*x.shape[:-1], y.shape[-1])
-    return F.gelu(linear(layer, x), approximate="tanh")
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; under torch.compile a plain nn.Linear adds its bias after the matmul instead, because
-    inductor turns a bias-free one-token matmul into a tuned reduction (GEMV) and fuses the bias and
-    what follows into it, where an addmm stays a separate cuBLAS call."""
-    if skinny(layer, x):
-        return skinny_linear(layer, x)
-    if type(layer) is nn.Linear and layer.bias is not None and torch.compiler.is_compiling():
-        return F.linear(x, layer.weight) + layer.bias
-    return layer(x)
-
-
-def rotary_kernel():
-    from . import rotary_kernel as module  # Triton is imported on CUDA only
-
-    return module
-
-
-@dataclass(frozen=True)
-class PromptMask:
-    """The prefix mask of one unpadded prompt whose only <sop> is its last token (SPEC.md section 3),
-    given as its context length instead of a (1, 1, T, T) bool tensor: the columns before <sop> see
-    each other both ways and <sop> sees everything, so attention is two mask-free calls for which
-    SDPA can pick its flash kernel (any explicit mask rules flash out)."""
-
-    context: int  # column of <sop>, >= 1
-    prefix: int = 0  # P-Tuning: key columns before the prompt, visible to every row (ptuning.py)
-
-
-# Decoding on CUDA uses the Triton kernel of decode_attention.py where Triton is installed
-# ($CHATGLM_FT_DECODE_ATTENTION=torch keeps the PyTorch path below).
-DECODE_KERNEL = importlib.util.find_spec("triton") is not None
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | PromptMask | None) -> torch.Tensor:
-    """Softmax attention of q (B, nh, T, hd) over k, v (B, nh, S, hd) where `mask` (B, 1, T, S) is True."""
-    if isinstance(mask, PromptMask):
-        c, kc = mask.context, mask.prefix + mask.context  # query rows before <sop>, key columns they see
-        sop = F.scaled_dot_product_attention(q[:, :, c:], k, v)  # (B, nh, 1, hd)
-        if not torch.is_grad_enabled():
-            # every row over the context columns, then the <sop> row replaced in place: the output keeps
-            # the kernel's (B, T, nh, hd) layout, so the caller's transpose-reshape copies nothing
-            out = F.scaled_dot_product_attention(q, k[:, :, :kc], v[:, :, :kc])
-            out[:, :, c:] = sop
-            return out
-        before = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :kc], v[:, :, :kc])  # (B, nh, c, hd)
-        return torch.cat([before, sop], dim=2)
-    if q.shape[2] == 1:
-        if q.is_cuda and DECODE_KERNEL:
-            from . import decode_attention  # imported here: Triton is loaded on a GPU only
-
-            if decode_attention.use_kernel(q, k, v, mask):  # one streaming pass over the cache (flash-decoding)
-                return torch.ops.chatglm_ft.decode_attention(q, k, v, mask)
-        # One query row (decoding): two batched matrix-vector products spread over all keys, where
-        # the fused kernels give each head's single row to one block; compiled, they become reductions.
-        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()  # (B, nh, 1, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class KVCache(nn.Module):
@@ -208,6 +93,7 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, device=device)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, device=device)
+        self.kernels = DEFAULT_KERNELS  # ops.use_kernels sets the model's choice
 
     def forward(
         self,
@@ -222,13 +108,9 @@ class SelfAttention(nn.Module):
         prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, H = x.shape
-        qkv = linear(self.query_key_value, x).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
+        qkv = ops.linear(self.query_key_value, x, self.kernels).view(B, T, self.num_heads, 3 * self.head_dim)  # per-head interleaved
         q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, T, nh, hd) each
-        if FUSED_EAGER and eager_cuda_inference(qkv) and rotary_kernel().supported(qkv, cos, sin):
-            q, k = rotary_kernel().rotary_qk(qkv, cos, sin)
-        else:
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
+        q, k = ops.rotary(qkv, q, k, cos, sin, self.kernels)
         if kv_cache is not None:
             k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows, kv_length)  # (B, nh, S, hd)
             if kv_length is not None:
@@ -236,8 +118,8 @@ class SelfAttention(nn.Module):
         else:
             # P-Tuning without a cache: the prefix keys/values (not rotated) come first
             k_all, v_all = with_prefix(k.transpose(1, 2), v.transpose(1, 2), prefix_kv)
-        y = attend(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, nh, T, hd)
-        return linear(self.dense, y.transpose(1, 2).reshape(B, T, H))
+        y = ops.attend(q.transpose(1, 2), k_all, v_all, attn_mask, self.kernels)  # (B, nh, T, hd)
+        return ops.linear(self.dense, y.transpose(1, 2).reshape(B, T, H), self.kernels)
 
 
 class MLP(nn.Module):
@@ -245,9 +127,10 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size, device=device)
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size, device=device)
+        self.kernels = DEFAULT_KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.dense_4h_to_h, gelu_linear(self.dense_h_to_4h, x))
+        return ops.linear(self.dense_4h_to_h, ops.gelu_linear(self.dense_h_to_4h, x, self.kernels), self.kernels)
 
 
 class GLMBlock(nn.Module):
@@ -286,7 +169,7 @@ class ChatGLMModel(nn.Module):
     def forward(self, input_ids, position_ids, attn_mask, kv_caches=None, cache_columns=None, kv_length=None, cache_rows=None):
         h = self.word_embeddings(input_ids)  # (B, T, H)
         cos, sin = rotary_tables(position_ids, self.inv_freq, h.dtype)
-        # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence
+        # P-Tuning v2 (ptuning.py): P keys/values in front of every sequence (cached steps: steps.py placed them)
         attn_mask, cache_columns, kv_length, prefix_kvs = prefix_inputs(
             self.prefix_encoder, attn_mask, kv_caches, cache_columns, kv_length, input_ids.shape[0], h.dtype)
         prefix_kvs = prefix_kvs or [None] * len(self.layers)
@@ -362,6 +245,13 @@ class ChatGLMForConditionalGeneration(nn.Module):
         self.transformer = ChatGLMModel(config, device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         self.kv_caches: nn.ModuleList | None = None
+        self.kernels = DEFAULT_KERNELS
+        self.decode_options = DecodeOptions()  # how generation decodes this model by default (fast.fast_options)
+
+    def use_kernels(self, options: KernelOptions) -> "ChatGLMForConditionalGeneration":
+        """Choose the inference kernels of every layer (ops.py); the default is KernelOptions()."""
+        ops.use_kernels(self, options)
+        return self
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -387,6 +277,19 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.transformer.gradient_checkpointing = enabled
 
+    # -- layouts: what steps.py asks of an architecture (docs/architecture.md) -------------------
+    def prompt_layout(self, input_ids: torch.Tensor, *, left_padded: bool = True) -> PrefixLayout:
+        """Positions and masks of a (B, T) batch of prompts (GLM's prefix-LM: <sop> and [gMASK] columns)."""
+        return prefix_layout(input_ids, self.config, left_padded=left_padded)
+
+    def slot_layout(self, state: torch.Tensor) -> PrefixLayout:
+        """The layout of server cache slots from their (B, PrefixLayout.STATE_SIZE) state."""
+        return PrefixLayout.of_slots(state)
+
+    def idle_slot_state(self) -> tuple[int, ...]:
+        """The slot state of a server slot holding no request (it writes only the scratch column)."""
+        return PrefixLayout.IDLE_STATE
+
     # -- KV cache --------------------------------------------------------------------------------
     def setup_caches(self, batch_size: int, max_length: int) -> None:
         """Caches for `max_length` sequence columns (plus a P-Tuning prefix's columns in front, filled here)."""
@@ -397,28 +300,22 @@ class ChatGLMForConditionalGeneration(nn.Module):
             self.kv_caches is not None
             and self.kv_caches[0].k.shape[0] == batch_size
             and self.kv_caches[0].k.shape[2] >= max_length
-            and self.kv_caches[0].k.dtype == self.compute_dtype
+            and self.kv_caches[0].k.dtype == self.dtype
             and self.kv_caches[0].k.device == self.device
         ):
-            if prefix is not None:
-                write_prefix_cache(prefix, self.kv_caches)  # cheap, and current after training steps
+            refresh_prefix_cache(self)  # current after training steps or a new prefix
             return
         self.kv_caches = None  # free the old cache before allocating the new one
         # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
         self.kv_caches = nn.ModuleList(
-            KVCache(batch_size, c.num_attention_heads, max_length, c.head_dim, dtype=self.compute_dtype,
+            KVCache(batch_size, c.num_attention_heads, max_length, c.head_dim, dtype=self.dtype,
                     device=layer.input_layernorm.weight.device)
             for layer in self.transformer.layers
         )
-        if prefix is not None:
-            write_prefix_cache(prefix, self.kv_caches)
+        refresh_prefix_cache(self)
 
     def clear_caches(self) -> None:
         self.kv_caches = None
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.transformer.final_layernorm.weight.dtype
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
@@ -444,12 +341,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
         `PromptMask` for one unpadded prompt ending in <sop> (prefill with flash attention).
         """
         if position_ids is None or attention_mask is None:
-            layout = prefix_layout(input_ids, self.config)
+            layout = self.prompt_layout(input_ids)
             columns = torch.arange(input_ids.shape[1], device=input_ids.device)
             if position_ids is None:
-                position_ids = position_ids_for(layout, columns)
+                position_ids = layout.positions(columns)
             if attention_mask is None:
-                attention_mask = attention_mask_for(layout, columns, input_ids.shape[1])
+                attention_mask = layout.mask_for(columns, input_ids.shape[1])
         elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             raise ValueError("attention_mask must be the (B, 1, T, S) bool prefix mask, not a 2D padding mask")
         caches = self.kv_caches if cache_columns is not None else None
@@ -461,12 +358,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
                 return CausalLMOutput(logits=None, loss=loss)
         if last_logits_only:
             h = h[:, -1:]
-        return CausalLMOutput(logits=linear(self.lm_head, h), loss=loss)
+        return CausalLMOutput(logits=ops.linear(self.lm_head, h, self.kernels), loss=loss)
 
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         selected = h[:, :-1][keep]  # (N, H)
         if type(self.lm_head) is nn.Linear and selected.shape[0] > 0:
             # Chunked, so the (N, vocab) float32 logits never exist at once (1 GB per 2k targets at full size).

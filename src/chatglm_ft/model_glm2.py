@@ -7,9 +7,11 @@ quantization and adapters (forward, setup_caches, loss_from_hidden, ...), so tho
 
 Batch-first throughout: hidden states are (B, T, H), attention tensors (B, heads, T, d). What differs
 from ChatGLM-6B in positions and masks lives in three functions (`padding_start`, `positions_1d`,
-`causal_padding_mask`) and the model's `decode_layout`/`step_inputs`, the hook generation asks.
-All matmuls go through model.linear and attention through `attend_grouped`, the seams where
-fused/quantized kernels plug in.
+`causal_padding_mask`) and `PaddingLayout`, this architecture's answer to `steps.Layout`
+(docs/architecture.md): every decode path (eager, fast, the server engine) and evaluation run it
+through steps.py. All matmuls go through `ops.linear` and attention through `ops.attend` (grouped
+key/value heads), the seams where fused/quantized kernels plug in. The rotary stays plain PyTorch
+here: ops.rotary is ChatGLM-6B's rotate-half, this one rotates interleaved pairs.
 """
 from __future__ import annotations
 
@@ -20,17 +22,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config_glm2 import ChatGLM2Config
-from .model import CausalLMOutput, KVCache, LinearCrossEntropy, linear
-from .ptuning import prefix_inputs, with_prefix, write_prefix_cache
+from .data import IGNORE_INDEX
+from .model import CausalLMOutput, KVCache, LinearCrossEntropy
+from .ops import DEFAULT_KERNELS
+from .options import DecodeOptions, KernelOptions
+from .ptuning import prefix_inputs, refresh_prefix_cache, with_prefix
 
 
 # -- positions and masks (what differs from ChatGLM-6B's prefix LM) -----------------------------
 @dataclass
 class PaddingLayout:
-    """Where each left-padded row starts: its first real column (SPEC.md II.3.6)."""
+    """Where each left-padded row starts: its first real column (SPEC.md II.3.6). ChatGLM2/3's answer to
+    `steps.Layout`: 1-D positions counted from `start`, a causal mask that hides the left padding."""
 
     start: torch.Tensor  # (B,) long
+
+    # A server slot's prompt starts at column 0: the slot needs no state beyond its column.
+    STATE_SIZE = 0
+    IDLE_STATE = ()
+
+    def positions(self, columns: torch.Tensor) -> torch.Tensor:
+        return positions_1d(self.start, columns)
+
+    def mask_for(self, query_columns: torch.Tensor, key_length: int) -> torch.Tensor | None:
+        """None (plain causal, so SDPA keeps its flash kernels) for unpadded prompts run from column 0;
+        the bool (B, 1, T, S) mask otherwise. Decoding (one query column) always gets the tensor: a
+        captured step needs the same kind of input every time."""
+        T = query_columns.shape[-1]
+        if query_columns.dim() == 1 and T > 1 and T == key_length and not bool((self.start > 0).any()):
+            return None
+        return causal_padding_mask(self.start, query_columns, key_length)
+
+    def slot_state(self) -> torch.Tensor:
+        return self.start.new_zeros(self.start.shape[0], self.STATE_SIZE)
+
+    @classmethod
+    def of_slots(cls, state: torch.Tensor) -> "PaddingLayout":
+        return cls(start=torch.zeros(state.shape[0], dtype=torch.long, device=state.device))
 
 
 def padding_start(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -111,29 +141,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # -- attention over grouped key/value heads --------------------------------------------------------
-def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """Softmax attention of q (B, N, T, d) over k, v (B, G, S, d), query head n using group n // (N/G);
     `mask` (B, 1, T, S) True = visible, or None: causal with the queries as the last T of the S keys
-    (a prompt, or one new token seeing the whole cache). Returns (B, N, T, d).
-
-    A one-token step folds the N/G heads of a group into query rows: each group's keys are read
-    once, with no expanded copy of the cache (the shape a grouped decode kernel has too)."""
-    B, N, T, d = q.shape
-    G = k.shape[1]
-    if T == 1:
-        qg = q.reshape(B, G, N // G, d) * d ** -0.5
-        scores = (qg @ k.transpose(-1, -2)).float()  # (B, G, N/G, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, S) broadcasts over groups and heads
-        out = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, G, N/G, d)
-        return out.reshape(B, N, 1, d)
-    S = k.shape[2]
-    if mask is None and T == S:  # SDPA's causal flag keeps its flash kernels available
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != N)
-    if mask is None:
+    (a prompt, or one new token seeing the whole cache). Returns (B, N, T, d)."""
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and 1 < T < S:  # SDPA's causal flag aligns to the top left: spell the mask out
         j = torch.arange(S, device=q.device)
         mask = (j[None, :] <= j[S - T:, None])[None, None]  # (1, 1, T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != N)
+    return ops.attend(q, k, v, mask, options, causal=mask is None and T > 1)
 
 
 # -- the network ---------------------------------------------------------------------------------
@@ -161,6 +178,7 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, projection + 2 * self.kv_heads * self.head_dim,
                                          bias=config.add_qkv_bias, device=device)
         self.dense = nn.Linear(projection, config.hidden_size, bias=False, device=device)
+        self.kernels = DEFAULT_KERNELS  # ops.use_kernels sets the model's choice
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, N·d + 2·G·d) -> q (B, T, N, d), k and v (B, T, G, d): all queries, then keys, then values."""
@@ -171,7 +189,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None = None, cache_columns=None, kv_length=None,
                 cache_rows=None, prefix_kv=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.split_qkv(linear(self.query_key_value, x))
+        q, k, v = self.split_qkv(ops.linear(self.query_key_value, x, self.kernels))
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)  # cached after rotary, as the original
         if kv_cache is not None:
@@ -180,8 +198,8 @@ class SelfAttention(nn.Module):
                 k_all, v_all = k_all[:, :, :kv_length], v_all[:, :, :kv_length]
         else:  # P-Tuning without a cache: the prefix keys/values (G groups, not rotated) come first
             k_all, v_all = with_prefix(k.transpose(1, 2), v.transpose(1, 2), prefix_kv)
-        y = attend_grouped(q.transpose(1, 2), k_all, v_all, attn_mask)  # (B, N, T, d)
-        return linear(self.dense, y.transpose(1, 2).reshape(B, T, -1))
+        y = attend_grouped(q.transpose(1, 2), k_all, v_all, attn_mask, self.kernels)  # (B, N, T, d)
+        return ops.linear(self.dense, y.transpose(1, 2).reshape(B, T, -1), self.kernels)
 
 
 class MLP(nn.Module):
@@ -191,10 +209,11 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False, device=device)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, device=device)
+        self.kernels = DEFAULT_KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(self.dense_h_to_4h, x).chunk(2, dim=-1)
-        return linear(self.dense_4h_to_h, F.silu(gate) * up)
+        gate, up = ops.linear(self.dense_h_to_4h, x, self.kernels).chunk(2, dim=-1)
+        return ops.linear(self.dense_4h_to_h, F.silu(gate) * up, self.kernels)
 
 
 class GLMBlock(nn.Module):
@@ -294,6 +313,13 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
         self.config = config
         self.transformer = ChatGLM2Model(config, device)
         self.kv_caches: nn.ModuleList | None = None
+        self.kernels = DEFAULT_KERNELS
+        self.decode_options = DecodeOptions()  # how generation decodes this model by default (fast.fast_options)
+
+    def use_kernels(self, options: KernelOptions) -> "ChatGLM2ForConditionalGeneration":
+        """Choose the inference kernels of every layer (ops.py); the default is KernelOptions()."""
+        ops.use_kernels(self, options)
+        return self
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -337,26 +363,24 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
                         device=layer.input_layernorm.weight.device)
                 for layer in self.transformer.encoder.layers
             )
-        if prefix is not None:
-            write_prefix_cache(prefix, self.kv_caches)  # cheap, and current after training steps
+        refresh_prefix_cache(self)  # a new cache, a new prefix or one changed by training steps is written again
 
     def clear_caches(self) -> None:
         self.kv_caches = None
 
-    # -- the generation hook: positions and masks of cached steps ----------------------------------
-    def decode_layout(self, input_ids: torch.Tensor) -> PaddingLayout:
-        """What a left-padded prompt batch (B, T) fixes for all its steps: where each row starts."""
+    # -- layouts: what steps.py asks of an architecture (docs/architecture.md) -------------------
+    def prompt_layout(self, input_ids: torch.Tensor, *, left_padded: bool = True) -> PaddingLayout:
+        """Positions and masks of a (B, T) batch of prompts: where each (left-padded) row starts."""
+        if not left_padded:
+            return PaddingLayout(start=torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device))
         return PaddingLayout(start=padding_start(input_ids, self.config.pad_token_id))
 
-    def step_inputs(self, layout: PaddingLayout, columns: torch.Tensor, kv_length: int
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """position_ids (B, T) and attention mask for tokens at cache `columns` (T,) attending `kv_length` columns.
+    def slot_layout(self, state: torch.Tensor) -> PaddingLayout:
+        """The layout of server cache slots (prompts from column 0) from their (B, 0) state."""
+        return PaddingLayout.of_slots(state)
 
-        No mask (causal over the used columns) when no row is padded."""
-        positions = positions_1d(layout.start, columns)
-        if not bool((layout.start > 0).any()):
-            return positions, None
-        return positions, causal_padding_mask(layout.start, columns, kv_length)
+    def idle_slot_state(self) -> tuple[int, ...]:
+        return PaddingLayout.IDLE_STATE
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
@@ -397,7 +421,7 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
                 return CausalLMOutput(logits=None, loss=loss)
         if last_logits_only:
             h = h[:, -1:]
-        return CausalLMOutput(logits=linear(self.lm_head, h), loss=loss)
+        return CausalLMOutput(logits=ops.linear(self.lm_head, h, self.kernels), loss=loss)
 
     @staticmethod
     def mask_from_2d(attention_mask: torch.Tensor, T: int) -> torch.Tensor | None:
@@ -410,7 +434,7 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted cross-entropy computed only where there is a target (chunked: no whole float32 logits)."""
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         selected = h[:, :-1][keep]  # (N, H)
         head = self.lm_head
         if type(head) is nn.Linear and selected.shape[0] > 0:

@@ -17,9 +17,30 @@ from .config import ChatGLMConfig
 
 @dataclass
 class PrefixLayout:
+    """Where each row's prompt parts sit: ChatGLM-6B's answer to `steps.Layout` (docs/architecture.md)."""
+
     start: torch.Tensor  # (B,) long
     context: torch.Tensor  # (B,) long, column of <sop>
     mask: torch.Tensor  # (B,) long, column of [gMASK]/[MASK]
+
+    # What a server cache slot keeps of its prompt (the prompt starts at column 0 of a slot).
+    STATE_SIZE = 2  # <sop> and [gMASK] columns
+    IDLE_STATE = (1, 0)  # of a slot that holds no request: it only writes the scratch column
+
+    def positions(self, columns: torch.Tensor) -> torch.Tensor:
+        return position_ids_for(self, columns)
+
+    def mask_for(self, query_columns: torch.Tensor, key_length: int) -> torch.Tensor:
+        return attention_mask_for(self, query_columns, key_length)
+
+    def slot_state(self) -> torch.Tensor:
+        """(B, STATE_SIZE) long: the row's layout as a slot keeps it (start must be 0)."""
+        return torch.stack([self.context, self.mask], dim=1)
+
+    @classmethod
+    def of_slots(cls, state: torch.Tensor) -> "PrefixLayout":
+        """The layout of cache slots from their (B, STATE_SIZE) state; prompts start at column 0."""
+        return cls(start=torch.zeros_like(state[:, 0]), context=state[:, 0], mask=state[:, 1])
 
 
 def _first_index(hit: torch.Tensor, default: torch.Tensor) -> torch.Tensor:

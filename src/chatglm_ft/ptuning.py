@@ -5,18 +5,23 @@ The prefix encoder lives at `transformer.prefix_encoder` with THUDM's parameter 
 layout THUDM's ptuning trainers write (config.json with `pre_seq_len` + a pytorch_model.bin holding
 only `transformer.prefix_encoder.*` in float32) loads here, and one saved here loads with THUDM's code.
 
-How the networks use it (model.py and model_glm2.py call the hooks below, nothing else knows about prefixes):
+How decoding uses it:
 - `PrefixEncoder.forward` turns the prefix into per-layer keys/values, which are not rotated;
-- `prefix_inputs` (at the top of the transformer's forward) prepends P always-visible key columns to the
-  attention mask (`prefix_mask`) and moves the sequence behind the prefix in the KV cache (`shift_cache`):
-  the prefix owns the first P columns (`write_prefix_cache`, from `setup_caches`), the sequence's column c
-  is cache column P + c; without a cache it gives each layer its prefix keys/values, which the attention
-  puts in front of the sequence's (`with_prefix`).
-Positions do not change: ChatGLM-6B's 2D positions and ChatGLM2/3's 1D positions ignore the prefix.
+- the KV cache's first P columns hold them (`setup_caches` sizes the cache for them, and
+  `refresh_prefix_cache` writes them whenever the caches do not hold the current prefix: a new encoder or
+  parameters changed in place; the decoders call it before each prefill);
+- steps.py (cached steps) turns sequence column c into cache column P + c, attends over P more columns and
+  prepends P always-visible key columns to the layout's mask (`prefix_mask`); without a cache (training,
+  evaluation losses) model.py puts the prefix keys/values in front itself.
+Positions do not change (ChatGLM-6B's 2D positions and ChatGLM2/3's 1D positions ignore the prefix).
 
 What differs between the generations (SPEC.md II.7.1) is one `Generation` record per family: the key/value
 heads (N for ChatGLM-6B, the G groups for ChatGLM2/3), the width the projection variant embeds into (H for
-ChatGLM-6B, K for ChatGLM2/3) and the config fields a prefix must share with its base.
+ChatGLM-6B, K for ChatGLM2/3) and the config fields a prefix must share with its base (`prefix_shape`,
+`check_same_model`). ChatGLM2/3 have a `prefix_encoder` on their transformer used through
+`prefix_inputs`/`with_prefix` as model.py does (SPEC.md II.7.3). steps.py shifts their cached steps as any
+model's; their layout's None mask (an unpadded prompt) stays None, which their attention reads as causal
+over the last T of the S keys, so the prefix columns in front are visible.
 """
 from __future__ import annotations
 
@@ -142,20 +147,16 @@ class PrefixEncoder(nn.Module):
         return [(x[2 * i], x[2 * i + 1]) for i in range(s.num_layers)]
 
 
-# -- model hooks (model.py, model_glm2.py) -------------------------------------------------------------
+# -- hooks (steps.py for cached steps, the networks without a cache) --------------------------------------
 def prefix_inputs(encoder: PrefixEncoder | None, attn_mask, kv_caches, cache_columns, kv_length: int | None,
                   batch_size: int, dtype: torch.dtype):
     """What a transformer's forward passes its layers with a prefix: (attn_mask, cache_columns, kv_length,
-    per-layer prefix keys/values or Nones). With a cache the prefix is already in its first P columns
-    (setup_caches wrote it); without one each layer gets the prefix keys/values to put in front."""
-    prefix_kvs = None
-    if encoder is not None:
-        attn_mask = prefix_mask(attn_mask, encoder.pre_seq_len)
-        if kv_caches is not None:
-            cache_columns, kv_length = shift_cache(cache_columns, kv_length, encoder.pre_seq_len)
-        else:
-            prefix_kvs = encoder(batch_size, dtype)
-    return attn_mask, cache_columns, kv_length, prefix_kvs
+    per-layer prefix keys/values or None). With a cache nothing changes: steps.py already put the sequence
+    behind the prefix's cache columns and the prefix in the mask. Without one (training, evaluation losses)
+    the mask gets the P prefix columns in front and each layer the prefix keys/values to put there."""
+    if encoder is None or kv_caches is not None:
+        return attn_mask, cache_columns, kv_length, None
+    return prefix_mask(attn_mask, encoder.pre_seq_len), cache_columns, kv_length, encoder(batch_size, dtype)
 
 
 def with_prefix(k: torch.Tensor, v: torch.Tensor, prefix_kv: tuple[torch.Tensor, torch.Tensor] | None
@@ -179,13 +180,17 @@ def prefix_mask(mask, pre_seq_len: int):
     return torch.cat([visible, mask], dim=-1)  # (B, 1, T, P + S)
 
 
-def shift_cache(columns, kv_length: int | None, pre_seq_len: int):
-    """Sequence cache columns -> KV-cache columns behind the prefix, and the attended length with the prefix."""
-    if isinstance(columns, slice):
-        columns = slice((columns.start or 0) + pre_seq_len, columns.stop + pre_seq_len if columns.stop is not None else None)
-    elif columns is not None:
-        columns = columns + pre_seq_len
-    return columns, (kv_length + pre_seq_len if kv_length is not None else None)
+def refresh_prefix_cache(model) -> None:
+    """Write the model's prefix into its caches unless they already hold it as it is now: a new encoder, or
+    parameters changed in place (training steps bump a tensor's version counter) are written again. The
+    decoders call this before each prefill, so a cache set up earlier never serves a stale prefix."""
+    encoder, caches = prefix_encoder_of(model), getattr(model, "kv_caches", None)
+    if encoder is None or caches is None:
+        return
+    key = (id(encoder), tuple((p.data_ptr(), p._version) for p in encoder.parameters()))
+    if getattr(caches, "prefix_key", None) != key:
+        write_prefix_cache(encoder, caches)
+        caches.prefix_key = key
 
 
 @torch.inference_mode()  # caches made under inference mode (generation) may only be written in it

@@ -27,11 +27,11 @@ from .chat import ResponseStreamer
 from .chat_format import chat_format_for
 from .engine import Completion, Engine, EngineClosedError, Histogram, QueueFullError, RequestHandle
 from .errors import ChatGLMError, PromptTooLongError
-from .generate import GenerationConfig, check_temperature
+from .generation_config import CHAT_TEMPERATURE, CHAT_TOP_P, GenerationConfig, check_temperature
 
 # The original chat's sampling defaults (SPEC.md section 5), used when a request leaves them out.
-DEFAULT_TEMPERATURE = 0.95
-DEFAULT_TOP_P = 0.7
+DEFAULT_TEMPERATURE = CHAT_TEMPERATURE
+DEFAULT_TOP_P = CHAT_TOP_P
 MAX_STOP_STRINGS = 4
 PUBLIC_PATHS = {("GET", "/health"), ("GET", "/"), ("HEAD", "/")}  # the page is static; its API calls carry the key
 JSON_ROUTES = {"/", "/v1/chat/completions", "/v1/completions"}  # POST bodies
@@ -134,6 +134,10 @@ class _Sampling(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # not in the OpenAI API; 0 = off
+    min_p: float | None = Field(None, ge=0, le=1)  # not in the OpenAI API; 0 = off
+    repetition_penalty: float | None = Field(None, gt=0)  # not in the OpenAI API: transformers' rule; 1 = off
+    frequency_penalty: float | None = None  # OpenAI's additive penalties: only 0 (off) is accepted
+    presence_penalty: float | None = None
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -209,6 +213,11 @@ def generation_config(body: _Sampling, max_tokens: int | None) -> GenerationConf
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} is not supported (OpenAI's additive penalty has no equivalent here);"
+                           " use repetition_penalty (transformers' multiplicative rule, e.g. 1.1) instead",
+                           param=name, code="unsupported_parameter")
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     greedy = temperature == 0
     return GenerationConfig(
@@ -217,6 +226,8 @@ def generation_config(body: _Sampling, max_tokens: int | None) -> GenerationConf
         temperature=1.0 if greedy else temperature,
         top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
         stop_strings=tuple(stop),
     )

@@ -36,8 +36,8 @@ from torch import nn
 
 from .api import resolve_device
 from .checkpoint import read_shard, replace_dir, save_checkpoint, weight_files
-from .data import (Example, LengthGroupedBatches, collate, default_cache_dir, load_records, split_validation,
-                   tokenize_records)
+from .data import (IGNORE_INDEX, Example, LengthGroupedBatches, collate, default_cache_dir, load_records,
+                   split_validation, tokenize_records)
 from .errors import ChatGLMError, DataError
 from .outputs import check_output_dir, discard, move_aside, writing
 from .lora import apply_lora, save_adapter
@@ -51,7 +51,6 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "train_results.json"
 PREFIX_DIR = "prefix"  # P-Tuning output, in THUDM's layout
-IGNORE_INDEX = -100
 
 
 def info(message: str) -> None:

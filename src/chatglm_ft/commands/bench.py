@@ -6,7 +6,8 @@ import json
 import sys
 import time
 
-from .options import add_model_args, apply_threads, quantize_from_args
+from .options import add_compile_arg, add_model_args, apply_threads, configure_kernel_launch, kernel_options, \
+    quantize_from_args
 
 
 def register(sub) -> None:
@@ -28,8 +29,9 @@ def register(sub) -> None:
     p.add_argument("--bandwidth", type=float, default=None,
                    help="memory bandwidth in bytes/s for the roofline (default: measured by a device copy; "
                         "the H200 measures about 4.3e12)")
-    p.add_argument("--path", choices=["auto", "fast", "eager"], default="auto",
-                   help="decode loop: auto (compiled + CUDA graphs on GPU, eager on CPU), fast (also on CPU), eager")
+    add_compile_arg(p)
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="also compile the prefill of single prompts (one dynamic-shape graph for all lengths)")
     p.add_argument("--compare-eager", action="store_true", help="also time the eager decode loop")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="print torch.profiler tables of STEPS decode steps and of one prefill of the longest"
@@ -87,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.synchronize(device)
     load_seconds = time.perf_counter() - began
 
-    fast = {"auto": None, "fast": True, "eager": False}[args.path]
+    from ..options import DecodeOptions
+
+    configure_kernel_launch()
+    model.use_kernels(kernel_options())
+    fast = DecodeOptions(compile=args.compile, compile_prefill=args.compile_prefill).validate()
     report = run_bench(
         model, model_name=name, load_seconds=load_seconds, quantize=args.quantize, prefill_lengths=lengths,
         decode_tokens=args.decode_tokens, bandwidth=args.bandwidth, fast=fast, compare_eager=args.compare_eager,
@@ -147,7 +153,9 @@ def compare_quantized(args: argparse.Namespace) -> int:
         models[name] = (model, True)
         if bits and args.reference_path:
             models[f"{name} (dequantize)"] = (model, False)
-    fast = {"auto": None, "fast": True, "eager": False}[args.path]
+    from ..options import DecodeOptions
+
+    fast = DecodeOptions(compile=args.compile).validate()
     results = compare_formats(models, new_tokens=args.decode_tokens, rounds=args.rounds, seed=args.seed, fast=fast)
     source = f"random weights, {args.config} config" if args.random_weights else str(args.model)
     if args.json:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .options import add_generation_args, add_model_args, generation_config, load_from_args
+from .options import add_compile_arg, add_generation_args, add_model_args, generation_config, load_from_args
 
 WELCOME = "{name} chat. Type to talk; 'clear' resets the history, 'stop' or 'exit' (or Ctrl-D) leaves, Ctrl-C interrupts an answer."
 TOOLS_HELP = ("A tool call is shown as JSON; type the tool's result (usually JSON) at the Observation prompt, or an empty"
@@ -17,10 +17,11 @@ def register(sub) -> None:
                        description=WELCOME.format(name="ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B"))
     add_model_args(p)
     add_generation_args(p, max_new_tokens=None)
+    add_compile_arg(p)
     p.add_argument("--system", default=None, help="system prompt (ChatGLM3-6B)")
     p.add_argument("--tools", default=None, metavar="FILE",
                    help="JSON file with a list of tool descriptions (name, description, parameters) (ChatGLM3-6B)")
-    p.set_defaults(handler=run, max_length_default=2048)
+    p.set_defaults(handler=run)
 
 
 def _read_tools(path: str | None) -> list | None:

@@ -5,7 +5,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .options import add_generation_args, add_model_args, apply_threads, generation_config, quantize_from_args
+from .options import add_compile_arg, add_generation_args, add_model_args, apply_threads, configure_model, \
+    generation_config, quantize_from_args
 
 
 def register(sub) -> None:
@@ -34,6 +35,7 @@ def register(sub) -> None:
     p.add_argument("--max-source-length", type=int, default=512, help="prompt tokens kept, as in training")
     p.add_argument("--max-target-length", type=int, default=512, help="reference tokens scored for perplexity")
     add_generation_args(p, max_new_tokens=256, sample_default=False)
+    add_compile_arg(p)
     p.add_argument("--do-sample", action="store_true",
                    help="sample instead of greedy decoding (temperature 0.95 unless --temperature; --seed fixes it)")
     p.set_defaults(handler=run)
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from ..api import load, model_path
     from ..data import load_records
     from ..errors import ChatGLMError
-    from ..evaluate import evaluate, markdown_table, missing_eval_modules, parse_variants, write_outputs
+    from ..eval_report import markdown_table, write_outputs
+    from ..evaluate import evaluate, missing_eval_modules, parse_variants
 
     missing = missing_eval_modules()
     if missing:  # before minutes of generation, not after
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         records = records[: args.limit]
 
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, quantize=quantize_from_args(args))
+    configure_model(model, args)
     results, no_reference = evaluate(
         model=model, tokenizer=tokenizer, records=records, variants=variants, template=args.template, gen=gen,
         batch_size=args.batch_size, max_source_length=args.max_source_length, max_target_length=args.max_target_length,

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import replace
 
-from .options import add_generation_args, add_model_args, generation_config, load_from_args
+from .options import add_compile_arg, add_generation_args, add_model_args, generation_config, load_from_args
 
 
 def register(sub) -> None:
@@ -22,6 +22,7 @@ def register(sub) -> None:
                    help="with --chat: JSON file with a list of tool descriptions (ChatGLM3-6B)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, ...")
     add_generation_args(p)
+    add_compile_arg(p)
     p.set_defaults(handler=run)
 
 

@@ -33,18 +33,82 @@ def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="new tokens at most")
     g.add_argument("--max-length", type=int, default=None, help="prompt + new tokens at most (as in the original chat)")
-    g.add_argument("--temperature", type=float, default=0.95 if sample_default else 0.0,
+    from ..generation_config import CHAT_TEMPERATURE, CHAT_TOP_P
+
+    g.add_argument("--temperature", type=float, default=CHAT_TEMPERATURE if sample_default else 0.0,
                    help="sampling temperature; 0 means greedy")
-    g.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass")
+    g.add_argument("--top-p", type=float, default=CHAT_TOP_P, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely one (0: off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--truncate", action="store_true", help="cut too-long prompts from the left instead of refusing")
 
 
+COMPILE_HELP = ("decoding: auto (compiled step + CUDA graphs on one GPU, eager elsewhere), off (eager), graphs"
+                " (CUDA graphs without compiling), on (compiled; also on the CPU)")
+# A/B switches of the inference kernels, read here (the CLI layer) only; the library takes KernelOptions.
+KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_attention": "CHATGLM_FT_DECODE_ATTENTION"}
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", choices=["auto", "off", "graphs", "on"], default="auto", help=COMPILE_HELP)
+
+
+def kernel_options(environ=None):
+    """KernelOptions from $CHATGLM_FT_GEMV (kernel|cublas|triton), $CHATGLM_FT_FUSED (1|0) and
+    $CHATGLM_FT_DECODE_ATTENTION (triton|torch): switches for A/B measurements, defaults otherwise."""
+    import os
+
+    from ..options import KernelOptions
+
+    env = os.environ if environ is None else environ
+    values = {}
+    for field, name in KERNEL_ENV.items():
+        value = env.get(name, "").strip().lower()
+        if not value:
+            continue
+        values[field] = value not in ("0", "false", "off", "no") if field == "fused" else value
+    try:
+        return KernelOptions(**values).validate()
+    except Exception as e:  # a ChatGLMError naming the field: say which variable it came from
+        from ..errors import ChatGLMError
+
+        raise ChatGLMError(f"{', '.join(f'{n}={env.get(n)}' for n in KERNEL_ENV.values() if env.get(n))}: {e}") from None
+
+
+def configure_kernel_launch(environ=None) -> None:
+    """$CHATGLM_FT_PDL=0 (no programmatic dependent launch) and $CHATGLM_FT_GEMV_CONFIGS=FILE (tile sizes from
+    gpu/gemv_sweep.py) for the Triton kernels; nothing is imported when neither is set."""
+    import os
+
+    env = os.environ if environ is None else environ
+    pdl = env.get("CHATGLM_FT_PDL", "").strip().lower()
+    configs = env.get("CHATGLM_FT_GEMV_CONFIGS") or None
+    if not (pdl or configs):
+        return
+    from .. import ops
+
+    if ops.TRITON:
+        from .. import kernels
+
+        kernels.configure(pdl=pdl not in ("0", "false", "off", "no") if pdl else None, gemv_configs=configs)
+
+
+def configure_model(model, args: argparse.Namespace):
+    """The model with the kernel choice (environment switches) and the --compile choice applied."""
+    from ..options import DecodeOptions
+
+    configure_kernel_launch()
+    model.use_kernels(kernel_options())
+    model.decode_options = DecodeOptions(compile=getattr(args, "compile", "auto")).validate()
+    return model
+
+
 def generation_config(args: argparse.Namespace):
-    from ..generate import GenerationConfig
+    from ..generation_config import GenerationConfig
 
     greedy = args.temperature == 0
     return GenerationConfig(
@@ -54,6 +118,7 @@ def generation_config(args: argparse.Namespace):
         temperature=args.temperature if not greedy else 1.0,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop_strings=tuple(args.stop),
@@ -101,4 +166,4 @@ def load_from_args(args: argparse.Namespace):
                             ptuning=getattr(args, "ptuning", None),
                             parse_special=getattr(args, "parse_special_tokens", False))
     print(f"loaded in {time.perf_counter() - start:.1f}s on {model.device} ({model.dtype})", file=sys.stderr)
-    return model, tokenizer
+    return configure_model(model, args), tokenizer

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from .options import add_model_args, load_from_args
+from .options import COMPILE_HELP, add_model_args, load_from_args
 
 DESCRIPTION = (
     "Serve the model over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions and /v1/models, the original "
@@ -33,11 +33,9 @@ def register(sub) -> None:
     s.add_argument("--max-context", type=int, default=None,
                    help="prompt + answer tokens per request (default: the model's max_sequence_length)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
-    s.add_argument("--decode", default="auto", choices=["auto", "eager", "graphs", "compile"],
-                   help="decode step: torch.compile + CUDA graphs of bucketed sizes (compile: compiles at start, about"
-                        " 2 minutes the first time, ~30 s with a warm cache), graphs without compiling (graphs), or"
-                        " plain PyTorch (eager);"
-                        " auto = compile on one GPU, eager otherwise")
+    s.add_argument("--compile", choices=["auto", "off", "graphs", "on"], default="auto",
+                   help=COMPILE_HELP + "; the server's step is bucketed (batch and attention length) and, compiled,"
+                        " compiles at start: about a minute the first time")
     s.add_argument("--allow-host", action="append", default=None, metavar="NAME",
                    help="a Host name clients may use (repeatable; '*' for any). Default: localhost, 127.0.0.1, ::1"
                         " and the --host address; other names get 403, which stops DNS rebinding. Browsers must"
@@ -79,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     sock = listening_socket(args.host, args.port)  # before minutes of loading, not after
     model, tokenizer = load_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                    decode=args.decode)
+                    decode=args.compile)
     app = create_app(engine, api_key=args.api_key, model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                      allowed_hosts=allowed)
     warning = loopback_warning(args.host, args.api_key)

@@ -1,0 +1,45 @@
+"""Kernel and decode choices as plain options (torch-free): passed in explicitly, never read from the
+environment inside the package. The CLI builds them from its flags (commands/options.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ChatGLMError
+
+GEMV_CHOICES = ("kernel", "cublas", "triton")
+ATTENTION_CHOICES = ("triton", "torch")
+COMPILE_MODES = ("auto", "off", "graphs", "on")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Which kernels a model's layers use for inference on CUDA (ops.py is the one gate; float and
+    quantized layers alike). Training and CPU runs use plain PyTorch whatever these say."""
+
+    # Matmuls of a few token rows: "kernel" our Triton skinny matmul (kernels.py), "cublas" cuBLAS
+    # (dequantize + cuBLAS for int8/int4 layers), "triton" cuBLAS in eager code and inductor's tuned
+    # reductions in compiled code (docs/benchmarks.md has the comparison).
+    gemv: str = "kernel"
+    fused: bool = True  # fused eager paths: the rotary kernel, GELU in the matmul's epilogue
+    decode_attention: str = "triton"  # one-token attention: the flash-decoding kernel or "torch"
+
+    def validate(self) -> "KernelOptions":
+        if self.gemv not in GEMV_CHOICES:
+            raise ChatGLMError(f"gemv must be one of {', '.join(GEMV_CHOICES)}, got {self.gemv!r}")
+        if self.decode_attention not in ATTENTION_CHOICES:
+            raise ChatGLMError(f"decode attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.decode_attention!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decoding runs: `compile` "auto" (compiled step + CUDA graphs on one GPU, eager elsewhere),
+    "off" (eager), "graphs" (CUDA graphs of the uncompiled step) or "on" (compiled; CUDA graphs on a GPU)."""
+
+    compile: str = "auto"
+    compile_prefill: bool = False  # also compile the prefill of single prompts (dynamic length)
+
+    def validate(self) -> "DecodeOptions":
+        if self.compile not in COMPILE_MODES:
+            raise ChatGLMError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        return self
