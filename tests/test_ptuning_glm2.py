@@ -13,6 +13,7 @@ from chatglm_ft import load
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.ptuning import PREFIX_KEY, add_prefix_encoder, load_prefix, prefix_length, save_prefix
+from chatglm_ft.steps import decode_one_token, prefill
 
 VERSIONS = ("v2", "v3")
 
@@ -55,7 +56,8 @@ def test_forward_matches_golden(prefixed, name):
 
 @pytest.mark.parametrize("name", VERSIONS)
 def test_forward_with_a_cache_and_a_padding_mask_equals_the_plain_forward(prefixed, name):
-    """The prompt written behind the prefix in the cache, and a left-padded row under a 2D mask, give the
+    """The prompt written behind the prefix in the cache (steps.py's prefill and decode steps, which place
+    the sequence behind the prefix's cache columns), and a left-padded row under a 2D mask, give the
     logits of the uncached forward."""
     model, _, golden = prefixed[name]
     ids = torch.tensor([golden["forward"][1]["input_ids"]])
@@ -63,14 +65,16 @@ def test_forward_with_a_cache_and_a_padding_mask_equals_the_plain_forward(prefix
     with torch.no_grad():
         plain = model(ids).logits
         model.setup_caches(1, T + 4)
-        cached = model(ids[:, :-3], cache_columns=slice(0, T - 3), kv_length=T - 3).logits
-        steps = [model(ids[:, c:c + 1], cache_columns=torch.tensor([c]), kv_length=c + 1).logits for c in range(T - 3, T)]
+        layout = model.prompt_layout(ids[:, :-3])
+        cached = prefill(model, ids[:, :-3], layout)[:, None]
+        steps = [decode_one_token(model, ids[:, c:c + 1], torch.tensor([c]), layout, c + 1)[:, None]
+                 for c in range(T - 3, T)]
         model.clear_caches()
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
         mask = (padded != 0).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         masked = model(padded, position_ids=positions, attention_mask=mask).logits[:, 3:]
-    torch.testing.assert_close(torch.cat([cached, *steps], dim=1), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([cached, *steps], dim=1), plain[:, T - 4:], atol=1e-5, rtol=0)
     torch.testing.assert_close(masked, plain, atol=1e-5, rtol=0)
 
 
