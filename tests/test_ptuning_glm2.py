@@ -315,3 +315,25 @@ def test_cuda_generation_matches_golden_and_trains_in_bf16(bases, ptuning_dirs, 
     assert result.losses[-1][1] < result.losses[0][1]
     state = torch.load(result.adapter_dir / "pytorch_model.bin", weights_only=True)
     assert state[PREFIX_KEY + "embedding.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_fast_decoder_and_engine_with_a_prefix_give_the_golden_greedy_ids(prefixed, name):
+    """The prefix on the core's other decode paths: the fast decoder's static cache and the server engine's
+    slots (steps.py places the sequence behind the prefix for every path)."""
+    from chatglm_ft.engine import Engine
+    from chatglm_ft.fast import FastOptions
+    from chatglm_ft.generate import stream_tokens
+
+    model, _, golden = prefixed[name]
+    for case in golden["greedy"]:
+        gen = GenerationConfig(max_new_tokens=len(case["new_ids"]), stop_token_ids=())
+        fast = [t for (t,) in stream_tokens(model, [case["input_ids"]], gen, fast=FastOptions(compile=False))]
+        assert fast == case["new_ids"]
+    engine = Engine(model, None, max_batch=2, max_context=128, decode="eager").start()
+    try:
+        for case in golden["greedy"]:
+            gen = GenerationConfig(max_new_tokens=len(case["new_ids"]), stop_token_ids=())
+            assert engine.generate(case["input_ids"], gen, timeout=60).token_ids == case["new_ids"]
+    finally:
+        engine.stop(drain=False, timeout=30)
