@@ -46,6 +46,7 @@ from chatglm_ft.data import Record, load_records, split_validation, tokenize_rec
 from chatglm_ft.eval_report import markdown_table, write_chart, write_outputs  # noqa: E402
 from chatglm_ft.evaluate import BASE, Variant, evaluate, missing_eval_modules  # noqa: E402
 from chatglm_ft.generate import GenerationConfig  # noqa: E402
+from chatglm_ft.options import DecodeOptions  # noqa: E402
 from chatglm_ft.tokenizer import ChatGLMTokenizer  # noqa: E402
 from chatglm_ft.train import TrainConfig, train  # noqa: E402
 
@@ -365,9 +366,6 @@ def main() -> None:
         finish(args.finish)
         return
     began = time.perf_counter()
-    # Eager decoding: for a model this small, compiling and capturing each batch shape and adapter
-    # state would cost more time than it saves.
-    os.environ.setdefault("CHATGLM_FT_COMPILE", "0")
     plan = QUICK if args.quick else FULL
     args.device = args.device or ("cpu" if args.quick else "cuda")
     args.out = args.out or (Path(os.environ["OUT"]) / "experiment" if os.environ.get("OUT") else REPO / "runs" / "experiment")
@@ -402,6 +400,9 @@ def main() -> None:
     log("(c) evaluation: base vs LoRA on the held-out sets")
     # float32: the model is small, and its activations were only ever checked under bfloat16 autocast
     model, tokenizer = load(base.model_dir, dtype="float32", device=device)
+    # Eager decoding: for a model this small, compiling and capturing each batch shape and adapter
+    # state would cost more time than it saves.
+    model.decode_options = DecodeOptions(compile="off")
     variants = [Variant(BASE), Variant(LORA, lora.adapter_dir)]
     gen = GenerationConfig(max_new_tokens=plan.max_new_tokens)
     for dataset in EVAL_SETS:
