@@ -232,7 +232,42 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
 
 
-class ChatGLMForConditionalGeneration(nn.Module):
+class CausalLMHead:
+    """What every ChatGLM generation's *ForConditionalGeneration shares: the loss from hidden states through
+    `self.lm_head`, the chat API and the parameter count (mixed in before nn.Module)."""
+
+    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        selected = h[:, :-1][keep]  # (N, H)
+        if type(self.lm_head) is nn.Linear and selected.shape[0] > 0:
+            # Chunked, so the (N, vocab) float32 logits never exist at once (1 GB per 2k targets at full size).
+            weight = self.lm_head.weight
+            if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detach to skip the gradient work
+                selected, weight = selected.detach(), weight.detach()
+            return LinearCrossEntropy.apply(selected, weight, targets[keep]) / selected.shape[0]
+        logits = self.lm_head(selected).float()  # a quantized or adapted lm_head: plain path
+        if selected.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets[keep])
+
+    # -- chat API familiar from the original -----------------------------------------------------
+    def chat(self, tokenizer, query: str, history=None, **kwargs):
+        from .chat import chat
+
+        return chat(self, tokenizer, query, history=history, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, history=None, **kwargs) -> Iterator[tuple[str, list]]:
+        from .chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, history=history, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
     """The full model: `transformer.*` + `lm_head`, exactly the original's parameter paths.
 
     `device="meta"` builds it without allocating (then load weights with `assign`). Passing the
@@ -359,33 +394,3 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if last_logits_only:
             h = h[:, -1:]
         return CausalLMOutput(logits=ops.linear(self.lm_head, h, self.kernels), loss=loss)
-
-    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        selected = h[:, :-1][keep]  # (N, H)
-        if type(self.lm_head) is nn.Linear and selected.shape[0] > 0:
-            # Chunked, so the (N, vocab) float32 logits never exist at once (1 GB per 2k targets at full size).
-            weight = self.lm_head.weight
-            if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detach to skip the gradient work
-                selected, weight = selected.detach(), weight.detach()
-            return LinearCrossEntropy.apply(selected, weight, targets[keep]) / selected.shape[0]
-        logits = self.lm_head(selected).float()  # a quantized or adapted lm_head: plain path
-        if selected.shape[0] == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, targets[keep])
-
-    # -- chat API familiar from the original -----------------------------------------------------
-    def chat(self, tokenizer, query: str, history=None, **kwargs):
-        from .chat import chat
-
-        return chat(self, tokenizer, query, history=history, **kwargs)
-
-    def stream_chat(self, tokenizer, query: str, history=None, **kwargs) -> Iterator[tuple[str, list]]:
-        from .chat import stream_chat
-
-        return stream_chat(self, tokenizer, query, history=history, **kwargs)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

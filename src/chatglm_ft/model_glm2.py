@@ -16,7 +16,7 @@ here: ops.rotary is ChatGLM-6B's rotate-half, this one rotates interleaved pairs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,7 @@ from torch import nn
 
 from . import ops
 from .config_glm2 import ChatGLM2Config
-from .data import IGNORE_INDEX
-from .model import CausalLMOutput, KVCache, LinearCrossEntropy
+from .model import CausalLMHead, CausalLMOutput, KVCache
 from .ops import DEFAULT_KERNELS
 from .options import DecodeOptions, KernelOptions
 from .ptuning import prefix_inputs, refresh_prefix_cache, with_prefix
@@ -305,7 +304,7 @@ class ChatGLM2Model(nn.Module):
         return self.encoder.final_layernorm(h)
 
 
-class ChatGLM2ForConditionalGeneration(nn.Module):
+class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
     """The full ChatGLM2/3 model with the original's parameter paths; `device="meta"` builds it without memory."""
 
     def __init__(self, config: ChatGLM2Config, device: Any = None):
@@ -430,33 +429,3 @@ class ChatGLM2ForConditionalGeneration(nn.Module):
             return None
         S = attention_mask.shape[1]
         return padding_mask_from_2d(attention_mask, torch.arange(S - T, S, device=attention_mask.device))
-
-    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Shifted cross-entropy computed only where there is a target (chunked: no whole float32 logits)."""
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        selected = h[:, :-1][keep]  # (N, H)
-        head = self.lm_head
-        if type(head) is nn.Linear and selected.shape[0] > 0:
-            weight = head.weight
-            if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad: detach to skip the gradient work
-                selected, weight = selected.detach(), weight.detach()
-            return LinearCrossEntropy.apply(selected, weight, targets[keep]) / selected.shape[0]
-        logits = head(selected).float()  # a quantized or adapted output layer: plain path
-        if selected.shape[0] == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, targets[keep])
-
-    # -- chat API familiar from the original -----------------------------------------------------
-    def chat(self, tokenizer, query: str, history=None, **kwargs):
-        from .chat import chat
-
-        return chat(self, tokenizer, query, history=history, **kwargs)
-
-    def stream_chat(self, tokenizer, query: str, history=None, **kwargs) -> Iterator[tuple[str, list]]:
-        from .chat import stream_chat
-
-        return stream_chat(self, tokenizer, query, history=history, **kwargs)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
