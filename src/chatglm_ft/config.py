@@ -78,6 +78,11 @@ class ChatGLMConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer: one per query head (ChatGLM2/3 share them in groups)."""
+        return self.num_attention_heads
+
     @classmethod
     def full(cls) -> "ChatGLMConfig":
         """The published ChatGLM-6B (for random-weight benchmarks)."""

@@ -234,7 +234,39 @@ class CausalLMOutput:
 
 class CausalLMHead:
     """What every ChatGLM generation's *ForConditionalGeneration shares: the loss from hidden states through
-    `self.lm_head`, the chat API and the parameter count (mixed in before nn.Module)."""
+    `self.lm_head`, the KV cache, the kernel choice, the chat API and the parameter count (mixed in before
+    nn.Module). A model provides `config` (with kv_heads, head_dim), `transformer` (layers, prefix_encoder,
+    gradient_checkpointing), `lm_head`, `device` and `dtype`."""
+
+    def use_kernels(self, options: KernelOptions):
+        """Choose the inference kernels of every layer (ops.py); the default is KernelOptions()."""
+        ops.use_kernels(self, options)
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.transformer.gradient_checkpointing = enabled
+
+    # -- KV cache --------------------------------------------------------------------------------
+    def setup_caches(self, batch_size: int, max_length: int) -> None:
+        """Per layer keys/values (B, kv_heads, S, head_dim) for `max_length` sequence columns, plus a P-Tuning
+        prefix's columns in front, filled here. An existing cache that fits is kept."""
+        c = self.config
+        prefix = self.transformer.prefix_encoder
+        max_length += prefix.pre_seq_len if prefix is not None else 0
+        first = self.kv_caches[0] if self.kv_caches is not None else None
+        if not (first is not None and first.k.shape[0] == batch_size and first.k.shape[2] >= max_length
+                and first.k.dtype == self.dtype and first.k.device == self.device):
+            self.kv_caches = None  # free the old cache before allocating the new one
+            # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
+            self.kv_caches = nn.ModuleList(
+                KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.dtype,
+                        device=layer.input_layernorm.weight.device)
+                for layer in self.transformer.layers
+            )
+        refresh_prefix_cache(self)  # a new cache, a new prefix or one changed by training steps is written again
+
+    def clear_caches(self) -> None:
+        self.kv_caches = None
 
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
@@ -283,11 +315,6 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
         self.kernels = DEFAULT_KERNELS
         self.decode_options = DecodeOptions()  # how generation decodes this model by default (fast.fast_options)
 
-    def use_kernels(self, options: KernelOptions) -> "ChatGLMForConditionalGeneration":
-        """Choose the inference kernels of every layer (ops.py); the default is KernelOptions()."""
-        ops.use_kernels(self, options)
-        return self
-
     # -- properties ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -309,9 +336,6 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
         """Recompute non-persistent buffers (after building on `meta` and loading weights)."""
         self.transformer.inv_freq = rotary_inv_freq(self.config.head_dim // 2, device=self.device)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.transformer.gradient_checkpointing = enabled
-
     # -- layouts: what steps.py asks of an architecture (docs/architecture.md) -------------------
     def prompt_layout(self, input_ids: torch.Tensor, *, left_padded: bool = True) -> PrefixLayout:
         """Positions and masks of a (B, T) batch of prompts (GLM's prefix-LM: <sop> and [gMASK] columns)."""
@@ -324,33 +348,6 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
     def idle_slot_state(self) -> tuple[int, ...]:
         """The slot state of a server slot holding no request (it writes only the scratch column)."""
         return PrefixLayout.IDLE_STATE
-
-    # -- KV cache --------------------------------------------------------------------------------
-    def setup_caches(self, batch_size: int, max_length: int) -> None:
-        """Caches for `max_length` sequence columns (plus a P-Tuning prefix's columns in front, filled here)."""
-        c = self.config
-        prefix = self.transformer.prefix_encoder
-        max_length += prefix.pre_seq_len if prefix is not None else 0
-        if (
-            self.kv_caches is not None
-            and self.kv_caches[0].k.shape[0] == batch_size
-            and self.kv_caches[0].k.shape[2] >= max_length
-            and self.kv_caches[0].k.dtype == self.dtype
-            and self.kv_caches[0].k.device == self.device
-        ):
-            refresh_prefix_cache(self)  # current after training steps or a new prefix
-            return
-        self.kv_caches = None  # free the old cache before allocating the new one
-        # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
-        self.kv_caches = nn.ModuleList(
-            KVCache(batch_size, c.num_attention_heads, max_length, c.head_dim, dtype=self.dtype,
-                    device=layer.input_layernorm.weight.device)
-            for layer in self.transformer.layers
-        )
-        refresh_prefix_cache(self)
-
-    def clear_caches(self) -> None:
-        self.kv_caches = None
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(

@@ -27,7 +27,7 @@ from .config_glm2 import ChatGLM2Config
 from .model import CausalLMHead, CausalLMOutput, KVCache
 from .ops import DEFAULT_KERNELS
 from .options import DecodeOptions, KernelOptions
-from .ptuning import prefix_inputs, refresh_prefix_cache, with_prefix
+from .ptuning import prefix_inputs, with_prefix
 
 
 # -- positions and masks (what differs from ChatGLM-6B's prefix LM) -----------------------------
@@ -315,11 +315,6 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
         self.kernels = DEFAULT_KERNELS
         self.decode_options = DecodeOptions()  # how generation decodes this model by default (fast.fast_options)
 
-    def use_kernels(self, options: KernelOptions) -> "ChatGLM2ForConditionalGeneration":
-        """Choose the inference kernels of every layer (ops.py); the default is KernelOptions()."""
-        ops.use_kernels(self, options)
-        return self
-
     # -- properties ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -328,8 +323,6 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.encoder.final_layernorm.weight.dtype
-
-    compute_dtype = dtype
 
     @property
     def lm_head(self) -> nn.Module:
@@ -342,30 +335,6 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
         """Recompute the non-learned buffer after building on `meta` (the checkpoint's copy is not read)."""
         self.transformer.rotary_pos_emb.inv_freq = rotary_inv_freq(self.config.rotary_dim, device=self.device).to(
             self.dtype)
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.transformer.gradient_checkpointing = enabled
-
-    # -- KV cache --------------------------------------------------------------------------------
-    def setup_caches(self, batch_size: int, max_length: int) -> None:
-        """Per layer keys/values (B, G, S, d): only the G key/value heads, stored after rotary; a P-Tuning
-        prefix's columns come in front of the `max_length` sequence columns, filled here."""
-        c = self.config
-        prefix = self.transformer.prefix_encoder
-        max_length += prefix.pre_seq_len if prefix is not None else 0
-        first = self.kv_caches[0] if self.kv_caches is not None else None
-        if not (first is not None and first.k.shape[0] == batch_size and first.k.shape[2] >= max_length
-                and first.k.dtype == self.compute_dtype and first.k.device == self.device):
-            self.kv_caches = None  # free the old cache before allocating the new one
-            self.kv_caches = nn.ModuleList(
-                KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.compute_dtype,
-                        device=layer.input_layernorm.weight.device)
-                for layer in self.transformer.encoder.layers
-            )
-        refresh_prefix_cache(self)  # a new cache, a new prefix or one changed by training steps is written again
-
-    def clear_caches(self) -> None:
-        self.kv_caches = None
 
     # -- layouts: what steps.py asks of an architecture (docs/architecture.md) -------------------
     def prompt_layout(self, input_ids: torch.Tensor, *, left_padded: bool = True) -> PaddingLayout:
