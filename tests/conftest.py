@@ -57,6 +57,22 @@ def golden3(golden3_dir) -> dict:
     return json.loads((golden3_dir / "golden.json").read_text())
 
 
+@pytest.fixture(scope="module", params=["chatglm2", "chatglm3"])
+def family(request) -> str:
+    """ChatGLM2-6B and ChatGLM3-6B in turn, for tests that check both tiny checkpoints the same way."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(request, family) -> Path:
+    return request.getfixturevalue("golden2_dir" if family == "chatglm2" else "golden3_dir")
+
+
+@pytest.fixture(scope="module")
+def gold(request, family) -> dict:
+    return request.getfixturevalue("golden2" if family == "chatglm2" else "golden3")
+
+
 @pytest.fixture(scope="session")
 def ptuning_dirs(shared) -> dict[str, Path]:
     """P-Tuning v2 prefix checkpoints in THUDM's layout: v1-noproj, v1-proj, v2, v3 (ptuning_golden.json beside)."""

@@ -15,21 +15,6 @@ from chatglm_ft.tokenizers import load_tokenizer
 UNCOMPILED = FastOptions(compile=False)  # the fast decoder's static cache, buckets and on-device sampling
 
 
-@pytest.fixture(scope="module", params=["chatglm2", "chatglm3"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir(request, family):
-    return request.getfixturevalue("golden2_dir" if family == "chatglm2" else "golden3_dir")
-
-
-@pytest.fixture(scope="module")
-def gold(request, family):
-    return request.getfixturevalue("golden2" if family == "chatglm2" else "golden3")
-
-
 @pytest.fixture(scope="module")
 def model(ckpt_dir):
     return load_model(ckpt_dir, dtype="float32", device="cpu")

@@ -18,22 +18,6 @@ from chatglm_ft.model_glm2 import ChatGLM2ForConditionalGeneration, rotary_table
 from chatglm_ft.quantize import Int4Linear, Int8Linear, QuantizedLinear
 
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-FAMILIES = ["chatglm2", "chatglm3"]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def ckpt_dir(request, family):
-    return request.getfixturevalue("golden2_dir" if family == "chatglm2" else "golden3_dir")
-
-
-@pytest.fixture(scope="module")
-def gold(request, family):
-    return request.getfixturevalue("golden2" if family == "chatglm2" else "golden3")
 
 
 @pytest.fixture(scope="module")

@@ -8,45 +8,20 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from chatglm_ft import load
 from chatglm_ft.engine import Engine
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.prompt import chat_prompt, clean_response
 from chatglm_ft.server import create_app
+from live_server import LiveServer  # tests/live_server.py
 
 MAX_CONTEXT = 512
-
-
-class LiveServer:
-    """uvicorn in a thread, on a socket bound to a free loopback port before it starts."""
-
-    def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
