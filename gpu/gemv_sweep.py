@@ -6,7 +6,7 @@ them (as in decoding, where consecutive calls read different layers), and report
 TB/s of weight bytes read (scales/zeros included). Kernels are compiled first in parallel worker
 processes (Triton's disk cache), then timed one at a time in this process.
 
-    python3 gpu/gemv_sweep.py [--widths 16,8,4] [--quick]     # writes $OUT/gemv_sweep.json
+    python3 gpu/gemv_sweep.py [--widths 16,8,4] [--quick] [--model chatglm2]   # writes $OUT/gemv_sweep_<model>.json
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from graph_timing import graph_seconds  # noqa: E402  (gpu/, the script's own fo
 
 SHAPES = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384),
           "lm_head": (130528, 4096)}
+SHAPES_GLM2 = {"qkv": (4608, 4096), "dense": (4096, 4096), "h_to_4h": (27392, 4096), "4h_to_h": (4096, 13696),
+               "lm_head": (65024, 4096)}  # ChatGLM2-6B / ChatGLM3-6B (2 key/value groups, SwiGLU of 13696)
 MIN_BYTES = 512 << 20  # weight copies per shape: L2 (50 MB) never holds the next call's weight
 
 
@@ -101,12 +103,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--rows", default="1,4,16", help="token rows for the best configs")
+    ap.add_argument("--model", choices=["chatglm", "chatglm2"], default="chatglm",
+                    help="the decode shapes of ChatGLM-6B or of ChatGLM2-6B/ChatGLM3-6B")
     args = ap.parse_args()
+    shapes = SHAPES_GLM2 if args.model == "chatglm2" else SHAPES
     widths = [int(w) for w in args.widths.split(",")]
     began = time.perf_counter()
-    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "widths": {}, "errors": []}
+    result: dict = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "widths": {}, "errors": []}
 
-    jobs = [(w, k, c) for w in widths for k in (4096, 16384) for c in configs(w, args.quick)]
+    jobs = [(w, k, c) for w in widths for k in sorted({k for _, k in shapes.values()}) for c in configs(w, args.quick)]
     chunks = [jobs[i::args.workers] for i in range(args.workers)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for errs in pool.map(compile_worker, chunks):
@@ -119,7 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     for width in widths:
         table = {}
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             if name == "lm_head" and width == 4:
                 continue
             base = make_weight(width, n, k)
@@ -175,7 +180,7 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - began, 1)
     print(json.dumps(result.get("token_us"), indent=1))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gemv_sweep.json").write_text(json.dumps(result, indent=1))
+        Path(os.environ["OUT"], f"gemv_sweep_{args.model}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

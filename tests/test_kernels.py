@@ -13,7 +13,7 @@ CHECK = textwrap.dedent("""
     from chatglm_ft import kernels
     torch.manual_seed(0)
     worst = 0.0
-    for n, k, m in [(48, 64, 1), (30, 128, 3), (64, 256, 17)]:  # rows not a multiple of the tile; M over one tile
+    for n, k, m in [(48, 64, 1), (30, 128, 3), (64, 256, 17), (30, 80, 2)]:  # rows not a multiple of the tile; M over one tile; K=80 not a multiple of the K step
         w, x, b = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
         ref = x.double() @ w.double().T + b.double()
         y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=32, stages=2))
@@ -36,7 +36,7 @@ def test_cuda_skinny_matmul_matches_cublas(dtype):
     from chatglm_ft import kernels
 
     torch.manual_seed(0)
-    for n, k in [(12288, 4096), (4096, 16384), (130528, 4096), (192, 64)]:
+    for n, k in [(12288, 4096), (4096, 16384), (4096, 13696), (130528, 4096), (192, 64)]:
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
         b = torch.randn(n, device="cuda", dtype=dtype)
         for m in (1, 5, 16):

@@ -359,16 +359,22 @@ KERNEL_CHECK = textwrap.dedent("""
     from chatglm_ft import kernels
     from chatglm_ft.quantize import dequantize_reference, quantize_int4, quantize_int8
     torch.manual_seed(0)
-    N, K = 30, 256  # N not a multiple of the row block
-    w, x, b = torch.randn(N, K), torch.randn(2, K), torch.randn(N)
-    q, s = quantize_int8(w)
-    ref = x.double() @ dequantize_reference(q, s, None, torch.float64).T + b.double()
-    err8 = (kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=64)).double() - ref).abs().max().item()
-    q4, s4, z4 = quantize_int4(w, 64)
-    ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
-    err4 = (kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2)).double() - ref).abs().max().item()
-    ref = x.double() @ w.double().T + b.double()
-    err16 = (kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128)).double() - ref).abs().max().item()
+    err8 = err4 = err16 = 0.0
+    # N not a multiple of the row block; K = 320 not a multiple of the K step (5 groups of 64 in steps of 2):
+    # the masked last step, as ChatGLM2/3's 13696 columns
+    for N, K in ((30, 256), (30, 320)):
+        w, x, b = torch.randn(N, K), torch.randn(2, K), torch.randn(N)
+        q, s = quantize_int8(w)
+        ref = x.double() @ dequantize_reference(q, s, None, torch.float64).T + b.double()
+        y = kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=128))
+        err8 = max(err8, (y.double() - ref).abs().max().item())
+        q4, s4, z4 = quantize_int4(w, 64)
+        ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
+        y = kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2))
+        err4 = max(err4, (y.double() - ref).abs().max().item())
+        ref = x.double() @ w.double().T + b.double()
+        y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128))
+        err16 = max(err16, (y.double() - ref).abs().max().item())
     same8 = torch.equal(kernels.dequantize(q, s, None, torch.float16), dequantize_reference(q, s, None, torch.float16))
     same4 = torch.equal(kernels.dequantize(q4, s4, z4, torch.float32), dequantize_reference(q4, s4, z4, torch.float32))
     print(err8, err4, err16, same8, same4, kernels.gemv_supported(q, s), kernels.gemv_supported(q4, s4))
@@ -388,7 +394,7 @@ def test_cuda_gemv_and_prefill_paths(bits):
     from chatglm_ft import kernels
 
     torch.manual_seed(0)
-    for n, k in [(12288, 4096), (4096, 16384), (192, 64)]:
+    for n, k in [(12288, 4096), (4096, 16384), (4096, 13696), (192, 64)]:  # 13696: ChatGLM2/3's FFN width
         layer = (Int8Linear if bits == 8 else Int4Linear)(k, n, bias=True)
         w = torch.randn(n, k, device="cuda") / k**0.5
         layer.set_quantized(*((*quantize_int8(w), None) if bits == 8 else quantize_int4(w, 128)))

@@ -170,10 +170,16 @@ def _gemv_kernel(
         NG: tl.constexpr = K // GROUP
         j = tl.arange(0, HALF)
         w_rows = w_ptr + rows_n64[:, None] * (K // 2) + j[None, :]
-        for step in tl.range(0, NG // GROUPS, num_stages=STAGES):
+        for step in tl.range(0, tl.cdiv(NG, GROUPS), num_stages=STAGES):
             for gi in tl.static_range(GROUPS):
                 g = step * GROUPS + gi
-                wb = tl.load(w_rows + g * HALF, mask=n_ok[:, None], other=0, eviction_policy="evict_first")
+                if NG % GROUPS == 0:
+                    meta_ok = n_ok
+                    x_ok = m_ok[:, None]
+                else:  # the last step passes the end (ChatGLM2/3's 13696 = 107 groups of 128): masked, no traffic
+                    meta_ok = n_ok & ((rows_n * 0 + g) < NG)
+                    x_ok = m_ok[:, None] & ((rows_m * 0 + g) < NG)[:, None]
+                wb = tl.load(w_rows + g * HALF, mask=meta_ok[:, None], other=0, eviction_policy="evict_first")
                 if ASM:
                     lo, hi = _nibbles_to_f16(wb)
                 else:
@@ -183,24 +189,30 @@ def _gemv_kernel(
                 # (q - zero) is exact and the product rounds once: bit-identical to `dequantize` in x's dtype
                 # (float16 math for float16 x; float32 math, then rounding, for bfloat16/float32 x)
                 md = tl.float16 if dt == tl.float16 else tl.float32
-                sc = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(md)[:, None]
-                zp = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(md)[:, None]
+                sc = tl.load(scale_ptr + meta, mask=meta_ok, other=0).to(md)[:, None]
+                zp = tl.load(zero_ptr + meta, mask=meta_ok, other=0).to(md)[:, None]
                 w_lo = ((lo.to(md) - zp) * sc).to(dt)
                 w_hi = ((hi.to(md) - zp) * sc).to(dt)
-                x_lo = tl.load(x_rows + g * GROUP + j[None, :], mask=m_ok[:, None], other=0)
-                x_hi = tl.load(x_rows + g * GROUP + HALF + j[None, :], mask=m_ok[:, None], other=0)
+                x_lo = tl.load(x_rows + g * GROUP + j[None, :], mask=x_ok, other=0)
+                x_hi = tl.load(x_rows + g * GROUP + HALF + j[None, :], mask=x_ok, other=0)
                 acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
                 acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
     else:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows_n64[:, None] * K + cols[None, :]
         for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            w = tl.load(w_rows + k, mask=n_ok[:, None], other=0, eviction_policy="evict_first")
+            if K % BLOCK_K == 0:
+                w_ok = n_ok[:, None]
+                x_ok = m_ok[:, None]
+            else:  # K not a multiple of the tile (ChatGLM2/3's 13696): the last step is masked
+                w_ok = n_ok[:, None] & (k + cols[None, :] < K)
+                x_ok = m_ok[:, None] & (k + cols[None, :] < K)
+            w = tl.load(w_rows + k, mask=w_ok, other=0, eviction_policy="evict_first")
             if BITS == 8:
                 if ASM:
                     w = _int8_to_f16(w)
                 w = w.to(dt)
-            x = tl.load(x_rows + k + cols[None, :], mask=m_ok[:, None], other=0)
+            x = tl.load(x_rows + k + cols[None, :], mask=x_ok, other=0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if BITS == 8:
         acc *= tl.load(scale_ptr + rows_n, mask=n_ok, other=0).to(tl.float32)[None, :]
@@ -271,10 +283,10 @@ def device_of(t: torch.Tensor):
 
 
 def _block_k(k: int, block_k: int) -> int:
-    """The largest power of two <= block_k that divides k."""
-    while k % block_k:
-        block_k //= 2
-    return block_k
+    """The tile's K step: block_k, but no longer than K needs (a power of two >= 16). K need not be a
+    multiple: the kernel masks the last step (a smaller divisor of 13696, ChatGLM2/3's FFN width, would
+    be 128 columns per step: too few bytes in flight to stream the weight)."""
+    return max(16, min(block_k, triton.next_power_of_2(k)))
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
@@ -287,9 +299,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     bits = 4 if weight.dtype == torch.uint8 else 8 if weight.dtype == torch.int8 else 16
     config = config or gemv_config(bits, N, K)
     group = K // scale.shape[1] if bits == 4 else K
-    groups = max(1, min(config.groups, K // group))
-    while (K // group) % groups:
-        groups //= 2
+    groups = max(1, min(config.groups, K // group))  # the kernel masks a last step past K // group
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m))
     pdl = use_pdl(x)
