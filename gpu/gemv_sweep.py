@@ -52,6 +52,11 @@ def configs(width: int, quick: bool) -> list[dict]:
                 continue
             out.append(dict(block_n=bn, groups=g, stages=st, num_warps=w, asm=True))
         out += [dict(block_n=32, groups=2, stages=4, num_warps=4, asm=False)]
+        # the wide tile: a step's groups loaded and multiplied as one
+        for bn, g, st, w in itertools.product((16, 32, 64), (2, 4, 8), (3, 4), (4, 8)):
+            if w == 8 and bn < 32:
+                continue
+            out.append(dict(block_n=bn, groups=g, stages=st, num_warps=w, asm=True, wide=True))
     return out
 
 

@@ -370,8 +370,9 @@ KERNEL_CHECK = textwrap.dedent("""
         err8 = max(err8, (y.double() - ref).abs().max().item())
         q4, s4, z4 = quantize_int4(w, 64)
         ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
-        y = kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2))
-        err4 = max(err4, (y.double() - ref).abs().max().item())
+        for wide in (False, True):  # groups one by one, or a step's groups as one wide tile
+            y = kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2, wide=wide))
+            err4 = max(err4, (y.double() - ref).abs().max().item())
         ref = x.double() @ w.double().T + b.double()
         y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128))
         err16 = max(err16, (y.double() - ref).abs().max().item())

@@ -45,6 +45,7 @@ class GemvConfig:
     num_warps: int = 4
     asm: bool = True  # packed PTX integer -> float16 conversion (off in the CPU interpreter)
     block_m: int = 16
+    wide: bool = False  # int4 only: the step's groups as one wide tile (two long tl.dot) instead of one by one
 
 
 def gemv_config(bits: int, n: int, k: int) -> GemvConfig:
@@ -148,7 +149,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-    PRECISION: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr, WIDE: tl.constexpr = False,
 ):
     """BITS 16: w float (N, K). BITS 8: w int8 (N, K), scale (N,). BITS 4: w uint8 (N, K/2) packed by
     group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP)."""
@@ -165,7 +166,44 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rows_m[:, None] * K
     dt = x_ptr.dtype.element_ty
-    if BITS == 4:
+    if BITS == 4 and WIDE:
+        # GROUPS consecutive groups as one (BLOCK_N, GROUPS * GROUP/2)-byte tile: one wide load and two
+        # long tl.dot per step (low and high nibbles) instead of GROUPS narrow ones; the scales and zero
+        # points broadcast over each group's columns through a (BLOCK_N, GROUPS, GROUP/2) view.
+        HALF: tl.constexpr = GROUP // 2
+        NG: tl.constexpr = K // GROUP
+        W: tl.constexpr = GROUPS * HALF
+        c = tl.arange(0, W)
+        gi = tl.arange(0, GROUPS)
+        x_col = (c // HALF) * GROUP + c % HALF  # x column of each low nibble's byte within a step
+        w_rows = w_ptr + rows_n64[:, None] * (K // 2) + c[None, :]
+        md = tl.float16 if dt == tl.float16 else tl.float32
+        for step in tl.range(0, tl.cdiv(NG, GROUPS), num_stages=STAGES):
+            g0 = step * GROUPS
+            if NG % GROUPS == 0:
+                w_ok = n_ok[:, None]
+                meta_ok = n_ok[:, None]
+                x_ok = m_ok[:, None]
+            else:  # the last step passes the end (ChatGLM2/3's 13696 = 107 groups of 128): masked, no traffic
+                w_ok = n_ok[:, None] & (g0 + c[None, :] // HALF < NG)
+                meta_ok = n_ok[:, None] & (g0 + gi[None, :] < NG)
+                x_ok = m_ok[:, None] & (g0 + c[None, :] // HALF < NG)
+            wb = tl.load(w_rows + g0 * HALF, mask=w_ok, other=0, eviction_policy="evict_first")
+            if ASM:
+                lo, hi = _nibbles_to_f16(wb)
+            else:
+                lo = (wb & 0xF).to(tl.float16)
+                hi = (wb >> 4).to(tl.float16)
+            meta = rows_n64[:, None] * NG + g0 + gi[None, :]
+            sc = tl.load(scale_ptr + meta, mask=meta_ok, other=0).to(md)[:, :, None]
+            zp = tl.load(zero_ptr + meta, mask=meta_ok, other=0).to(md)[:, :, None]
+            w_lo = tl.reshape((tl.reshape(lo.to(md), (BLOCK_N, GROUPS, HALF)) - zp) * sc, (BLOCK_N, W)).to(dt)
+            w_hi = tl.reshape((tl.reshape(hi.to(md), (BLOCK_N, GROUPS, HALF)) - zp) * sc, (BLOCK_N, W)).to(dt)
+            x_lo = tl.load(x_rows + g0 * GROUP + x_col[None, :], mask=x_ok, other=0)
+            x_hi = tl.load(x_rows + g0 * GROUP + HALF + x_col[None, :], mask=x_ok, other=0)
+            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+    elif BITS == 4:
         HALF: tl.constexpr = GROUP // 2
         NG: tl.constexpr = K // GROUP
         j = tl.arange(0, HALF)
@@ -310,7 +348,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None, ASM=config.asm and x.is_cuda,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(K, config.block_k), GROUPS=groups,
             STAGES=config.stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT=act,
-            PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
+            PDL=pdl, WIDE=config.wide and bits == 4, num_warps=config.num_warps, launch_pdl=pdl,
         )
     return y
 
