@@ -353,7 +353,9 @@ def print_attention(results: dict) -> None:
     attention = results.get("attention", {})
     if "error" in attention:
         print(f"attention: {attention['error']}")
-    heads = f" ({attention['query_heads']} query heads, {attention['kv_heads']} KV heads)" if "kv_heads" in attention else ""
+    heads = ""
+    if "kv_heads" in attention:
+        heads = f" ({attention['query_heads']} query heads, {attention['kv_heads']} KV heads)"
     for case in attention.get("cases", []):
         timed = {v["name"]: v for v in case["variants"] if "us" in v}
         line = "  ".join(f"{name} {timed[name]['us']:.1f} us ({timed[name]['gb_per_s']:.0f} GB/s)"

@@ -353,7 +353,8 @@ def test_cuda_grouped_decoding_gives_the_golden_ids(ckpt_dir, gold, dtype):
 
     model = load_model(ckpt_dir, dtype=dtype, device="cuda")
     case, batch = gold["greedy"][-1], gold["batch"][0]
-    batch_prompts = [[t for t, keep in zip(row, m) if keep] for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    batch_prompts = [[t for t, keep in zip(row, m) if keep]
+                     for row, m in zip(batch["input_ids"], batch["attention_mask"])]  # the left padding removed
 
     def tokens(prompts, n, fast):
         steps = list(stream_tokens(model, prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=()), fast=fast))
