@@ -10,10 +10,13 @@ default ("compile" on CUDA: compiled at engine start, the start's time recorded)
 the rest runs).
 
 With --attention, first decode attention alone: the Triton kernel against the PyTorch path of
-model.attend at batch 1 / 2k context and 128 rows / 256 columns, with a sweep of the kernel's
+ops.attend at batch 1 / 2k context and 128 rows / 256 columns, with a sweep of the kernel's
 tile sizes and splits ($CHATGLM_FT_DECODE_ATTENTION=torch runs the engine levels on the PyTorch path).
+--attention --grouped runs only that, for ChatGLM2/3-6B's grouped heads (32 query heads over 2 KV
+heads, the grouped kernel) and writes $OUT/attention_grouped.json.
 
     python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
+    python3 gpu/serve_bench.py --attention --grouped   # ChatGLM2/3's decode attention alone (about a minute)
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
 
 Finishes in about 5 minutes on an H200; prints a table last.
@@ -163,24 +166,26 @@ def generate_latency(model, config, *, fast: bool | None, answer: int) -> dict:
 ATTENTION_CASES = ((1, 2048, "full"), (128, 256, "full"), (128, 256, "engine"))  # engine: columns 128..255 as at 128 streams
 
 
-def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: str = "cuda") -> dict:
+def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: str = "cuda", kv_heads: int | None = None
+                         ) -> dict:
     """Decode attention alone, one layer: the Triton kernel (decode_attention.py, with a sweep of its
-    tile sizes and splits) against the PyTorch path of `model.attend`. GB/s counts the K and V bytes
+    tile sizes and splits) against the PyTorch path of `ops.attend`. GB/s counts the K and V bytes
     of the visible columns. Each timed call reads a different copy of the cache (>= 256 MB in all),
-    so the numbers come from HBM, not from the 50 MB L2 (batch 1 at 2k context is 32 MB per layer)."""
+    so the numbers come from HBM, not from the 50 MB L2 (batch 1 at 2k context is 32 MB per layer).
+    `kv_heads` < the query heads: grouped KV heads (ChatGLM2/3: 2), the grouped kernel."""
     from chatglm_ft import decode_attention as da
-    try:
-        from chatglm_ft.ops import attend
-    except ImportError:  # a source tree from before the ops seam (gpu/ab_bench.py)
-        from chatglm_ft.model import attend
+    from chatglm_ft.ops import attend
+    from chatglm_ft.options import KernelOptions
 
     nh, hd = config.num_attention_heads, config.head_dim
-    out: dict = {"cases": []}
+    nkv = kv_heads or nh
+    torch_path = KernelOptions(decode_attention="torch")
+    out: dict = {"query_heads": nh, "kv_heads": nkv, "head_dim": hd, "cases": []}
     for B, S, kind in cases:
-        per_copy = 2 * B * nh * (S + 1) * hd * 2
+        per_copy = 2 * B * nkv * (S + 1) * hd * 2
         copies = max(2, -(-256 * 2**20 // per_copy))
-        caches = [(torch.randn(B, nh, S + 1, hd, device=device, dtype=torch.float16),
-                   torch.randn(B, nh, S + 1, hd, device=device, dtype=torch.float16)) for _ in range(copies)]
+        caches = [(torch.randn(B, nkv, S + 1, hd, device=device, dtype=torch.float16),
+                   torch.randn(B, nkv, S + 1, hd, device=device, dtype=torch.float16)) for _ in range(copies)]
         kv = [(k[:, :, :S], v[:, :, :S]) for k, v in caches]  # cache views with the scratch column's row stride
         q = torch.randn(B, 1, nh, hd, device=device, dtype=torch.float16).transpose(1, 2)
         if kind == "full":
@@ -189,7 +194,7 @@ def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: s
             column = torch.randint(S // 2, S, (B, 1), device=device)
         zeros = torch.zeros(B, dtype=torch.long, device=device)
         mask = attention_mask_for(PrefixLayout(start=zeros, context=zeros + 1, mask=zeros), column, S)
-        visible_bytes = 2 * nh * hd * 2 * int(mask.sum())
+        visible_bytes = 2 * nkv * hd * 2 * int(mask.sum())
         reference = da.decode_attention_reference(q, *kv[0], mask).float()
         row = {"batch": B, "kv_length": S, "mask": kind, "copies": copies, "visible_mb": visible_bytes / 1e6, "variants": []}
 
@@ -202,20 +207,22 @@ def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: s
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
                 row["variants"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:300]})
 
-        backend = da.BACKEND
-        try:
-            da.BACKEND = "torch"
-            record("torch", lambda k, v: attend(q, k, v, mask))
-        finally:
-            da.BACKEND = backend
+        record("torch", lambda k, v: attend(q, k, v, mask, torch_path))
         record("triton", lambda k, v: torch.ops.chatglm_ft.decode_attention(q, k, v, mask))
-        splits_sweep = (None,) if B * nh >= 1024 else (None, 4, 8, 16, 32)
+        if nkv == nh:
+            splits_sweep = (None,) if B * nh >= 1024 else (None, 4, 8, 16, 32)
+        else:  # (row, KV head) programs: 2 at batch 1, 256 at 128 rows
+            splits_sweep = (None, 8, 16, 32) if B * nkv < 132 else (None, 2, 4)
         for block_s in (32, 64, 128):
             for warps in (4, 8):
                 for splits in splits_sweep:
                     name = f"triton block_s={block_s} warps={warps} splits={splits or 'auto'}"
                     record(name, lambda k, v, b=block_s, w=warps, n=splits: da.decode_attention(
                         q, k, v, mask, block_s=b, splits=n, num_warps=w))
+                for stages in ((2, 4) if nkv < nh else ()):  # the grouped kernel's pipelined loads (default 3)
+                    name = f"triton block_s={block_s} warps={warps} splits=auto stages={stages}"
+                    record(name, lambda k, v, b=block_s, w=warps, n=stages: da.decode_attention(
+                        q, k, v, mask, block_s=b, num_warps=w, num_stages=n))
         timed = [v for v in row["variants"] if "us" in v]
         kernels = [v for v in timed if v["name"] != "torch"]
         best = min(kernels, key=lambda v: v["us"]) if kernels else None
@@ -250,6 +257,17 @@ def main(argv: list[str]) -> int:
     if not smoke and not torch.cuda.is_available():
         print("serve_bench needs a CUDA GPU (or --smoke for a CPU run of the same code)", file=sys.stderr)
         return 1
+    if "--grouped" in argv:  # ChatGLM2/3-6B's decode attention alone: 32 query heads over 2 KV heads
+        from chatglm_ft.config_glm2 import ChatGLM2Config
+
+        glm2 = ChatGLM2Config()
+        results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "total_seconds": 0.0}
+        section(results, "attention", attention_microbench, glm2, kv_heads=glm2.kv_heads)
+        results["total_seconds"] = elapsed()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "attention_grouped.json").write_text(json.dumps(results, indent=2))
+        print_attention(results)
+        return 0
     config = ChatGLMConfig.tiny() if smoke else ChatGLMConfig.full()
     levels, answer = ((1, 4), 8) if smoke else (LEVELS, ANSWER_TOKENS)
     for arg in argv:  # --levels 1,128 and --answer N: a shorter run (gpu/ab_bench.py)
@@ -325,14 +343,24 @@ def print_table(results: dict) -> None:
         one = next((lv for lv in levels if lv["streams"] == 1), None)
         if one and reference:
             print(f"batch-1 {key} / generate: {one['tpot_ms_p50'] / reference:.2f}x (goal <= 1.10)")
-    for case in results.get("attention", {}).get("cases", []):
-        timed = {v["name"]: v for v in case["variants"] if "us" in v}
-        line = "  ".join(f"{name} {timed[name]['us']:.1f} us ({timed[name]['gb_per_s']:.0f} GB/s)"
-                         for name in dict.fromkeys(("torch", "triton", case["best"])) if name in timed)
-        print(f"attention B={case['batch']} S={case['kv_length']} {case['mask']}: {line}")
+    print_attention(results)
     top = next((lv for lv in results.get("engine_default", {}).get("levels", []) if lv["streams"] == 128), None)
     if top:
         print(f"128 streams: {top['tokens_per_s']:.0f} output tokens/s (goal >= 15000)")
+
+
+def print_attention(results: dict) -> None:
+    attention = results.get("attention", {})
+    if "error" in attention:
+        print(f"attention: {attention['error']}")
+    heads = ""
+    if "kv_heads" in attention:
+        heads = f" ({attention['query_heads']} query heads, {attention['kv_heads']} KV heads)"
+    for case in attention.get("cases", []):
+        timed = {v["name"]: v for v in case["variants"] if "us" in v}
+        line = "  ".join(f"{name} {timed[name]['us']:.1f} us ({timed[name]['gb_per_s']:.0f} GB/s)"
+                         for name in dict.fromkeys(("torch", "triton", case["best"])) if name in timed)
+        print(f"attention{heads} B={case['batch']} S={case['kv_length']} {case['mask']}: {line}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Decode attention kernel (issue 6): the Triton kernel of decode_attention.py against the PyTorch
-reference in Triton's interpreter on the CPU, the masks the model really decodes with, and the
-model's use of it (a custom op that torch.compile traces; the switch back to PyTorch)."""
+"""Decode attention kernel (issue 6): the Triton kernels of decode_attention.py (one head per program,
+and grouped KV heads: ChatGLM2/3) against the PyTorch reference in Triton's interpreter on the CPU, the
+masks the models really decode with, and the models' use of it (a custom op that torch.compile traces;
+the switch back to PyTorch)."""
 import textwrap
 
 import pytest
@@ -15,13 +16,16 @@ from chatglm_ft import decode_attention as da  # noqa: E402  (imports Triton)
 
 # Interpreter runs of the kernel: each line prints the worst |kernel - reference| relative to the
 # output's scale for one case. Runtime loop bounds need int(<1-element array>), which NumPy >= 2.3
-# refuses: the shim gives the interpreter's scalars the __index__ they are meant to have.
+# refuses: the shim gives the interpreter's scalars the __index__ they are meant to have. The
+# interpreter keeps bfloat16 as its uint16 bits and its tl.dot multiplies those as integers: the
+# shim widens bfloat16 operands to float32 first (exact), as the tensor cores read them.
 INTERPRETER_SHIM = textwrap.dedent("""
     import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
     try:
         int(np.array([1]))
     except TypeError:
-        import triton.runtime.interpreter as interp
         _patch = interp._patch_lang_tensor
 
         def _patched(tensor, scope):
@@ -29,6 +33,15 @@ INTERPRETER_SHIM = textwrap.dedent("""
             scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
         interp._patch_lang_tensor = _patched
+
+    _dot = interp.InterpreterBuilder.create_dot
+
+    def _float32(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        return interp.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    interp.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: _dot(self, _float32(a), _float32(b), d, *rest)
 """)
 
 KERNEL_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
@@ -84,9 +97,74 @@ def test_kernel_matches_reference_in_interpreter():
         assert float(error) < TOLERANCE[dtype], (name, dtype, error)
 
 
+# Grouped KV heads (nkv < nh: each KV head serves nh / nkv query heads, one program per (row, KV head)):
+# groups of 1 (the one-head kernel), 2 (the tiny ChatGLM2/3), 5 (padded to 16 rows) and 16 (ChatGLM2/3-6B),
+# 32 (one KV head); automatic and forced splits, S not a multiple of the tile, rows that see nothing of
+# the first splits, caches as strided views (a slice of a larger cache, or (B, S, nkv, hd) transposed).
+GROUPED_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
+    import sys
+    import torch
+    from chatglm_ft.decode_attention import decode_attention, decode_attention_reference
+    from chatglm_ft.positions import PrefixLayout, attention_mask_for
+
+    torch.manual_seed(0)
+
+    def case(name, dtype, B, nh, nkv, S, hd, mask_kind, layout="slice", **kw):
+        q = torch.randn(B, 1, nh, hd).to(dtype).transpose(1, 2)
+        if layout == "slice":  # the model's cache (B, nkv, S_max, hd): rows and columns of a larger one
+            cache_k, cache_v = (torch.randn(B + 2, nkv, S + 7, hd).to(dtype) for _ in range(2))
+            k, v = cache_k[1:B + 1, :, :S], cache_v[1:B + 1, :, :S]
+        else:  # keys as projected (B, S, nkv, hd), heads strided by hd and columns by nkv * hd
+            k, v = (torch.randn(B, S, nkv, hd).to(dtype).transpose(1, 2) for _ in range(2))
+        if mask_kind == "none":
+            mask = None
+        elif mask_kind == "broadcast":
+            mask = torch.arange(S)[None, None, None, :] <= S // 2
+        elif mask_kind == "random":
+            mask = torch.rand(B, 1, 1, S) < 0.5
+            mask[..., 0] = True
+        else:  # left-padded rows see [start, column]; "late_start": row 0 sees only the last two columns
+            start = torch.randint(0, S // 2 + 1, (B,))
+            column = torch.randint(S // 2, S + 3, (B,))
+            if mask_kind == "late_start":
+                start[0] = S - 2
+            layout_ = PrefixLayout(start=start, context=start + 1, mask=start)
+            mask = attention_mask_for(layout_, column[:, None], S)
+        out = decode_attention(q, k, v, mask, **kw)
+        ref = decode_attention_reference(q.double(), k.double(), v.double(), mask)
+        assert out.dtype == dtype and out.shape == (B, nh, 1, hd), (out.dtype, out.shape)
+        print(name, str(dtype).split(".")[1], ((out.double() - ref).abs().max() / ref.abs().max()).item())
+
+    if sys.argv[1] == "dtypes":
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            case("g16_auto", dtype, 2, 32, 2, 200, 32, "prefix")                          # auto: a split per tile
+            case("g16_split3", dtype, 2, 32, 2, 200, 32, "prefix", splits=3, block_s=32)  # several tiles per split
+            case("g16_nosplit", dtype, 2, 32, 2, 200, 32, "prefix", splits=1, block_s=32)  # 200 = 6 tiles + 8
+    else:
+        case("g2_late_start", torch.float32, 2, 4, 2, 200, 16, "late_start", splits=6, block_s=16)
+        case("g2_late_auto", torch.float16, 2, 4, 2, 200, 16, "late_start")
+        case("g2_nomask", torch.float32, 2, 4, 2, 200, 16, "none", splits=2, block_s=32)
+        case("g2_broadcast", torch.float32, 3, 4, 2, 150, 16, "broadcast", block_s=32)
+        case("g5_random", torch.float16, 2, 10, 2, 200, 16, "random", splits=3, block_s=16)
+        case("g32_mqa", torch.float16, 1, 32, 1, 200, 16, "prefix")
+        case("g16_projected", torch.float32, 2, 32, 2, 130, 16, "prefix", layout="projected", splits=2, block_s=16)
+        case("g1_slice", torch.float16, 2, 4, 4, 200, 32, "prefix")  # nkv == nh: the one-head kernel
+        case("g1_projected", torch.float32, 2, 4, 4, 130, 16, "late_start", layout="projected", splits=3, block_s=16)
+""")
+
+
+@pytest.mark.parametrize("cases", ["dtypes", "features"])
+def test_grouped_kernel_matches_reference_in_interpreter(cases):
+    lines = [line.split() for line in interpret(GROUPED_CHECK, cases).splitlines()]
+    assert len(lines) == 9
+    for name, dtype, error in lines:
+        assert float(error) < TOLERANCE[dtype], (name, dtype, error)
+
+
 # The golden model decoding through the (interpreted) kernel wherever a GPU would use it: the
 # left-padded batch of `generate` and the engine's bucketed step (slots as cache views, idle rows
-# at the scratch column). Prints whether the tokens equal the golden ids, and the kernel's calls.
+# at the scratch column). Prints whether the tokens equal the golden ids, the kernel's calls, and
+# those with grouped KV heads and with cache views that are not contiguous.
 GOLDEN_DECODE = INTERPRETER_SHIM + textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -96,11 +174,11 @@ GOLDEN_DECODE = INTERPRETER_SHIM + textwrap.dedent("""
 
     eager_attend, calls = ops.attend, []
 
-    def attend(q, k, v, mask, options=ops.DEFAULT_KERNELS):
+    def attend(q, k, v, mask, options=ops.DEFAULT_KERNELS, **kw):
         if not isinstance(mask, ops.PromptMask) and decode_attention.supported(q, k, v, mask):
-            calls.append(q.shape[0])
+            calls.append((k.shape[1] < q.shape[1], not k.is_contiguous()))
             return decode_attention.decode_attention(q, k, v, mask)
-        return eager_attend(q, k, v, mask, options)
+        return eager_attend(q, k, v, mask, options, **kw)
 
     ops.attend = attend  # the kernel on CPU tensors (interpreted) where a GPU would use it; a separate process
     golden_dir = Path(sys.argv[1])
@@ -112,13 +190,18 @@ GOLDEN_DECODE = INTERPRETER_SHIM + textwrap.dedent("""
     engine = Engine(model, tokenizer, max_batch=len(prompts) + 1, max_context=256, decode="graphs").start()
     served = [h.result(300).token_ids for h in [engine.submit(p, gen) for p in prompts]]
     engine.stop()
-    print(batched == expected, served == expected, len(calls))
+    print(batched == expected, served == expected, len(calls), sum(g for g, _ in calls), sum(s for _, s in calls))
 """)
 
 
-def test_golden_decoding_through_the_kernel_in_interpreter(golden_dir):
-    flags = interpret(GOLDEN_DECODE, str(golden_dir)).split()
+@pytest.mark.parametrize("checkpoint", ["golden_dir", "golden2_dir"])
+def test_golden_decoding_through_the_kernel_in_interpreter(request, checkpoint):
+    """ChatGLM-6B (one KV head per query head) and ChatGLM2 (2 KV heads for 4 query heads: the grouped kernel)."""
+    flags = interpret(GOLDEN_DECODE, str(request.getfixturevalue(checkpoint))).split()
     assert flags[:2] == ["True", "True"] and int(flags[2]) >= 4 * 5  # 5 decode steps x 2 layers x 2 paths at least
+    grouped, strided = int(flags[3]), int(flags[4])
+    assert grouped == (int(flags[2]) if checkpoint == "golden2_dir" else 0)
+    assert strided >= 4 * 5  # the cache's first kv_length columns (and the engine's slots) as views, never copied
 
 
 def test_split_choice_fills_the_gpu_only_when_rows_do_not():
@@ -128,6 +211,11 @@ def test_split_choice_fills_the_gpu_only_when_rows_do_not():
     assert (splits - 1) * split_len < 2048 <= splits * split_len  # every split has keys, all keys covered
     assert da.num_splits(128 * 32, 256, 64, sms) == (1, 256)  # 4096 pairs: one program each
     assert da.num_splits(32, 40, 64, sms) == (1, 64)  # one tile: nothing to split
+    # grouped KV heads count (row, KV head) programs: ChatGLM2/3-6B at batch 1 has 2 of them
+    per_sm = da.GROUPED_PROGRAMS_PER_SM
+    splits, split_len = da.num_splits(1 * 2, 2048, da.GROUPED_BLOCK_S, sms, per_sm)
+    assert splits == 2048 // da.GROUPED_BLOCK_S and split_len == da.GROUPED_BLOCK_S  # a split per tile: still few
+    assert da.num_splits(128 * 2, 256, da.GROUPED_BLOCK_S, sms, per_sm) == (1, 256)  # 256 pairs fill 132 SMs
 
 
 def test_supported_inputs():
@@ -139,6 +227,11 @@ def test_supported_inputs():
     assert not da.supported(q, k.float(), k.float(), mask)
     assert not da.supported(torch.zeros(2, 4, 1, 96), torch.zeros(2, 4, 300, 96), torch.zeros(2, 4, 300, 96), None)
     assert not da.supported(torch.zeros(2, 4, 3, 128, dtype=torch.float16), k, k, None)  # several queries
+    assert da.supported(q, k[:, :2], k[:, :2], mask) and da.supported(q, k[:, :1], k[:, :1], None)  # grouped KV heads
+    assert not da.supported(q, k[:, :3], k[:, :3], mask)  # 4 query heads do not divide among 3 KV heads
+    wide = torch.zeros(2, 8, 300, 128, dtype=torch.float16)
+    assert not da.supported(q, wide, wide, mask)  # more KV heads than query heads
+    assert not da.supported(q, k[:, :2], k, mask)  # k and v differ
     grad_q = q.clone().requires_grad_()
     assert not da.supported(grad_q, k, k, mask)  # the op has no backward
     with torch.no_grad():
@@ -166,6 +259,12 @@ def test_cpu_op_and_fake_agree_with_reference():
                                da.decode_attention_reference(q, k, v, mask))
     torch.library.opcheck(torch.ops.chatglm_ft.decode_attention.default, (q, k, v, mask),
                           test_utils=("test_schema", "test_faketensor"))
+    grouped_q = torch.randn(3, 4, 1, 16)  # 4 query heads over the 2 KV heads of k and v
+    out = torch.ops.chatglm_ft.decode_attention(grouped_q, k, v, mask)
+    assert out.shape == (3, 4, 1, 16)
+    torch.testing.assert_close(out[:, 2:3], da.decode_attention_reference(grouped_q[:, 2:3], k[:, 1:], v[:, 1:], mask))
+    torch.library.opcheck(torch.ops.chatglm_ft.decode_attention.default, (grouped_q, k, v, mask),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_model_decode_step_traces_the_op_and_the_option_turns_it_off():
@@ -186,13 +285,22 @@ def test_model_decode_step_traces_the_op_and_the_option_turns_it_off():
         assert decode_kernel_applies(q, k, k, mask, KernelOptions())
         assert not decode_kernel_applies(q, k, k, mask, KernelOptions(decode_attention="torch"))
 
+        # ChatGLM2/3's step: q (B, 32, 1, 128) from the projection, the cache (B, 2, S_max, 128) sliced to kv_length
+        q = torch.empty_strided((4, 32, 1, 128), (4096, 128, 4096, 1), device="cuda", dtype=torch.float16)
+        k = torch.empty_strided((4, 2, 33, 128), (2 * 65 * 128, 65 * 128, 128, 1), device="cuda", dtype=torch.float16)
+        graph, _ = torch._dynamo.export(attend)(q, k, k, mask)
+        assert "torch.ops.chatglm_ft.decode_attention" in graph.code
+        assert decode_kernel_applies(q, k, k, mask, KernelOptions())
+        assert not decode_kernel_applies(q, k, k, mask, KernelOptions(decode_attention="torch"))
+
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("nkv", [32, 2], ids=["heads", "grouped"])  # ChatGLM-6B; ChatGLM2/3-6B's 2 KV heads
 @pytest.mark.parametrize("B, S", [(1, 2048), (128, 256), (8, 1000)])
-def test_cuda_kernel_matches_reference_and_is_captured(B, S):
+def test_cuda_kernel_matches_reference_and_is_captured(B, S, nkv):
     torch.manual_seed(0)
     nh, hd = 32, 128
-    cache_k, cache_v = (torch.randn(B, nh, S + 1, hd, device="cuda", dtype=torch.float16) for _ in range(2))
+    cache_k, cache_v = (torch.randn(B, nkv, S + 1, hd, device="cuda", dtype=torch.float16) for _ in range(2))
     q = torch.randn(B, 1, nh, hd, device="cuda", dtype=torch.float16).transpose(1, 2)
     start = torch.randint(0, 4, (B,), device="cuda")
     column = torch.randint(S // 2, S, (B, 1), device="cuda")
@@ -231,3 +339,50 @@ def test_cuda_decoding_matches_with_and_without_the_kernel(golden_dir, golden):
     for fast in (False, None):  # eager, then compiled + CUDA graphs
         steps = list(stream_tokens(model, prompts, gen, fast=fast))
         assert steps[:2] == reference[:2]  # float16 near-ties may flip later tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_grouped_decoding_gives_the_golden_ids(ckpt_dir, gold, dtype):
+    """The tiny ChatGLM2/3 (4 query heads over 2 KV heads) on CUDA through the grouped kernel: the eager
+    loop (kernel calls counted) and the compiled, captured fast path give THUDM's greedy ids in float32,
+    and the tokens of the PyTorch attention path in 16-bit (near-ties may flip later tokens there)."""
+    from chatglm_ft.api import load_model
+    from chatglm_ft.generate import GenerationConfig, stream_tokens
+    from chatglm_ft.options import KernelOptions
+
+    model = load_model(ckpt_dir, dtype=dtype, device="cuda")
+    case, batch = gold["greedy"][-1], gold["batch"][0]
+    batch_prompts = [[t for t, keep in zip(row, m) if keep]
+                     for row, m in zip(batch["input_ids"], batch["attention_mask"])]  # the left padding removed
+
+    def tokens(prompts, n, fast):
+        steps = list(stream_tokens(model, prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=()), fast=fast))
+        return [list(row) for row in zip(*steps)]
+
+    eager, calls = da.decode_attention, []
+
+    def counted(q, k, v, mask, **kw):
+        calls.append(k.shape[1] < q.shape[1])
+        return eager(q, k, v, mask, **kw)
+
+    n, nb = len(case["new_ids"]), len(batch["new_ids"][0])
+    reference = [case["new_ids"]], batch["new_ids"]  # THUDM's float32 greedy ids
+    if dtype != "float32":  # 16-bit: the PyTorch attention path's tokens
+        model.use_kernels(KernelOptions(decode_attention="torch"))
+        reference = tokens([case["input_ids"]], n, False), tokens(batch_prompts, nb, False)
+        model.use_kernels(KernelOptions())
+    da.decode_attention = counted  # what the custom op calls (eager decoding: one call per layer and step)
+    try:
+        single = tokens([case["input_ids"]], n, False)
+    finally:
+        da.decode_attention = eager
+    assert calls and all(calls) and len(calls) >= model.config.num_layers * (n - 1)
+    for fast in (False, None):  # eager, then compiled + CUDA graphs
+        got = single if fast is False else tokens([case["input_ids"]], n, fast)
+        got_batch = tokens(batch_prompts, nb, fast)
+        if dtype == "float32":
+            assert got == reference[0] and got_batch == reference[1]
+        else:
+            assert got[0][:2] == reference[0][0][:2] and [r[:2] for r in got_batch] == [r[:2] for r in reference[1]]
+

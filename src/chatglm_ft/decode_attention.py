@@ -9,6 +9,13 @@ of keys and values of one (row, head) once, with 16-byte loads, and keeps an onl
 float32 (flash-decoding). When rows x heads alone cannot fill the GPU (batch 1: 32 programs) the
 keys are split over several programs and a second, tiny kernel combines their partial results.
 
+Grouped key/value heads (ChatGLM2/3: 2 KV heads, each serving 16 of the 32 query heads) have their
+own kernel: one program per (row, KV head) reads each K and V tile once for the whole group, whose
+query heads are the rows of two tensor-core matmuls (scores = q_group @ k^T, acc += p @ v; the group
+padded to the 16 rows `tl.dot` needs). There are 16x fewer (row, KV head) pairs than (row, head)
+pairs (batch 1: 2), so the keys are split more often; the combine is the same, per query head.
+ChatGLM-6B (as many KV heads as query heads) keeps the one-head kernel.
+
 The mask is the model's own bool mask (B, 1, 1, S), read in the kernel (S bytes per row against
 512 bytes of K and V per column and head): whatever a row may see (a left-padded batch sees
 [start, column], an engine slot [0, column], an idle slot everything) needs no conversion, and
@@ -33,6 +40,12 @@ from .kernels import device_of, use_pdl
 BLOCK_S = 128  # keys per loop step: a 32 KB tile of K (and of V) at head_dim 128 (fastest of serve_bench's sweep)
 NUM_WARPS = 4
 PROGRAMS_PER_SM = 8  # below this many (row, head) programs per SM, keys are split over more programs
+# The grouped kernel: 64-key tiles (3 pipelined stages of K and V tiles: 96 KB of shared memory at
+# head_dim 128), and fewer programs per SM before splitting, since each keeps several tiles in flight
+# and a split costs a partial result per query head (16 per program at ChatGLM2/3's grouping). First
+# choices, to be tuned with `gpu/serve_bench.py --attention --grouped`.
+GROUPED_BLOCK_S = 64
+GROUPED_PROGRAMS_PER_SM = 1
 LOG2E = 1.4426950408889634
 
 
@@ -95,6 +108,71 @@ def _decode_attention_kernel(
 
 
 @triton.jit
+def _grouped_decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_o_ptr, part_ml_ptr,
+    S, split_len, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ms,
+    NH: tl.constexpr, NKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+):
+    """Program (row * NKV + kv head, split): the GROUP query heads of the KV head over keys
+    [split * split_len, +split_len) of S, each K and V tile read once for all of them.
+
+    The group's query heads are the rows of the matmuls (GROUP_P >= 16 rows, those past GROUP masked:
+    zero queries, never stored); the online softmax keeps one max and one sum per row. Outputs as in
+    the one-head kernel, per query head (row * NH + head), so the same combine kernel follows a split.
+    """
+    if PDL:  # launched early: wait for the kernels that wrote q and the cache (kernels.use_pdl)
+        gdc_wait()
+        gdc_launch_dependents()
+    bg = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bg // NKV).to(tl.int64)  # row offsets exceed 2**31 bytes in a large cache
+    g = bg % NKV
+    r = tl.arange(0, GROUP_P)
+    in_group = r < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    heads = b * NH + g * GROUP + r  # (GROUP_P,) query heads as flat (row, head) indices, int64
+    q = tl.load(q_ptr + b * stride_qb + (g * GROUP + r)[:, None] * stride_qh + d[None, :], mask=in_group[:, None],
+                other=0.0)  # (GROUP_P, hd) in the cache's dtype: the matmul's rounding is the model's own
+    k_base = k_ptr + b * stride_kb + g * stride_kh
+    v_base = v_ptr + b * stride_vb + g * stride_vh
+    lo = split * split_len
+
+    m_i = tl.full([GROUP_P], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P, HEAD_DIM], dtype=tl.float32)
+    for offset in range(0, split_len, BLOCK_S):  # split_len is a multiple of BLOCK_S; the last split may pass S
+        cols = lo + offset + tl.arange(0, BLOCK_S)
+        visible = cols < S
+        if HAS_MASK:
+            visible = visible & (tl.load(mask_ptr + b * stride_mb + cols * stride_ms, mask=visible, other=0) != 0)
+        # masked lanes issue no memory traffic: columns a row cannot see are never read
+        k = tl.load(k_base + cols[:, None] * stride_ks + d[None, :], mask=visible[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (GROUP_P, BLOCK_S), log2 units
+        scores = tl.where(visible[None, :], scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing visible yet: exp2(-inf - 0) = 0, not NaN
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(scores - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + d[None, :], mask=visible[:, None], other=0.0)
+        # p rounded to the cache's dtype for the tensor cores, as the PyTorch path rounds softmax before @ v
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SPLIT:
+        n_splits = tl.num_programs(1)
+        part = heads * n_splits + split
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=in_group[:, None])
+        tl.store(part_ml_ptr + 2 * part, m_i, mask=in_group)
+        tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=in_group)
+    else:
+        tl.store(out_ptr + heads[:, None] * HEAD_DIM + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=in_group[:, None])
+
+
+@triton.jit
 def _combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, n_splits, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
                     PDL: tl.constexpr):
     """out[bh] = sum_s o_s * 2**(m_s - m) / sum_s l_s * 2**(m_s - m) over the splits of (row, head) bh."""
@@ -123,24 +201,29 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def num_splits(rows_heads: int, S: int, block_s: int, sm_count: int) -> tuple[int, int]:
-    """(splits, keys per split): keys are split only while (row, head) programs are too few to
-    keep every SM streaming; each split is a whole number of BLOCK_S tiles and none is empty."""
+def num_splits(rows_heads: int, S: int, block_s: int, sm_count: int,
+               programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(splits, keys per split): keys are split only while `rows_heads` programs (one per (row, head),
+    or per (row, KV head) for grouped heads) are too few to keep every SM streaming; each split is a
+    whole number of BLOCK_S tiles and none is empty."""
     tiles = triton.cdiv(S, block_s)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, rows_heads)
+    wanted = triton.cdiv(programs_per_sm * sm_count, rows_heads)
     tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, wanted)))
     split_len = tiles_per_split * block_s
     return triton.cdiv(S, split_len), split_len
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the kernel takes these inputs: q (B, nh, 1, hd), k/v (B, nh, S, hd) with the model's
-    dtypes and a power-of-two head_dim, and a (B or 1, 1, 1, S) bool mask or none. Shape logic only,
-    so a compiled step traces it without a graph break; anything needing a gradient stays eager."""
+    """Whether the kernel takes these inputs: q (B, nh, 1, hd), k/v (B, nkv, S, hd) with nkv dividing nh
+    (grouped KV heads), the model's dtypes and a power-of-two head_dim, and a (B or 1, 1, 1, S) bool mask
+    or none. Shape logic only, so a compiled step traces it without a graph break; anything needing a
+    gradient stays eager."""
     B, nh, T, hd = q.shape
     if T != 1 or hd < 16 or hd > 256 or hd & (hd - 1) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if k.dim() != 4 or k.shape[0] != B or k.shape[1] != nh or k.shape[3] != hd or v.shape != k.shape:
+    if k.dim() != 4 or k.shape[0] != B or k.shape[3] != hd or v.shape != k.shape:
+        return False
+    if not 1 <= k.shape[1] <= nh or nh % k.shape[1]:  # each KV head serves nh / nkv query heads
         return False
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -151,22 +234,28 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
-                     block_s: int = BLOCK_S, splits: int | None = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd), masked) v for q (B, nh, 1, hd) over k, v (B, nh, S, hd) -> (B, nh, 1, hd).
+                     block_s: int | None = None, splits: int | None = None, num_warps: int = NUM_WARPS,
+                     num_stages: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), masked) v for q (B, nh, 1, hd) over k, v (B, nkv, S, hd) -> (B, nh, 1, hd);
+    with nkv < nh each KV head serves nh / nkv consecutive query heads (the grouped kernel).
 
-    k and v may be views of a larger cache (any strides but a contiguous head_dim); `splits`
-    overrides the automatic choice (benchmarks sweep it).
+    k and v may be views of a larger cache (any strides but a contiguous head_dim); `block_s`, `splits`,
+    `num_warps` and `num_stages` override the defaults (benchmarks sweep them).
     """
     B, nh, _, hd = q.shape
-    S = k.shape[2]
+    S, nkv = k.shape[2], k.shape[1]
+    group = nh // nkv
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(B, nh, 1, hd, dtype=q.dtype, device=q.device)
     if S == 0:
         return out.fill_(float("nan"))  # as softmax over no columns
     if mask is not None:
         mask = mask.expand(B, 1, 1, S).view(torch.uint8)  # same bytes; Triton reads bytes, not int1
+    if block_s is None:  # float32 (tests, golden checks): half the tile, the same bytes as 16-bit
+        block_s = BLOCK_S if group == 1 else GROUPED_BLOCK_S // (2 if q.dtype == torch.float32 else 1)
     if splits is None:
-        splits, split_len = num_splits(B * nh, S, block_s, _sm_count(q.device))
+        pairs, per_sm = (B * nh, PROGRAMS_PER_SM) if group == 1 else (B * nkv, GROUPED_PROGRAMS_PER_SM)
+        splits, split_len = num_splits(pairs, S, block_s, _sm_count(q.device), per_sm)
     else:
         split_len = triton.cdiv(triton.cdiv(S, max(1, splits)), block_s) * block_s
         splits = triton.cdiv(S, split_len)
@@ -174,14 +263,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     pdl = use_pdl(q)
     part_o = torch.empty(B * nh * splits, hd, dtype=torch.float32, device=q.device) if split else out
     part_ml = torch.empty(B * nh * splits, 2, dtype=torch.float32, device=q.device) if split else out
-    with device_of(q):
-        _decode_attention_kernel[(B * nh, splits)](
-            q, k, v, mask if mask is not None else q, out, part_o, part_ml,
+    args = (q, k, v, mask if mask is not None else q, out, part_o, part_ml,
             S, split_len, LOG2E / math.sqrt(hd),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            mask.stride(0) if mask is not None else 0, mask.stride(3) if mask is not None else 0,
-            NH=nh, HEAD_DIM=hd, BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split, PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
-        )
+            mask.stride(0) if mask is not None else 0, mask.stride(3) if mask is not None else 0)
+    launch = {"num_warps": num_warps, "launch_pdl": pdl, **({"num_stages": num_stages} if num_stages else {})}
+    with device_of(q):
+        if group == 1:
+            _decode_attention_kernel[(B * nh, splits)](
+                *args, NH=nh, HEAD_DIM=hd, BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split, PDL=pdl, **launch,
+            )
+        else:
+            _grouped_decode_attention_kernel[(B * nkv, splits)](
+                *args, NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
+                BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, **launch,
+            )
         if split:
             _combine_kernel[(B * nh,)](part_o, part_ml, out, splits, HEAD_DIM=hd,
                                        SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, launch_pdl=pdl)
@@ -189,7 +286,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The same result in plain PyTorch, computed in float32 (what the kernel is tested against)."""
+    """The same result in plain PyTorch, computed in float32 (what the kernel is tested against);
+    grouped KV heads are repeated to one per query head."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, S, hd)
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, 1, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -7,8 +7,9 @@ A model's code (model.py) says *what* to compute; these functions pick *how*, fr
                         (with GELU in cuBLASLt's epilogue); under torch.compile the bias is added after
                         the matmul so inductor can fuse it
   rotary                q and k rotated by one Triton kernel (rotary_kernel.py) in eager CUDA inference
-  attend                flash-decoding (decode_attention.py) for one query row on CUDA; SDPA otherwise;
-                        k/v may have fewer heads than q (grouped KV heads)
+  attend                flash-decoding (decode_attention.py) for one query row on CUDA, k/v with as many
+                        heads as q (ChatGLM-6B) or fewer (grouped KV heads, ChatGLM2/3: one program reads
+                        a KV head's cache once for its whole group of query heads); SDPA otherwise
 Compiled code and training keep the plain PyTorch forms (inductor fuses them; autograd needs them).
 """
 from __future__ import annotations
@@ -149,7 +150,8 @@ class PromptMask:
 
 
 def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, options: KernelOptions) -> bool:
-    """Whether `attend` runs the flash-decoding kernel (shape logic only: traced without a graph break)."""
+    """Whether `attend` runs the flash-decoding kernel: one query row on CUDA, k/v with nh or fewer heads
+    (any divisor of nh: grouped KV heads) (shape logic only: traced without a graph break)."""
     if not (q.shape[2] == 1 and q.is_cuda and TRITON and options.decode_attention == "triton"):
         return False
     from . import decode_attention  # imported here: Triton is loaded on a GPU only (registers the op)
@@ -180,8 +182,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         before = F.scaled_dot_product_attention(q[:, :, :c], k[:, :, :kc], v[:, :, :kc])  # (B, nh, c, hd)
         return torch.cat([before, sop], dim=2)
     if T == 1:
-        # One query row (decoding): two batched matrix-vector products spread over all keys, where
-        # the fused kernels give each head's single row to one block; compiled, they become reductions.
+        # One query row (decoding) off the kernel (CPU, or KernelOptions(decode_attention="torch")): two
+        # batched matrix-vector products spread over all keys, where the fused kernels give each head's
+        # single row to one block; compiled, they become reductions.
         # Grouped heads fold into query rows of their KV head: the cache is read once, never copied.
         qg = q.reshape(B, nkv, nh // nkv, hd) * hd ** -0.5
         scores = (qg @ k.transpose(-1, -2)).float()  # (B, nkv, nh/nkv, S)
