@@ -165,7 +165,8 @@ def test_fused_kernels_match_pytorch_on_cuda(dtype):
             cos, sin = rotary_tables(torch.randint(0, 8000, (2, T), device=device), d // 2, dtype, family)
             assert rotary_kernel.pairs_supported(q, k, cos, sin)
             rq, rk = rotary_kernel.rotary_pairs_qk(q, k, cos, sin)
-            assert torch.equal(rq, ops.apply_rotary_pairs(q, cos, sin)) and torch.equal(rk, ops.apply_rotary_pairs(k, cos, sin))
+            assert torch.equal(rq, ops.apply_rotary_pairs(q, cos, sin))
+            assert torch.equal(rk, ops.apply_rotary_pairs(k, cos, sin))
         u = 3 * torch.randn(2, T, 2 * Fw, device=device).to(dtype)
         gate, up = u.chunk(2, dim=-1)
         assert ulp_gap(fused_kernels.swiglu(u), F.silu(gate) * up)[1] == 0

@@ -28,8 +28,8 @@ from .kernels import device_of
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROW = 16384  # one program holds a whole row in registers (the models' rows: 4096)
-# The interpreter (TRITON_INTERPRET=1, CPU tests) has no libdevice: it takes numpy's exp and 1/sqrt there.
-PRECISE = not triton.knobs.runtime.interpret
+# PRECISE (libdevice's exp and rsqrt) on CUDA; Triton's interpreter (TRITON_INTERPRET=1, CPU tensors in the
+# tests) has no libdevice and takes numpy's exp and 1 / sqrt instead.
 
 
 @triton.jit
@@ -111,7 +111,8 @@ def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor, residual: torch.Te
     """Contiguous rows of a float dtype (and a residual just like x); the weight one row on x's device."""
     return (_rows(x) and weight.shape == x.shape[-1:] and weight.is_contiguous() and weight.dtype in FLOATS
             and weight.device == x.device
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())))
+            and (residual is None
+                 or (residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -123,7 +124,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     with device_of(x):
         _rms_norm_kernel[(x.numel() // N,)](
             x, residual if residual is not None else x, weight, h if h is not None else y, y, N, 1.0 / N, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, PRECISE=PRECISE, num_warps=warps, enable_fp_fusion=False,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PRECISE=x.is_cuda, num_warps=warps, enable_fp_fusion=False,
         )
     return y if h is None else (h, y)
 
@@ -146,7 +147,7 @@ def add_layer_norm(a: torch.Tensor, x: torch.Tensor, alpha: float, weight: torch
     with device_of(x):
         _add_layer_norm_kernel[(x.numel() // N,)](
             a, x, weight, bias if bias is not None else weight, y, N, alpha, 1.0 / N, eps,
-            HAS_BIAS=bias is not None, BLOCK=block, PRECISE=PRECISE, num_warps=warps, enable_fp_fusion=False,
+            HAS_BIAS=bias is not None, BLOCK=block, PRECISE=x.is_cuda, num_warps=warps, enable_fp_fusion=False,
         )
     return y
 
@@ -168,6 +169,6 @@ def swiglu(u: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*u.shape[:-1], F, dtype=u.dtype, device=u.device)
     block = min(1024, triton.next_power_of_2(F))
     with device_of(u):
-        _swiglu_kernel[(rows.shape[0], triton.cdiv(F, block))](rows, y, F, rows.stride(0), BLOCK=block, PRECISE=PRECISE,
-                                                               num_warps=4)
+        _swiglu_kernel[(rows.shape[0], triton.cdiv(F, block))](rows, y, F, rows.stride(0), BLOCK=block,
+                                                               PRECISE=u.is_cuda, num_warps=4)
     return y

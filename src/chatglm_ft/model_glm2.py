@@ -216,7 +216,7 @@ class GLMBlock(nn.Module):
                 prefix_kv=None):
         a = self.self_attention(ops.rms_norm(self.input_layernorm, h, options=self.kernels), cos, sin, attn_mask,
                                 kv_cache, cache_columns, kv_length, cache_rows, prefix_kv)
-        h, x = ops.rms_norm(self.post_attention_layernorm, h, residual=a, options=self.kernels)  # h = h + a; x = norm(h)
+        h, x = ops.rms_norm(self.post_attention_layernorm, h, residual=a, options=self.kernels)  # h += a; norm(h)
         return h + self.mlp(x)
 
 
