@@ -28,8 +28,8 @@ from .kernels import device_of
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROW = 16384  # one program holds a whole row in registers (the models' rows: 4096)
-# PRECISE (libdevice's exp and rsqrt) on CUDA; Triton's interpreter (TRITON_INTERPRET=1, CPU tensors in the
-# tests) has no libdevice and takes numpy's exp and 1 / sqrt instead.
+# The kernels' PRECISE flag: libdevice's exp and rsqrt, on CUDA. Triton's interpreter (TRITON_INTERPRET=1, CPU
+# tensors in the tests) has no libdevice and runs numpy's exp and 1 / sqrt instead.
 
 
 @triton.jit
