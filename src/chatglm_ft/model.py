@@ -140,13 +140,13 @@ class GLMBlock(nn.Module):
         self.attention = SelfAttention(config, device)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
         self.mlp = MLP(config, device)
+        self.kernels = DEFAULT_KERNELS
 
     def forward(self, h: torch.Tensor, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None,
                 cache_rows=None, prefix_kv=None) -> torch.Tensor:
         x = self.input_layernorm(h)
         a = self.attention(x, cos, sin, attn_mask, kv_cache, cache_columns, kv_length, cache_rows, prefix_kv)
-        h = torch.add(a, x, alpha=RESIDUAL_ALPHA)  # x * alpha + a in one kernel
-        y = self.post_attention_layernorm(h)
+        y = ops.add_layer_norm(self.post_attention_layernorm, a, x, RESIDUAL_ALPHA, self.kernels)  # LN(x * alpha + a)
         return torch.add(self.mlp(y), y, alpha=RESIDUAL_ALPHA)
 
 

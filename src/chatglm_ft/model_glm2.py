@@ -9,9 +9,9 @@ Batch-first throughout: hidden states are (B, T, H), attention tensors (B, heads
 from ChatGLM-6B in positions and masks lives in three functions (`padding_start`, `positions_1d`,
 `causal_padding_mask`) and `PaddingLayout`, this architecture's answer to `steps.Layout`
 (docs/architecture.md): every decode path (eager, fast, the server engine) and evaluation run it
-through steps.py. All matmuls go through `ops.linear` and attention through `ops.attend` (grouped
-key/value heads), the seams where fused/quantized kernels plug in. The rotary stays plain PyTorch
-here: ops.rotary is ChatGLM-6B's rotate-half, this one rotates interleaved pairs.
+through steps.py. All matmuls go through `ops.linear`, attention through `ops.attend` (grouped
+key/value heads), the interleaved-pair rotary through `ops.rotary_pairs`, the norms through
+`ops.rms_norm` and SwiGLU through `ops.swiglu`: the seams where fused/quantized kernels plug in.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -126,17 +125,7 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtyp
     return cos[:, :, None, :], sin[:, :, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2k, 2k+1) of the first r channels of x (B, T, heads, d) by angle k; the rest pass.
-
-    Computed in x's dtype, as the original."""
-    r = cos.shape[-1] * 2
-    rot, rest = x[..., :r], x[..., r:]
-    pairs = rot.unflatten(-1, (-1, 2))  # (B, T, heads, r/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1)
+apply_rotary = ops.apply_rotary_pairs  # interleaved pairs of the first r channels, in x's dtype (SPEC.md II.3.5)
 
 
 # -- attention over grouped key/value heads --------------------------------------------------------
@@ -189,8 +178,7 @@ class SelfAttention(nn.Module):
                 cache_rows=None, prefix_kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.split_qkv(ops.linear(self.query_key_value, x, self.kernels))
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)  # cached after rotary, as the original
+        q, k = ops.rotary_pairs(q, k, cos, sin, self.kernels)  # k cached after rotary, as the original
         if kv_cache is not None:
             k_all, v_all = kv_cache.update(cache_columns, k, v, cache_rows, kv_length)  # (B, G, S, d)
             if kv_length is not None:
@@ -211,8 +199,8 @@ class MLP(nn.Module):
         self.kernels = DEFAULT_KERNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = ops.linear(self.dense_h_to_4h, x, self.kernels).chunk(2, dim=-1)
-        return ops.linear(self.dense_4h_to_h, F.silu(gate) * up, self.kernels)
+        u = ops.linear(self.dense_h_to_4h, x, self.kernels)  # (B, T, 2F): [gate | up]
+        return ops.linear(self.dense_4h_to_h, ops.swiglu(u, self.kernels), self.kernels)
 
 
 class GLMBlock(nn.Module):
@@ -222,12 +210,14 @@ class GLMBlock(nn.Module):
         self.self_attention = SelfAttention(config, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device)
         self.mlp = MLP(config, device)
+        self.kernels = DEFAULT_KERNELS
 
     def forward(self, h, cos, sin, attn_mask, kv_cache=None, cache_columns=None, kv_length=None, cache_rows=None,
                 prefix_kv=None):
-        h = h + self.self_attention(self.input_layernorm(h), cos, sin, attn_mask, kv_cache, cache_columns, kv_length,
-                                    cache_rows, prefix_kv)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attention(ops.rms_norm(self.input_layernorm, h, options=self.kernels), cos, sin, attn_mask,
+                                kv_cache, cache_columns, kv_length, cache_rows, prefix_kv)
+        h, x = ops.rms_norm(self.post_attention_layernorm, h, residual=a, options=self.kernels)  # h += a; norm(h)
+        return h + self.mlp(x)
 
 
 class Embedding(nn.Module):
@@ -271,6 +261,7 @@ class ChatGLM2Model(nn.Module):
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         self.gradient_checkpointing = False
         self.prefix_encoder = None  # P-Tuning v2: a ptuning.PrefixEncoder, attached by ptuning.attach
+        self.kernels = DEFAULT_KERNELS
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -301,7 +292,7 @@ class ChatGLM2Model(nn.Module):
                                                       use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attn_mask, cache, cache_columns, kv_length, cache_rows, prefix_kvs[i])
-        return self.encoder.final_layernorm(h)
+        return ops.rms_norm(self.encoder.final_layernorm, h, options=self.kernels)
 
 
 class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):

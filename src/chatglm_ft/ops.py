@@ -6,11 +6,16 @@ A model's code (model.py) says *what* to compute; these functions pick *how*, fr
                         chatglm_ft::gemv), for float and int8/int4 layers alike; more rows: cuBLAS
                         (with GELU in cuBLASLt's epilogue); under torch.compile the bias is added after
                         the matmul so inductor can fuse it
-  rotary                q and k rotated by one Triton kernel (rotary_kernel.py) in eager CUDA inference
+  rotary, rotary_pairs  q and k rotated by one Triton kernel (rotary_kernel.py) in eager CUDA inference
+                        (ChatGLM-6B's rotate-half; ChatGLM2/3's interleaved pairs)
+  rms_norm, add_layer_norm, swiglu
+                        a norm (after the residual add) or SwiGLU as one row-wise Triton kernel
+                        (fused_kernels.py) in eager CUDA inference, with the PyTorch form's rounding
   attend                flash-decoding (decode_attention.py) for one query row on CUDA, k/v with as many
                         heads as q (ChatGLM-6B) or fewer (grouped KV heads, ChatGLM2/3: one program reads
                         a KV head's cache once for its whole group of query heads); SDPA otherwise
 Compiled code and training keep the plain PyTorch forms (inductor fuses them; autograd needs them).
+All fused eager paths are behind `KernelOptions.fused` (off: the plain forms everywhere, for A/B runs).
 """
 from __future__ import annotations
 
@@ -87,6 +92,11 @@ def eager_cuda_inference(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def _fused(x: torch.Tensor, options: KernelOptions) -> bool:
+    """Whether a fused eager kernel may replace the PyTorch form here (it still checks the inputs)."""
+    return options.fused and TRITON and eager_cuda_inference(x)
+
+
 def linear(layer: nn.Module, x: torch.Tensor, options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """`layer(x)`; under torch.compile a plain nn.Linear adds its bias after the matmul instead, because
     inductor turns a bias-free one-token matmul into a tuned reduction (GEMV) and fuses the bias and
@@ -129,12 +139,76 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 def rotary(qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            options: KernelOptions = DEFAULT_KERNELS) -> tuple[torch.Tensor, torch.Tensor]:
     """GLM's rotary of q and k (views of the per-head interleaved `qkv`): one kernel in eager CUDA inference."""
-    if options.fused and TRITON and eager_cuda_inference(qkv):
+    if _fused(qkv, options):
         from . import rotary_kernel  # Triton is imported on CUDA only
 
         if rotary_kernel.supported(qkv, cos, sin):
             return rotary_kernel.rotary_qk(qkv, cos, sin)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def apply_rotary_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ChatGLM2/3's rotary: rotate channel pairs (2k, 2k+1) of the first r channels of x (B, T, heads, d) by
+    angle k (cos, sin: (B, T, 1, r/2)); the rest pass. Computed in x's dtype, as the original."""
+    r = cos.shape[-1] * 2
+    rot, rest = x[..., :r], x[..., r:]
+    pairs = rot.unflatten(-1, (-1, 2))  # (B, T, heads, r/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+def rotary_pairs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 options: KernelOptions = DEFAULT_KERNELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary_pairs` of q (B, T, N, d) and k (B, T, G, d): one kernel in eager CUDA inference when they
+    are views of one query_key_value output (bit for bit the PyTorch form's values)."""
+    if _fused(q, options):
+        from . import rotary_kernel  # Triton is imported on CUDA only
+
+        if rotary_kernel.pairs_supported(q, k, cos, sin):
+            return rotary_kernel.rotary_pairs_qk(q, k, cos, sin)
+    return apply_rotary_pairs(q, cos, sin), apply_rotary_pairs(k, cos, sin)
+
+
+# -- norms and activations ---------------------------------------------------------------------------
+def rms_norm(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+             options: KernelOptions = DEFAULT_KERNELS):
+    """`layer(x)` for an RMSNorm layer (`weight`, `eps`: model_glm2.RMSNorm); with `residual`, the pair
+    (h, layer(h)) for h = x + residual. One kernel in eager CUDA inference: the statistics in float32 as
+    the layer's, possibly summed in another order (fused_kernels.py)."""
+    if _fused(x, options):
+        from . import fused_kernels
+
+        if fused_kernels.rms_norm_supported(x, layer.weight, residual):
+            return fused_kernels.rms_norm(x, layer.weight, layer.eps, residual)
+    if residual is None:
+        return layer(x)
+    h = x + residual
+    return h, layer(h)
+
+
+def add_layer_norm(layer: nn.LayerNorm, a: torch.Tensor, x: torch.Tensor, alpha: float,
+                   options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
+    """`layer(torch.add(a, x, alpha=alpha))` (ChatGLM-6B's scaled residual, then LayerNorm): one kernel in
+    eager CUDA inference, which reads a and x once and never writes the sum."""
+    if _fused(x, options) and type(layer) is nn.LayerNorm and len(layer.normalized_shape) == 1:
+        from . import fused_kernels
+
+        if fused_kernels.add_layer_norm_supported(a, x, layer.weight, layer.bias):
+            return fused_kernels.add_layer_norm(a, x, alpha, layer.weight, layer.bias, layer.eps)
+    return layer(torch.add(a, x, alpha=alpha))
+
+
+def swiglu(u: torch.Tensor, options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
+    """silu(gate) * up for u = [gate | up] (.., 2F) (ChatGLM2/3's MLP): one kernel in eager CUDA inference."""
+    if _fused(u, options):
+        from . import fused_kernels
+
+        if fused_kernels.swiglu_supported(u):
+            return fused_kernels.swiglu(u)
+    gate, up = u.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 # -- attention -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ class KernelOptions:
     # (dequantize + cuBLAS for int8/int4 layers), "triton" cuBLAS in eager code and inductor's tuned
     # reductions in compiled code (docs/benchmarks.md has the comparison).
     gemv: str = "kernel"
-    fused: bool = True  # fused eager paths: the rotary kernel, GELU in the matmul's epilogue
+    fused: bool = True  # fused eager paths: rotary, norm (+ residual) and SwiGLU kernels, GELU in the matmul's epilogue
     decode_attention: str = "triton"  # one-token attention: the flash-decoding kernel or "torch"
 
     def validate(self) -> "KernelOptions":

@@ -1,10 +1,14 @@
-"""Rotary embedding of q and k in one Triton kernel, for eager forwards on CUDA (prefill above all).
+"""Rotary embedding of q and k in one Triton kernel, for eager forwards on CUDA (prefill above all):
+ChatGLM-6B's rotate-half on both halves of each head (`rotary_qk`) and ChatGLM2/3's interleaved pairs
+on the first half (`rotary_pairs_qk`).
 
 Eager PyTorch applies `model.apply_rotary` as a multiply, a copy for the quarter swap and an
 addcmul, each a full pass over q (and again over k): at a 2048-token prefill that is ~290 MB of
 traffic per layer where reading q, k and writing them once is 64 MB. Here one program reads a token's
 q or k heads from the fused query_key_value output (per-head interleaved [q | k | v]) and writes
 the rotated heads, contiguous, in float32 arithmetic rounded once (what a compiled step computes).
+ChatGLM2/3's rotary is computed in the activation dtype, as THUDM's implementation does: there the
+kernel rounds after every product and sum, as the eager PyTorch ops do, and matches them bit for bit.
 Compiled code keeps the PyTorch form: inductor fuses it into its own kernels.
 """
 from __future__ import annotations
@@ -69,3 +73,81 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) ->
             HEAD_DIM=hd, BLOCK_H=block_h, num_warps=4,
         )
     return out[0], out[1]
+
+
+# -- ChatGLM2/3: interleaved pairs of the first half of each head ------------------------------------
+@triton.jit
+def _rotary_pairs_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, NQ, NK, stride_xb, stride_xt, stride_cb, stride_ct,
+                         HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, PAIRS_BLOCK: tl.constexpr,
+                         REST_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (token, head block) over the NQ query heads and then the NK key heads, which sit one after
+    the other in a query_key_value row: pair j of channels (2j, 2j+1) -> (x0 cos - x1 sin, x1 cos + x0 sin),
+    each product, difference and sum rounded to x's dtype as `apply_rotary_pairs` computes them; channels
+    from 2 PAIRS on are copied."""
+    token = tl.program_id(0)
+    b = token // T
+    t = token % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = heads[:, None] < NQ + NK
+    src = x_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + heads[:, None] * HEAD_DIM
+    row = token.to(tl.int64)
+    dst = tl.where(heads[:, None] < NQ, q_ptr + (row * NQ + heads[:, None]) * HEAD_DIM,
+                   k_ptr + (row * NK + heads[:, None] - NQ) * HEAD_DIM)
+    dtype = x_ptr.dtype.element_ty
+    j = tl.arange(0, PAIRS_BLOCK)
+    pair_ok = ok & (j[None, :] < PAIRS)
+    table = b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct + j
+    cos = tl.load(cos_ptr + table, mask=j < PAIRS, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + table, mask=j < PAIRS, other=0.0).to(dtype).to(tl.float32)[None, :]
+    x0 = tl.load(src + 2 * j[None, :], mask=pair_ok, other=0.0).to(tl.float32)
+    x1 = tl.load(src + 2 * j[None, :] + 1, mask=pair_ok, other=0.0).to(tl.float32)
+    out0 = ((x0 * cos).to(dtype).to(tl.float32) - (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    out1 = ((x1 * cos).to(dtype).to(tl.float32) + (x0 * sin).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(dst + 2 * j[None, :], out0, mask=pair_ok)
+    tl.store(dst + 2 * j[None, :] + 1, out1, mask=pair_ok)
+    if REST_BLOCK > 0:
+        i = 2 * PAIRS + tl.arange(0, REST_BLOCK)
+        rest_ok = ok & (i[None, :] < HEAD_DIM)
+        tl.store(dst + i[None, :], tl.load(src + i[None, :], mask=rest_ok), mask=rest_ok)
+
+
+def _table_strides(table: torch.Tensor) -> tuple[int, int]:
+    """(batch, token) strides of a (B or 1, T or 1, 1, r/2) table: 0 where it broadcasts."""
+    return tuple(table.stride(i) if table.shape[i] > 1 else 0 for i in (0, 1))
+
+
+def pairs_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """q (B, T, N, d) and k (B, T, G, d) views of one query_key_value output (k's heads right after q's,
+    heads contiguous), cos/sin (B or 1, T or 1, 1, r/2) with r <= d; float16/bfloat16/float32."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 4:
+        return False
+    B, T, N, d = q.shape
+    r2 = cos.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
+            and q.numel() > 0 and k.shape[:2] == (B, T) and k.shape[3] == d and 0 < 2 * r2 <= d
+            and q.stride(-1) == 1 and q.stride(-2) == d and k.stride() == (q.stride(0), q.stride(1), d, 1)
+            and k.data_ptr() == q.data_ptr() + N * d * q.element_size()
+            and cos.shape[0] in (1, B) and cos.shape[1] in (1, T) and cos.shape[2] == 1 and cos.stride(-1) == 1
+            and sin.shape == cos.shape and sin.stride() == cos.stride() and sin.dtype == cos.dtype
+            and cos.device == q.device)
+
+
+def rotary_pairs_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.apply_rotary_pairs` of q and k in one launch: new contiguous (B, T, N, d) and (B, T, G, d),
+    bit for bit what the PyTorch form gives (see `pairs_supported` for the inputs)."""
+    B, T, N, d = q.shape
+    G = k.shape[2]
+    pairs = cos.shape[-1]
+    q_out = torch.empty(B, T, N, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(B, T, G, d, dtype=q.dtype, device=q.device)
+    block_h = min(triton.next_power_of_2(N + G), max(1, 2048 // d))
+    rest = d - 2 * pairs
+    with device_of(q):
+        _rotary_pairs_kernel[(B * T, triton.cdiv(N + G, block_h))](
+            q, cos, sin, q_out, k_out, T, N, G, q.stride(0), q.stride(1), *_table_strides(cos),
+            HEAD_DIM=d, PAIRS=pairs, PAIRS_BLOCK=triton.next_power_of_2(pairs),
+            REST_BLOCK=triton.next_power_of_2(rest) if rest else 0, BLOCK_H=block_h,
+            num_warps=4, enable_fp_fusion=False,  # float32: products rounded before the sum, as in PyTorch
+        )
+    return q_out, k_out
