@@ -552,7 +552,8 @@ def make_batch(run: Run, examples: list[Example], indices: list) -> tuple[dict[s
     pad_id = run.base.config.pad_token_id
     if isinstance(run.sampler, PackedBatches):
         rows = [[examples[i] for i in row] for row in indices]
-        return collate_packed(rows, pad_id, run.base.prompt_layout), sum(len(e) for row in rows for e in row)
+        batch = collate_packed(rows, pad_id, run.base.prompt_layout, device=run.procs.device)
+        return batch, sum(len(e) for row in rows for e in row)
     chosen = [examples[i] for i in indices]
     return collate(chosen, pad_id), sum(len(e) for e in chosen)
 
@@ -732,8 +733,8 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
     if procs.main:
         (output_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         where = result.adapter_dir or result.model_dir
-        padding = f" ({result.padding_fraction:.1%} of the batches padding)" if result.padding_fraction is not None else ""
-        info(f"done: {run.step} steps in {seconds:.1f}s, {tokens_per_second:,.0f} tokens/s{padding}, "
+        padding = f", {result.padding_fraction:.1%} of the batches padding" if result.padding_fraction is not None else ""
+        info(f"done: {run.step} steps in {seconds:.1f}s, {tokens_per_second:,.0f} tokens/s (not counting padding{padding}), "
              f"final loss {result.final_loss:.4f}; saved {where}")
         discard(aside)
     procs.barrier()
