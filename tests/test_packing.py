@@ -69,6 +69,12 @@ def test_grouped_batches_are_sorted_within_their_mega_batch_and_random_ones_are_
 
 def test_resuming_needs_the_same_batching():
     lengths = lengths_of(100)
+    plain = LengthGroupedBatches(lengths, batch_size=4, seed=0, by_length=False)
+    iterator = iter(plain)
+    head = [next(iterator) for _ in range(7)]
+    resumed = LengthGroupedBatches(lengths, batch_size=4, seed=0, by_length=False)
+    resumed.load_state_dict(json.loads(json.dumps(plain.state_dict())))
+    assert head + list(resumed) == plain.epoch_batches(0)  # random batches resume mid-epoch too
     grouped = LengthGroupedBatches(lengths, batch_size=4, seed=0)
     with pytest.raises(DataError, match="by_length True -> False.*--batching"):
         LengthGroupedBatches(lengths, batch_size=4, seed=0, by_length=False).load_state_dict(grouped.state_dict())
@@ -265,3 +271,28 @@ def test_one_epoch_logs_the_padding_of_its_batches(tmp_path):
         assert result.padding_fraction == round(1 - real / positions, 4), batching
     with pytest.raises(ChatGLMError, match="batching must be one of grouped, random, packed"):
         TrainConfig(batching="sorted").validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
+def test_packed_rows_on_gpu(family, golden_dir, golden3_dir, tmp_path):
+    """Positions and masks built on the GPU equal the CPU's; the packed loss is the examples' loss there too
+    (float32: the kernels with a mask), and a packed LoRA run goes through under bfloat16 autocast."""
+    model, tokenizer = load({"chatglm": golden_dir, "chatglm3": golden3_dir}[family], dtype="float32", device="cuda")
+    examples = tokenize_records(RECORDS, tokenizer)
+    rows = [[examples[i] for i in row] for row in ([0, 1, 4], [2], [3])]
+    pad = model.config.pad_token_id
+    on_gpu = collate_packed(rows, pad, model.prompt_layout, device="cuda")
+    on_cpu = collate_packed(rows, pad, model.prompt_layout)
+    for key in ("position_ids", "attention_mask"):
+        assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), on_cpu[key])
+    with torch.no_grad():
+        alone = sum(model(b["input_ids"].cuda(), labels=b["labels"].cuda()).loss * int((b["labels"][:, 1:] != -100).sum())
+                    for b in (collate([e], pad) for e in examples))
+        packed = model(on_gpu["input_ids"].cuda(), position_ids=on_gpu["position_ids"],
+                       attention_mask=on_gpu["attention_mask"], labels=on_gpu["labels"].cuda()).loss
+    torch.testing.assert_close(packed * int((on_gpu["labels"][:, 1:] != -100).sum()), alone, rtol=1e-4, atol=1e-3)
+    result = train(config(tmp_path, max_steps=4, device="cuda", pack_length=64, learning_rate=1e-2),
+                   model=model, examples=examples * 8)
+    assert len(result.losses) == 4 and all(np.isfinite(v) for _, v in result.losses)
+    assert result.padding_fraction is not None and result.peak_memory_bytes
