@@ -60,36 +60,49 @@ def loss_check(model, config: ChatGLMConfig) -> dict:
             "ok": abs(ours - reference) < 2e-3}
 
 
-def run_config(name: str, model, config: ChatGLMConfig, *, batch: int, checkpointing: bool, steps: int,
-               learning_rate: float, data: list[Example], profile: bool = False,
-               compile_layers: bool = False) -> dict:
+def timed_train(name: str, model, data: list[Example], *, steps: int, profile: bool = False, **settings):
+    """`train` on the model in memory for `steps` steps with TrainConfig `settings`; the adapter is removed
+    afterwards and compiled layers go back to eager, so the next configuration starts from the plain base.
+    The TrainResult's tokens/s (non-padding, after the first step) and peak memory are the measurement."""
     layers = model.transformer.layers
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
-                          gradient_checkpointing=checkpointing, learning_rate=learning_rate, warmup_steps=0,
-                          logging_steps=steps, save_steps=0, eval_steps=0, progress=False, report_to=["none"],
-                          max_source_length=SEQ, max_target_length=SEQ, compile=compile_layers)
-        if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = TrainConfig(output_dir=out, max_steps=steps, warmup_steps=0, logging_steps=steps, save_steps=0,
+                              eval_steps=0, progress=False, report_to=["none"], **settings)
+            return _train_maybe_profiled(name, cfg, model, data, steps, profile)
+    finally:
+        remove_adapters(model)  # the next configuration starts from the plain base again
+        if settings.get("compile"):
+            for layer in layers:
+                layer._compiled_call_impl = None  # back to eager
 
-            t0 = time.perf_counter()
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                result = train(cfg, model=model, examples=data)
-            wall = time.perf_counter() - t0
-            events = prof.key_averages()
-            gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-            print(f"--- profile {name}: wall {wall:.2f} s, GPU kernels {gpu_us / 1e6:.2f} s "
-                  f"({100 * gpu_us / 1e6 / wall:.0f}% busy), {steps} steps", file=sys.stderr)
-            print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), file=sys.stderr)
-        else:
-            result = train(cfg, model=model, examples=data)
-    remove_adapters(model)  # the next configuration starts from the plain base again
-    if compile_layers:
-        for layer in layers:
-            layer._compiled_call_impl = None  # back to eager
+
+def _train_maybe_profiled(name: str, cfg: TrainConfig, model, data: list[Example], steps: int, profile: bool):
+    if not profile:
+        return train(cfg, model=model, examples=data)
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = train(cfg, model=model, examples=data)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    print(f"--- profile {name}: wall {wall:.2f} s, GPU kernels {gpu_us / 1e6:.2f} s "
+          f"({100 * gpu_us / 1e6 / wall:.0f}% busy), {steps} steps", file=sys.stderr)
+    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), file=sys.stderr)
+    return result
+
+
+def run_config(name: str, model, config: ChatGLMConfig, *, batch: int, checkpointing: bool, steps: int,
+               learning_rate: float, data: list[Example], profile: bool = False,
+               compile_layers: bool = False) -> dict:
+    result = timed_train(name, model, data, steps=steps, profile=profile, per_device_train_batch_size=batch,
+                         gradient_checkpointing=checkpointing, learning_rate=learning_rate,
+                         max_source_length=SEQ, max_target_length=SEQ, compile=compile_layers)
     losses = [v for _, v in result.losses]
     row = {
         "config": name, "batch": batch, "seq": SEQ, "gradient_checkpointing": checkpointing, "steps": result.steps,

@@ -240,11 +240,13 @@ class LengthGroupedBatches:
     Rank r gets the r-th slice of every global batch, so N processes see exactly the batches of one
     process with N times the batch size. Deterministic given (seed, epoch); `state_dict` holds the
     position, and iteration continues from it after `load_state_dict`.
-    Without `shuffle` (evaluation): batches in order of decreasing length.
+    Without `shuffle` (evaluation): batches in order of decreasing length. With `by_length=False` the
+    permutation is cut into batches as it is (random batches, as a plain shuffled data loader gives).
     """
 
     def __init__(self, lengths: Sequence[int], *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0, group_batches: int = 50):
+                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0, group_batches: int = 50,
+                 by_length: bool = True):
         if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas or group_batches < 1:
             raise ChatGLMError(f"bad batching: batch_size={batch_size}, num_replicas={num_replicas}, rank={rank}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -252,6 +254,7 @@ class LengthGroupedBatches:
             raise DataError("no examples to batch")
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.num_replicas, self.rank, self.group_batches = num_replicas, rank, group_batches
+        self.by_length = by_length
         self.global_batch_size = batch_size * num_replicas
         if drop_last and len(self.lengths) < self.global_batch_size:
             raise DataError(f"{len(self.lengths)} examples do not fill one batch of {self.global_batch_size}")
@@ -269,9 +272,10 @@ class LengthGroupedBatches:
             return [order[i:i + size] for i in range(0, len(self) * size, size)]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n)
-        group = size * self.group_batches
-        order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                                for chunk in (order[i:i + group] for i in range(0, n, group))])
+        if self.by_length:
+            group = size * self.group_batches
+            order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                                    for chunk in (order[i:i + group] for i in range(0, n, group))])
         batches = [order[i:i + size] for i in range(0, len(self) * size, size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
         longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max())
@@ -288,6 +292,13 @@ class LengthGroupedBatches:
             batches.append(batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist())
         return batches
 
+    def token_counts(self, epoch: int = 0) -> tuple[int, int]:
+        """(real tokens, batch positions) of this rank's batches of an epoch: their ratio is the share of the
+        work that is not padding (each batch is padded to its longest example)."""
+        batches = self.epoch_batches(epoch)
+        return (int(sum(self.lengths[b].sum() for b in batches)),
+                int(sum(len(b) * self.lengths[b].max() for b in batches)))
+
     def __iter__(self) -> Iterator[list[int]]:
         """The rest of the current epoch; when exhausted, the next iteration is the next epoch."""
         batches = self.epoch_batches(self.epoch)
@@ -301,12 +312,14 @@ class LengthGroupedBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` left off; the data and global batch must be those of the saved run."""
+        if "pack_length" in state:  # packing.PackedBatches' state
+            raise DataError("cannot resume: the checkpoint's batches were packed; resume with --batching packed")
         mine = self._identity()
         changed = [k for k in mine if k in state and state[k] != mine[k]]
         if changed:
             raise DataError(
                 f"cannot resume: {', '.join(f'{k} {state[k]} -> {mine[k]}' for k in changed)} changed since the"
-                " checkpoint, so the batches would differ; use the same data, seed and global batch size"
+                " checkpoint, so the batches would differ; use the same data, seed, global batch size and --batching"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
@@ -314,7 +327,7 @@ class LengthGroupedBatches:
         lengths_hash = hashlib.sha256(self.lengths.tobytes()).hexdigest()[:16]
         return {"seed": self.seed, "global_batch_size": self.global_batch_size, "num_examples": len(self.lengths),
                 "lengths_hash": lengths_hash, "shuffle": self.shuffle, "drop_last": self.drop_last,
-                "group_batches": self.group_batches}
+                "group_batches": self.group_batches, "by_length": self.by_length}
 
 
 def collate(examples: Sequence[Example], pad_id: int, *, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from .config_glm2 import ChatGLM2Config
 from .model import CausalLMHead, CausalLMOutput, KVCache
 from .ops import DEFAULT_KERNELS
 from .options import DecodeOptions, KernelOptions
+from .positions import per_column, per_query
 from .ptuning import prefix_inputs, with_prefix
 
 
@@ -35,7 +36,7 @@ class PaddingLayout:
     """Where each left-padded row starts: its first real column (SPEC.md II.3.6). ChatGLM2/3's answer to
     `steps.Layout`: 1-D positions counted from `start`, a causal mask that hides the left padding."""
 
-    start: torch.Tensor  # (B,) long
+    start: torch.Tensor  # (B,) long, or (B, T) per column: each packed sequence's first column (packing.py)
 
     # A server slot's prompt starts at column 0: the slot needs no state beyond its column.
     STATE_SIZE = 0
@@ -73,7 +74,7 @@ def positions_1d(start: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Position ids (B, T) of absolute `columns` (T,) or (B, T): 0 at each row's first real token, 0 on pads."""
     if columns.dim() == 1:
         columns = columns[None, :].expand(start.shape[0], -1)
-    return (columns - start[:, None]).clamp(min=0)
+    return (columns - per_column(start)).clamp(min=0)
 
 
 def causal_padding_mask(start: torch.Tensor, query_columns: torch.Tensor, key_length: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ def causal_padding_mask(start: torch.Tensor, query_columns: torch.Tensor, key_le
         query_columns = query_columns[None, :].expand(start.shape[0], -1)
     i = query_columns[:, None, :, None]  # (B, 1, T, 1)
     j = torch.arange(key_length, device=query_columns.device)[None, None, None, :]  # (1, 1, 1, S)
-    return ((j >= start[:, None, None, None]) & (j <= i)) | (j == i)
+    return ((j >= per_query(start)) & (j <= i)) | (j == i)
 
 
 def padding_mask_from_2d(attention_mask: torch.Tensor, query_columns: torch.Tensor) -> torch.Tensor:

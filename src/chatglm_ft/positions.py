@@ -5,6 +5,9 @@ All indices here are absolute columns of the (padded) batch:
   start    first non-pad column (the row's own index 0)
   context  column of <sop>: columns start..context-1 see each other bidirectionally
   mask     column of [gMASK] (or [MASK]): every position from <sop> on carries it as its first coordinate
+Each is (B,) for one sequence per row, or (B, T) per column for rows that pack several sequences side by
+side (packing.py): a column then carries the start, <sop> and [gMASK] columns of its own sequence, and the
+same formulas give each sequence its own positions and a mask that keeps it to itself.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .config import ChatGLMConfig
 class PrefixLayout:
     """Where each row's prompt parts sit: ChatGLM-6B's answer to `steps.Layout` (docs/architecture.md)."""
 
-    start: torch.Tensor  # (B,) long
+    start: torch.Tensor  # (B,) long, or (B, T) per column (packed rows)
     context: torch.Tensor  # (B,) long, column of <sop>
     mask: torch.Tensor  # (B,) long, column of [gMASK]/[MASK]
 
@@ -73,7 +76,7 @@ def position_ids_for(layout: PrefixLayout, columns: torch.Tensor) -> torch.Tenso
     """2D position ids (B, 2, T) for absolute `columns` (T,) or (B, T) of each row."""
     if columns.dim() == 1:
         columns = columns[None, :].expand(layout.start.shape[0], -1)
-    start, context, mask = layout.start[:, None], layout.context[:, None], layout.mask[:, None]
+    start, context, mask = (per_column(x) for x in (layout.start, layout.context, layout.mask))
     generated = columns >= context
     positions = torch.where(generated, mask - start, columns - start).clamp(min=0)
     block_positions = torch.where(generated, columns - context + 1, torch.zeros_like(columns))
@@ -91,7 +94,16 @@ def attention_mask_for(layout: PrefixLayout, query_columns: torch.Tensor, key_le
         query_columns = query_columns[None, :].expand(layout.start.shape[0], -1)
     i = query_columns[:, None, :, None]  # (B, 1, T, 1)
     j = torch.arange(key_length, device=query_columns.device)[None, None, None, :]  # (1, 1, 1, S)
-    start = layout.start[:, None, None, None]
-    context = layout.context[:, None, None, None]
+    start, context = per_query(layout.start), per_query(layout.context)
     visible = (j >= start) & ((j < context) | (j <= i))
     return visible | (j == i)
+
+
+def per_column(field: torch.Tensor) -> torch.Tensor:
+    """A layout field against (B, T) columns: (B,) per row -> (B, 1); (B, T) per column as it is."""
+    return field[:, None] if field.dim() == 1 else field
+
+
+def per_query(field: torch.Tensor) -> torch.Tensor:
+    """A layout field against a (B, 1, T, S) mask: (B,) -> (B, 1, 1, 1); (B, T) per query column -> (B, 1, T, 1)."""
+    return field[:, None, None, None] if field.dim() == 1 else field[:, None, :, None]

@@ -41,6 +41,7 @@ from .data import (IGNORE_INDEX, Example, LengthGroupedBatches, collate, default
 from .errors import ChatGLMError, DataError
 from .outputs import check_output_dir, discard, move_aside, writing
 from .lora import apply_lora, save_adapter
+from .packing import PackedBatches, collate_packed
 from .ptuning import add_prefix_encoder, prefix_encoder_of, save_prefix
 from .train_config import TrainConfig, TrainResult
 
@@ -139,13 +140,14 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: Any
-    sampler: LengthGroupedBatches
+    sampler: LengthGroupedBatches | PackedBatches
     total_steps: int
     tokenizer_dir: Path | None
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     sharded: bool = False  # --fsdp with several processes: parameters are DTensor shards (fsdp.py)
+    token_counts: tuple[int, int] = (0, 0)  # real tokens and batch positions of this run's steps, all processes
 
     @property
     def lora(self) -> bool:
@@ -360,7 +362,8 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]], autocast) -> tu
         with sync:
             with autocast:
                 out = run.net(batch["input_ids"].to(device, non_blocking=True),
-                              labels=batch["labels"].to(device, non_blocking=True), return_logits=False)
+                              labels=batch["labels"].to(device, non_blocking=True), return_logits=False,
+                              **packed_inputs(batch, device))
             # mean over this micro-batch -> its share of the step's token mean; x world because DDP/FSDP average
             loss = out.loss.float() * (count * procs.world) / total
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
@@ -378,6 +381,12 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]], autocast) -> tu
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum, total
+
+
+def packed_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A packed batch's per-example positions and mask (none for plain batches: the model derives them)."""
+    return {key: batch[key].to(device, non_blocking=True) for key in ("position_ids", "attention_mask")
+            if batch.get(key) is not None}
 
 
 @torch.no_grad()
@@ -406,7 +415,7 @@ def evaluate(run: Run, examples: list[Example], autocast) -> float:
     return (run.procs.sum(loss_sum) / run.procs.sum(count).clamp(min=1.0)).item()
 
 
-def epoch_of(sampler: LengthGroupedBatches) -> float:
+def epoch_of(sampler: LengthGroupedBatches | PackedBatches) -> float:
     return round(sampler.epoch + sampler.position / max(1, len(sampler)), 4)
 
 
@@ -528,6 +537,27 @@ def prepare_model(config: TrainConfig, procs: Processes, model, tokenizer):
     return model, tokenizer, amp, tokenizer_dir
 
 
+def make_sampler(config: TrainConfig, examples: list[Example], procs: Processes) -> LengthGroupedBatches | PackedBatches:
+    """The batches of --batching: grouped by length (default), random, or packed rows."""
+    lengths = [len(e) for e in examples]
+    if config.batching == "packed":
+        return PackedBatches(lengths, pack_length=config.packed_row_length, batch_size=config.per_device_train_batch_size,
+                             seed=config.seed, num_replicas=procs.world, rank=procs.rank)
+    return LengthGroupedBatches(lengths, batch_size=config.per_device_train_batch_size, seed=config.seed,
+                                num_replicas=procs.world, rank=procs.rank, by_length=config.batching == "grouped")
+
+
+def make_batch(run: Run, examples: list[Example], indices: list) -> tuple[dict[str, torch.Tensor], int]:
+    """(collated micro-batch, its real tokens) for the sampler's `indices`: examples, or rows of examples when packed."""
+    pad_id = run.base.config.pad_token_id
+    if isinstance(run.sampler, PackedBatches):
+        rows = [[examples[i] for i in row] for row in indices]
+        batch = collate_packed(rows, pad_id, run.base.prompt_layout, device=run.procs.device)
+        return batch, sum(len(e) for row in rows for e in row)
+    chosen = [examples[i] for i in indices]
+    return collate(chosen, pad_id), sum(len(e) for e in chosen)
+
+
 def uses_fsdp(config: TrainConfig, procs: Processes) -> bool:
     return config.fsdp and procs.world > 1
 
@@ -576,8 +606,17 @@ def describe(run: Run, n_train: int, n_val: int, amp, steps_per_epoch: int) -> s
             if run.ptuning else "full fine-tuning")
     what += f", FSDP over {procs.world} processes" if run.sharded else ""
     global_batch = c.per_device_train_batch_size * procs.world * c.gradient_accumulation_steps
+    real, positions = run.sampler.token_counts(run.sampler.epoch)
+    if isinstance(run.sampler, PackedBatches):
+        rows = len(run.sampler.rows)
+        batching = (f"; packed into {rows:,} rows of <= {run.sampler.pack_length} tokens"
+                    f" ({n_train / rows:.1f} examples per row)")
+        unit = "rows"
+    else:
+        batching, unit = f"; {c.batching} batches", "examples"
     return (f"train: {n_train:,} examples" + (f" (+{n_val:,} validation)" if n_val else "")
-            + f"; {run.total_steps:,} steps ({steps_per_epoch:,} per epoch) of {global_batch} examples"
+            + batching + f" ({1 - real / positions:.1%} padding)"
+            + f"; {run.total_steps:,} steps ({steps_per_epoch:,} per epoch) of {global_batch} {unit}"
             f" ({c.per_device_train_batch_size} x {procs.world} process(es) x {c.gradient_accumulation_steps} accumulation)"
             f"; {what}: {trainable:,} of {total:,} parameters train"
             f"; {str(amp).removeprefix('torch.') + ' autocast' if amp else 'float32'} on {procs.device}")
@@ -639,8 +678,7 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
             broadcast_buffers=False)  # no buffer changes while training: skip the per-forward broadcast
     elif config.fsdp:
         info("note: --fsdp with one process: nothing to shard, training the whole model as usual")
-    sampler = LengthGroupedBatches([len(e) for e in train_examples], batch_size=config.per_device_train_batch_size,
-                                   seed=config.seed, num_replicas=procs.world, rank=procs.rank)
+    sampler = make_sampler(config, train_examples, procs)
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = max(1, len(sampler) // accumulation)
     total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
@@ -690,11 +728,13 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
         eval_losses=run.eval_losses, tokens_per_second=tokens_per_second, seconds=seconds, steps=run.step,
         model_dir=None if run.lora or run.ptuning else output_dir / "model",
         peak_memory_bytes=torch.cuda.max_memory_allocated(procs.device) if procs.device.type == "cuda" else None,
+        padding_fraction=round(1 - run.token_counts[0] / run.token_counts[1], 4) if run.token_counts[1] else None,
     )
     if procs.main:
         (output_dir / RESULTS_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         where = result.adapter_dir or result.model_dir
-        info(f"done: {run.step} steps in {seconds:.1f}s, {tokens_per_second:,.0f} tokens/s, "
+        padding = f", {result.padding_fraction:.1%} of the batches padding" if result.padding_fraction is not None else ""
+        info(f"done: {run.step} steps in {seconds:.1f}s, {tokens_per_second:,.0f} tokens/s (not counting padding{padding}), "
              f"final loss {result.final_loss:.4f}; saved {where}")
         discard(aside)
     procs.barrier()
@@ -708,7 +748,6 @@ def loop(run: Run, train_examples: list[Example], val_examples: list[Example], a
     config, procs = run.config, run.procs
     output_dir = Path(config.output_dir).expanduser()
     autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
-    pad_id = run.base.config.pad_token_id
     run.net.train()
 
     def stream():
@@ -739,14 +778,18 @@ def loop(run: Run, train_examples: list[Example], val_examples: list[Example], a
     start = time.perf_counter()
     timed_from, timed_tokens, tokens = None, 0, 0
     first_step = run.step
+    window_tokens = [0, 0]  # this process's real tokens and batch positions since the last log line
     try:
         while run.step < run.total_steps:
-            micro = [[train_examples[i] for i in next(batches)] for _ in range(config.gradient_accumulation_steps)]
+            micro = [make_batch(run, train_examples, next(batches)) for _ in range(config.gradient_accumulation_steps)]
             lr = run.scheduler.get_last_lr()[0]
-            loss_sum, count = train_step(run, [collate(m, pad_id) for m in micro], autocast)
+            loss_sum, count = train_step(run, [batch for batch, _ in micro], autocast)
             run.step += 1
             pending.append((run.step, loss_sum, count))
-            tokens += sum(len(e) for m in micro for e in m) * procs.world  # about: other ranks' lengths are similar
+            real = sum(n for _, n in micro)
+            tokens += real * procs.world  # about: other ranks' lengths are similar
+            window_tokens[0] += real
+            window_tokens[1] += sum(batch["input_ids"].numel() for batch, _ in micro)
             if run.step == first_step + 1:
                 if procs.device.type == "cuda":
                     torch.cuda.synchronize(procs.device)
@@ -757,8 +800,12 @@ def loop(run: Run, train_examples: list[Example], val_examples: list[Example], a
                 window = [v for s, v in run.losses if s > run.step - config.logging_steps]
                 elapsed = time.perf_counter() - start
                 speed = throughput(tokens, timed_tokens, timed_from, elapsed)
+                real, positions = procs.sum(torch.tensor(window_tokens, dtype=torch.long, device=procs.device)).tolist()
+                run.token_counts = (run.token_counts[0] + real, run.token_counts[1] + positions)
+                window_tokens = [0, 0]
                 reporter.log({"step": run.step, "epoch": epoch_of(run.sampler), "loss": sum(window) / len(window),
-                              "learning_rate": lr, "tokens_per_second": round(speed, 1), "elapsed_s": round(elapsed, 2)})
+                              "learning_rate": lr, "tokens_per_second": round(speed, 1),
+                              "padding": round(1 - real / max(positions, 1), 4), "elapsed_s": round(elapsed, 2)})
                 bar.set_postfix(loss=f"{window[-1]:.4f}", tok_s=f"{speed:,.0f}")
             if val_examples and config.eval_steps > 0 and (run.step % config.eval_steps == 0 or run.step == run.total_steps):
                 flush()

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ChatGLMError
 
 FINETUNING_TYPES = ("lora", "full", "ptuning")
+BATCHINGS = ("grouped", "random", "packed")  # data.LengthGroupedBatches by length or not; packing.PackedBatches
 REPORTERS = ("jsonl", "tensorboard")
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # the Linears of a ChatGLM-6B layer
 
@@ -43,6 +44,8 @@ class TrainConfig:
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
+    batching: str = "grouped"
+    pack_length: int = 0  # --batching packed: tokens per row; 0: max_source_length + max_target_length
     learning_rate: float = 2e-5
     warmup_steps: int = 500
     weight_decay: float = 0.01
@@ -123,9 +126,18 @@ class TrainConfig:
             raise bad(f"report_to: unknown {', '.join(unknown)}; choose from {', '.join(REPORTERS)} or none")
         if self.resume and self.overwrite:
             raise bad("--resume continues the earlier run and --overwrite replaces it: pass only one")
+        if self.batching not in BATCHINGS:
+            raise bad(f"batching must be one of {', '.join(BATCHINGS)}, not {self.batching!r}")
+        if self.pack_length < 0:
+            raise bad(f"pack_length must be 0 (max_source_length + max_target_length) or more, not {self.pack_length}")
         if self.on_bad_row not in ("skip", "error"):
             raise bad(f"on_bad_row must be skip or error, not {self.on_bad_row!r}")
         return self
+
+    @property
+    def packed_row_length(self) -> int:
+        """Tokens per packed row (--batching packed): pack_length, or room for the longest example by default."""
+        return self.pack_length or self.max_source_length + self.max_target_length
 
     @property
     def validation_size(self) -> float | int:
@@ -148,6 +160,7 @@ class TrainResult:
     steps: int
     model_dir: Path | None = None  # the final full model (full fine-tuning); None for LoRA
     peak_memory_bytes: int | None = None  # CUDA peak allocated memory, None on CPU
+    padding_fraction: float | None = None  # share of the batches' token positions that were padding (all processes)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -28,9 +28,13 @@ HELP = {
     "device": "cpu, cuda, cuda:N (auto: cuda when available; under torchrun each process takes its LOCAL_RANK GPU)",
     "num_train_epochs": "passes over the data (fractions allowed) when --max-steps is not set",
     "max_steps": "optimizer steps to run (overrides --num-train-epochs when > 0)",
-    "per_device_train_batch_size": "examples per process per micro-batch",
+    "per_device_train_batch_size": "examples per process per micro-batch (--batching packed: packed rows)",
     "per_device_eval_batch_size": "examples per process per evaluation batch",
     "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "batching": "grouped: batches of similar lengths, little padding; random: plainly shuffled batches; packed: "
+                "several examples per row of --pack-length tokens, each masked to itself (almost no padding; "
+                "--per-device-train-batch-size then counts rows)",
+    "pack_length": "--batching packed: tokens per row (0: --max-source-length + --max-target-length)",
     "learning_rate": "peak learning rate (the seed's 2e-5 suits full fine-tuning; LoRA usually needs 1e-4..1e-3)",
     "warmup_steps": "linear warmup steps, then linear decay to 0",
     "weight_decay": "AdamW weight decay (not on biases and LayerNorm weights)",
@@ -55,6 +59,7 @@ HELP = {
 CHOICES = {
     "template": ["chatglm", "alpaca"], "finetuning_type": ["lora", "ptuning", "full"], "quantize": ["int8", "int4"],
     "dtype": ["auto", "float32", "float16", "bfloat16"], "on_bad_row": ["skip", "error"],
+    "batching": ["grouped", "random", "packed"],
     "data_format": ["auto", "alpaca", "chatglm-tuning", "hc3", "chat", "messages"],
 }
 SCALARS = {"int": int, "float": float, "str": str, "str | None": str}
