@@ -11,7 +11,8 @@ import torch
 
 from chatglm_ft.api import load_model
 from chatglm_ft.bench import random_prompt
-from chatglm_ft.fast import PREFILL_BUCKETS, FastOptions, decoder_for, fast_options, prefill_logits, prompt_mask_for
+from chatglm_ft.fast import (PREFILL_BUCKETS, PREFILL_GRAPH_TOKENS, FastOptions, decoder_for, fast_options,
+                             prefill_logits, prompt_mask_for)
 from chatglm_ft.generate import GenerationConfig, stream_tokens
 from chatglm_ft.graphs import WARMUP_RUNS
 from chatglm_ft.ptuning import prefix_length
@@ -131,10 +132,34 @@ def test_which_prompts_are_padded(request):
     assert decoder.prefill_bucket(513) is None and PREFILL_BUCKETS[-1] == 512  # longer prompts: GPU-bound, eager
     assert decoder.prefill_path(100, None) == "padded to 128 tokens" and decoder.prefill_path(600, None) == "eager"
     assert decoder_for(model, 1, FastOptions(compile=False, prefill_graphs=False)).prefill_bucket(100) is None
+    wide = decoder_for(model, 16, PADDED)  # an evaluation's batch: at most PREFILL_GRAPH_TOKENS padded tokens
+    assert PREFILL_GRAPH_TOKENS == 2048 and wide.prefill_bucket(100) == 128 and wide.prefill_bucket(129) is None
+    assert not wide.machine.runs  # nothing captured ahead on the CPU
     # the mask a captured step reads is always a tensor (ChatGLM2/3 would answer None after a host check otherwise)
     layout = model.prompt_layout(torch.tensor([[5, 6, 7]]))
     assert layout.mask_for(torch.arange(4), 4) is None
     assert torch.equal(layout.mask_for(torch.arange(4), 4, explicit=True)[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("family", ["chatglm-6b", "chatglm3"])
+def test_the_captured_step_reads_nothing_on_the_host(family):
+    """A CUDA graph cannot hold a host read of device data. On `meta` tensors any such read raises: the padded
+    step runs there, where the unpadded ChatGLM2/3 prefill (which checks for left padding) does not."""
+    from chatglm_ft.api import model_class
+    from chatglm_ft.config import ChatGLMConfig
+    from chatglm_ft.config_glm2 import ChatGLM2Config
+    from chatglm_ft.fast import prefill_padded
+    from chatglm_ft.steps import static_layout
+
+    config = ChatGLMConfig.tiny() if family == "chatglm-6b" else ChatGLM2Config.tiny(family=family)
+    model = model_class(config)(config, device="meta").eval()
+    model.setup_caches(2, 64)
+    layout, ids = static_layout(model, 2, torch.device("meta")), torch.zeros(2, 32, dtype=torch.long, device="meta")
+    with torch.inference_mode():
+        assert prefill_padded(model, ids, layout, torch.zeros(1, dtype=torch.long, device="meta")).shape == (2, config.vocab_size)
+        if family != "chatglm-6b":
+            with pytest.raises(RuntimeError, match="meta"):
+                prefill_logits(model, ids, layout)
 
 
 def test_logits_at_picks_positions(case):
@@ -150,21 +175,21 @@ def test_logits_at_picks_positions(case):
 
 # -- GPU: captured once per bucket, then replayed -----------------------------------------------------------
 def assert_graphed_greedy(model, golden) -> None:
-    """The default decode options on CUDA: golden ids on every run, a prefill graph per bucket captured once."""
+    """The default decode options on CUDA: a prefill graph per bucket captured when the decoder is made, then
+    only replayed, with the golden ids on every run."""
     options = fast_options(model, None)
     assert options is not None and options.prefill_graphs
     prompts = [c["input_ids"] for c in golden["greedy"]]
     batch = golden["batch"][0]
-    for _ in range(WARMUP_RUNS + 2):  # the warm-up runs, the capture, then replays
+    for _ in range(2):
         for prompt, c in zip(prompts, golden["greedy"]):
             assert decode(model, [prompt], len(c["new_ids"]), None) == [c["new_ids"]]
         assert decode(model, batch_prompts(model, batch), len(batch["new_ids"][0]), None) == batch["new_ids"]
-    for rows, used in ((1, prompts), (2, [batch_prompts(model, batch)[0]])):
+    for rows in (1, 2):
         decoder = decoder_for(model, rows, options)
-        buckets = {decoder.prefill_bucket(len(p) if rows == 1 else len(batch["input_ids"][0])) for p in used}
-        assert {key for key in decoder.graphs if key[0] == "prefill"} == {("prefill", b) for b in buckets}
-        assert all(decoder.machine.runs[("prefill", b)] == WARMUP_RUNS for b in buckets)  # every later run replayed
-        assert decoder.prefill_path(len(prompts[0]), None).startswith("CUDA graph")
+        assert {key for key in decoder.graphs if key[0] == "prefill"} == {("prefill", b) for b in PREFILL_BUCKETS}
+        assert all(decoder.machine.runs[("prefill", b)] == WARMUP_RUNS for b in PREFILL_BUCKETS)  # then only replays
+        assert decoder.prefill_path(len(prompts[0]), None) == "CUDA graph (16-token bucket)"
     # a replay's logits and cache are the unpadded eager prefill's
     (padded, padded_cache), (plain, plain_cache), bucket = padded_and_plain(model, [prompts[-1]], options)
     assert ("prefill", bucket) in decoder_for(model, 1, options).graphs
@@ -195,6 +220,5 @@ def test_cuda_compile_off_captures_nothing(request):
     assert graphs_only == FastOptions(compile=False, prefill_graphs=True)
     assert fast_options(model, DecodeOptions(prefill_graphs=False)).prefill_graphs is False
     c = golden["greedy"][0]
-    for _ in range(WARMUP_RUNS + 1):
-        assert decode(model, [c["input_ids"]], len(c["new_ids"]), graphs_only) == [c["new_ids"]]
+    assert decode(model, [c["input_ids"]], len(c["new_ids"]), graphs_only) == [c["new_ids"]]
     assert ("prefill", 16) in decoder_for(model, 1, graphs_only).graphs

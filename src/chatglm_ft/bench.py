@@ -176,6 +176,7 @@ def prefill_runner(model, length: int, *, generator: torch.Generator, options=No
     return lambda: prefill(input_ids, layout, mask)
 
 
+@torch.inference_mode()  # the decoder exists already (time_prefill made it), else it is made as stream_tokens makes it
 def prefill_path(model, length: int, options=None) -> str:
     """How a `length`-token bench prompt is prefilled with these fast-path options, in words."""
     if options is None:

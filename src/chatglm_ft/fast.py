@@ -17,7 +17,8 @@ Prefill of a short prompt is bound by the host too: ~400 kernels launched from P
 longer than their GPU work (a 128-token prefill of ChatGLM-6B on an H100: ~18 ms eager, ~2 ms of GPU work). So
 prompts up to PREFILL_BUCKETS[-1] tokens are right-padded to a length bucket (16, 32, ... 512) and
 prefilled by one captured step per bucket (FastOptions.prefill_graphs; steps.prefill with `last`
-says why right padding is exact). Longer prompts are GPU-bound and stay eager (compiled with
+says why right padding is exact), captured when the decoder is made. Longer prompts, and batches
+of more than PREFILL_GRAPH_TOKENS padded tokens, are GPU-bound and stay eager (compiled with
 dynamic shapes when DecodeOptions.compile_prefill asks).
 
 `stream_tokens` in generate.py uses this by default on CUDA (`--compile off` turns it off); on
@@ -46,6 +47,9 @@ log = logging.getLogger("chatglm_ft.fast")
 FIRST_BUCKET = 256
 # Prompt lengths a captured prefill is padded to (FastOptions.prefill_graphs); longer prompts prefill eagerly.
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Rows x bucket at most: more tokens keep the GPU busy for longer than launching their kernels takes (and
+# a graph keeps the activation memory of its largest prefill for good).
+PREFILL_GRAPH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,8 @@ class FastDecoder:
         self.signature = model_signature(model)
         if options.compile:
             self.compile_decode()
+        if options.prefill_graphs and self.machine.capture:
+            self.capture_prefill()
 
     @property
     def model(self):
@@ -252,7 +258,8 @@ class FastDecoder:
         """The length a `length`-token prompt is padded to for a captured prefill; None: it prefills eagerly."""
         if not self.options.prefill_graphs:
             return None
-        return next((size for size in PREFILL_BUCKETS if length <= size <= self.max_length), None)
+        return next((size for size in PREFILL_BUCKETS if length <= size <= self.max_length
+                     and self.batch_size * size <= PREFILL_GRAPH_TOKENS), None)
 
     def prefill_path(self, length: int, prompt_mask: PromptMask | None) -> str:
         """How `prefill` runs a `length`-token prompt, in words (bench reports it)."""
@@ -277,12 +284,27 @@ class FastDecoder:
         self.picked.add("prefill")
         return self.machine.timed(self.prefill_fn, self.model, input_ids, layout, prompt_mask.context)
 
+    def capture_prefill(self) -> None:
+        """Warm up and capture the prefill of every bucket now: a chat's prompt grows with its history and
+        meets each bucket only a few times, so capturing on a bucket's first uses would leave most turns
+        eager. These runs prefill pad tokens into cache columns that each prompt's prefill rewrites."""
+        self.last.zero_()
+        for size in PREFILL_BUCKETS:
+            if self.prefill_bucket(size) == size:
+                self._prefill_input(size)
+                for _ in range(self.machine.warmup_runs + 1):  # the warm-up runs, then the capture
+                    self.machine.run(("prefill", size), partial(self._prefill_step, size))
+
+    def _prefill_input(self, size: int) -> torch.Tensor:
+        """The static (B, size) prompt buffer of a bucket."""
+        if size not in self.prefill_ids:
+            self.prefill_ids[size] = torch.full((self.batch_size, size), self.pad_token_id, dtype=torch.long,
+                                                device=self.token.device)
+        return self.prefill_ids[size]
+
     def _prefill_padded(self, input_ids: torch.Tensor, layout: Layout, size: int) -> torch.Tensor:
         T = input_ids.shape[1]
-        ids = self.prefill_ids.get(size)
-        if ids is None:
-            ids = self.prefill_ids[size] = torch.full((self.batch_size, size), self.pad_token_id, dtype=torch.long,
-                                                      device=input_ids.device)
+        ids = self._prefill_input(size)
         ids[:, :T].copy_(input_ids)
         ids[:, T:].fill_(self.pad_token_id)  # a longer prompt may have left its tokens there
         self.last.fill_(T - 1)
