@@ -185,8 +185,8 @@ def prefill_path(model, length: int, options=None) -> str:
     return decoder_for(model, 1, options).prefill_path(length, prompt_mask_for([prompt], model.config))
 
 
-# Untimed runs first: cuDNN/cuBLAS heuristics and the allocator warm up, and a captured prefill runs its
-# warm-up runs and is captured (graphs.StepGraphs), so the timed runs are what every later prompt gets.
+# Untimed runs first: cuDNN/cuBLAS heuristics, the allocator and any step graphs.StepGraphs has yet to
+# capture (on a key's third run) warm up, so the timed runs are what every later prompt gets.
 PREFILL_WARMUP = WARMUP_RUNS + 1
 
 

@@ -58,9 +58,10 @@ def prefill(model, input_ids: torch.Tensor, layout: Layout, *, columns: torch.Te
 
     `last` ((1,) long) is for prompts right-padded to a fixed length (fast.py's captured prefill): the
     logits are those of column `last`, the prompt's real end, and the mask is the layout's explicit one.
-    That is exact: in ChatGLM-6B's prefix-LM mask and ChatGLM2/3's causal mask no prompt column sees a
-    later one, so the pad columns are invisible to the prompt; their cache columns hold junk that each
-    decode step overwrites before its mask (key column <= its own) lets it be seen.
+    That is exact when `layout` is the unpadded prompt's: no prompt row sees a column past the prompt's
+    end (ChatGLM-6B's bidirectional part ends at <sop>, or at the prompt's end without one; the rest, and
+    ChatGLM2/3's mask, is causal), so the pads change nothing the prompt computes. Their cache columns
+    hold junk that each decode step overwrites before its mask (key column <= its own) lets it be seen.
     """
     T = input_ids.shape[1]
     P = prefix_length(model)
