@@ -175,7 +175,7 @@ def test_logits_at_picks_positions(case):
 
 # -- GPU: captured once per bucket, then replayed -----------------------------------------------------------
 def assert_graphed_greedy(model, golden) -> None:
-    """The default decode options on CUDA: a prefill graph per bucket captured when the decoder is made, then
+    """The model's decode options on CUDA: a prefill graph per bucket captured when the decoder is made, then
     only replayed, with the golden ids on every run."""
     options = fast_options(model, None)
     assert options is not None and options.prefill_graphs
@@ -189,7 +189,7 @@ def assert_graphed_greedy(model, golden) -> None:
         decoder = decoder_for(model, rows, options)
         assert {key for key in decoder.graphs if key[0] == "prefill"} == {("prefill", b) for b in PREFILL_BUCKETS}
         assert all(decoder.machine.runs[("prefill", b)] == WARMUP_RUNS for b in PREFILL_BUCKETS)  # then only replays
-        assert decoder.prefill_path(len(prompts[0]), None) == "CUDA graph (16-token bucket)"
+        assert decoder.prefill_path(100, None) == "CUDA graph (128-token bucket)"
     # a replay's logits and cache are the unpadded eager prefill's
     (padded, padded_cache), (plain, plain_cache), bucket = padded_and_plain(model, [prompts[-1]], options)
     assert ("prefill", bucket) in decoder_for(model, 1, options).graphs
@@ -201,17 +201,23 @@ def assert_graphed_greedy(model, golden) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_cuda_prefill_graphs_give_the_golden_greedy_ids(request, name):
+    """The default settings (--compile auto: compiled decode step, CUDA graphs)."""
     assert_graphed_greedy(*network(request, name, "cuda"))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(PREFIX_BASES))
 def test_cuda_prefill_graphs_with_a_prefix(request, ptuning_dirs, name):
-    assert_graphed_greedy(*prefixed(request, ptuning_dirs, name, "cuda"))
+    """--compile graphs (no compile wait; the prefill graphs are the same in both modes)."""
+    from chatglm_ft.options import DecodeOptions
+
+    model, golden = prefixed(request, ptuning_dirs, name, "cuda")
+    model.decode_options = DecodeOptions(compile="graphs")
+    assert_graphed_greedy(model, golden)
 
 
 @pytest.mark.gpu
-def test_cuda_compile_off_captures_nothing(request):
+def test_cuda_compile_modes_and_prefill_graphs(request):
     from chatglm_ft.options import DecodeOptions
 
     model, golden = network(request, "chatglm3", "cuda")
