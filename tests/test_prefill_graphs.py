@@ -228,3 +228,15 @@ def test_cuda_compile_modes_and_prefill_graphs(request):
     c = golden["greedy"][0]
     assert decode(model, [c["input_ids"]], len(c["new_ids"]), graphs_only) == [c["new_ids"]]
     assert ("prefill", 16) in decoder_for(model, 1, graphs_only).graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["tiny", "chatglm3-tiny"])
+def test_cuda_bench_times_the_captured_prefill(capsys, config):
+    from chatglm_ft.cli import main
+
+    assert main(["bench", "--random-weights", "--config", config, "--device", "cuda", "--compile", "graphs", "--json",
+                 "--prefill-lengths", "128,2048", "--decode-tokens", "4", "--bandwidth", "1e12"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fast_path"]["prefill_graphs"] is True
+    assert [p["path"] for p in report["prefill"]] == ["CUDA graph (128-token bucket)", "eager"]
