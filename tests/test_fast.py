@@ -92,8 +92,9 @@ def test_decode_and_kernel_options(tiny):
     model, _ = tiny
     assert fast_options(model, None) is None  # CPU: eager unless asked
     assert fast_options(model, False) is None and fast_options(model, DecodeOptions(compile="off")) is None
-    assert fast_options(model, DecodeOptions(compile="graphs")) == FastOptions(compile=False)
-    assert fast_options(model, DecodeOptions(compile="on")) == FastOptions()
+    # no padded prefill on the CPU, where padding only costs time
+    assert fast_options(model, DecodeOptions(compile="graphs")) == FastOptions(compile=False, prefill_graphs=False)
+    assert fast_options(model, DecodeOptions(compile="on")) == FastOptions(prefill_graphs=False)
     with pytest.raises(ChatGLMError, match="--compile must be one of"):
         fast_options(model, DecodeOptions(compile="sometimes"))
     # the A/B switches are read by the CLI layer only, into plain options
@@ -121,8 +122,9 @@ def test_bench_command_on_a_tiny_random_model(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads(out.read_text())
     config = ChatGLMConfig.tiny()
-    assert report["fast_path"] == {"compile": False, "cuda_graphs": False, "gemv": "kernel", "compile_prefill": False}
-    assert [p["tokens"] for p in report["prefill"]] == [8, 32]
+    assert report["fast_path"] == {"compile": False, "cuda_graphs": False, "gemv": "kernel", "compile_prefill": False,
+                                   "prefill_graphs": False}
+    assert [(p["tokens"], p["path"]) for p in report["prefill"]] == [(8, "eager"), (32, "eager")]  # CPU: no padding
     assert "aten::" in report["profile"] and "aten::mm" in report["prefill_profile"]  # decode steps; the 32-token prefill
     assert report["kv_bytes_per_token"] == 2 * config.num_layers * config.hidden_size * 4
     assert [d["name"] for d in report["decode"]] == ["short context", "2k context"]

@@ -20,6 +20,7 @@ from .config import ChatGLMConfig
 from .config_glm2 import ChatGLM2Config
 from .fast import decoder_for, fast_options, prefill_logits, prompt_mask_for
 from .generate import GenerationConfig, stream_tokens
+from .graphs import WARMUP_RUNS
 from .model import ChatGLMForConditionalGeneration
 
 # -- building a model without a checkpoint -------------------------------------------------------
@@ -142,7 +143,7 @@ class BenchReport:
     bandwidth_source: str  # "measured" or "given"
     load_seconds: float
     fast_path: dict | None
-    prefill: list[dict] = field(default_factory=list)  # {"tokens", "seconds"}
+    prefill: list[dict] = field(default_factory=list)  # {"tokens", "seconds", "path"}
     decode: list[DecodeResult] = field(default_factory=list)
     eager_decode: list[DecodeResult] = field(default_factory=list)
     compile_seconds: float = 0.0
@@ -158,7 +159,8 @@ class BenchReport:
 
 def prefill_runner(model, length: int, *, generator: torch.Generator, options=None):
     """A callable that prefills one random `length`-token prompt (cache writes and the last logits
-    included) the way `stream_tokens` does with these fast-path options (None: the eager loop)."""
+    included) the way `stream_tokens` does with these fast-path options (None: the eager loop): through
+    the decoder's prefill, so a short prompt is the padded, captured prefill users get."""
     config = model.config
     rows = [random_prompt(config, length, generator)]
     input_ids = torch.tensor(rows, device=model.device)
@@ -174,17 +176,31 @@ def prefill_runner(model, length: int, *, generator: torch.Generator, options=No
     return lambda: prefill(input_ids, layout, mask)
 
 
+@torch.inference_mode()  # the decoder exists already (time_prefill made it), else it is made as stream_tokens makes it
+def prefill_path(model, length: int, options=None) -> str:
+    """How a `length`-token bench prompt is prefilled with these fast-path options, in words."""
+    if options is None:
+        return "eager"
+    prompt = random_prompt(model.config, length, torch.Generator())  # only where its special ids sit matters
+    return decoder_for(model, 1, options).prefill_path(length, prompt_mask_for([prompt], model.config))
+
+
+# Untimed runs first: cuDNN/cuBLAS heuristics, the allocator and any step graphs.StepGraphs has yet to
+# capture (on a key's third run) warm up, so the timed runs are what every later prompt gets.
+PREFILL_WARMUP = WARMUP_RUNS + 1
+
+
 @torch.inference_mode()
 def time_prefill(model, length: int, *, repeats: int, generator: torch.Generator, options=None) -> float:
-    """Median seconds to prefill one `length`-token prompt (see prefill_runner)."""
+    """Median seconds to prefill one `length`-token prompt (see prefill_runner), after PREFILL_WARMUP runs."""
     run = prefill_runner(model, length, generator=generator, options=options)
     times = []
-    for i in range(repeats + 1):
+    for i in range(PREFILL_WARMUP + repeats):
         sync(model.device)
         began = time.perf_counter()
         run()
         sync(model.device)
-        if i:  # the first run warms up (cuDNN/cuBLAS heuristics, allocator)
+        if i >= PREFILL_WARMUP:
             times.append(time.perf_counter() - began)
     return statistics.median(times)
 
@@ -195,7 +211,8 @@ def profile_prefill(model, length: int, *, generator: torch.Generator, options=N
     from torch.profiler import ProfilerActivity, profile
 
     run = prefill_runner(model, length, generator=generator, options=options)
-    run()  # warm
+    for _ in range(PREFILL_WARMUP):
+        run()
     sync(model.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -279,7 +296,7 @@ def run_bench(
     for length in prefill_lengths:
         length = min(length, config.max_sequence_length)  # the cache has one column more
         seconds = time_prefill(model, length, repeats=3, generator=generator, options=options)
-        report.prefill.append({"tokens": length, "seconds": seconds})
+        report.prefill.append({"tokens": length, "seconds": seconds, "path": prefill_path(model, length, options)})
 
     # "2k context": ChatGLM-6B's whole window; ChatGLM2/3's 8k/32k windows are measured at 2k all the same
     context = min(config.max_sequence_length, 2048)
@@ -371,7 +388,7 @@ def format_report(report: BenchReport) -> str:
         "compile      none (eager loop)" if fast is None else
         f"compile      {report.compile_seconds:.1f} s (+ {report.capture_seconds:.2f} s CUDA graph capture)",
     ]
-    lines += [f"prefill      {p['tokens']:>5} tokens: {p['seconds'] * 1e3:8.1f} ms" for p in report.prefill]
+    lines += [f"prefill      {p['tokens']:>5} tokens: {p['seconds'] * 1e3:8.1f} ms ({p['path']})" for p in report.prefill]
     for label, rows in (("decode", report.decode), ("eager decode", report.eager_decode)):
         for d in rows:
             lines.append(

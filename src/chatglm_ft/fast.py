@@ -11,8 +11,15 @@ attention length dynamic, when the decoder is made) + `pick_greedy` (compiled) o
 (sampling.choose, on the GPU). For each attention bucket (256, 512, ... max_sequence_length
 columns) and sampling mode graphs.StepGraphs warms the step up, captures it and replays it. The
 model is called as an ordinary nn.Module, so quantized layers and adapters go through the same
-step. Prefill stays eager unless asked (DecodeOptions.compile_prefill): its shapes vary and its
-large matmuls dominate.
+step.
+
+Prefill of a short prompt is bound by the host too: ~400 kernels launched from Python take far
+longer than their GPU work (a 128-token prefill of ChatGLM-6B on an H100: ~18 ms eager, ~2 ms of GPU work). So
+prompts up to PREFILL_BUCKETS[-1] tokens are right-padded to a length bucket (16, 32, ... 512) and
+prefilled by one captured step per bucket (FastOptions.prefill_graphs; steps.prefill with `last`
+says why right padding is exact), captured when the decoder is made. Longer prompts, and batches
+of more than PREFILL_GRAPH_TOKENS padded tokens, are GPU-bound and stay eager (compiled with
+dynamic shapes when DecodeOptions.compile_prefill asks).
 
 `stream_tokens` in generate.py uses this by default on CUDA (`--compile off` turns it off); on
 the CPU it runs only when asked (`fast=True`: compiled, without graphs), for tests.
@@ -38,6 +45,11 @@ from .steps import Layout, copy_layout, decode_one_token, prefill, static_layout
 log = logging.getLogger("chatglm_ft.fast")
 
 FIRST_BUCKET = 256
+# Prompt lengths a captured prefill is padded to (FastOptions.prefill_graphs); longer prompts prefill eagerly.
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Rows x bucket at most: more tokens keep the GPU busy for longer than launching their kernels takes (and
+# a graph keeps the activation memory of its largest prefill for good).
+PREFILL_GRAPH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,10 @@ class FastOptions:
     compile: bool = True
     cuda_graphs: bool = True  # ignored off CUDA
     compile_prefill: bool = False  # single unpadded prompts only; fuses the elementwise work between matmuls
+    # Prompts up to PREFILL_BUCKETS[-1] tokens padded to a length bucket, their prefill a captured step: a CUDA
+    # graph where cuda_graphs applies, a direct run otherwise (how the CPU tests check it; fast_options turns
+    # it off on the CPU, where padding only costs time).
+    prefill_graphs: bool = True
 
 
 def fast_options(model, fast: "bool | FastOptions | DecodeOptions | None") -> FastOptions | None:
@@ -66,7 +82,8 @@ def fast_options(model, fast: "bool | FastOptions | DecodeOptions | None") -> Fa
     if options.compile == "off" or (options.compile == "auto" and model.device.type != "cuda"):
         return None
     return FastOptions(compile=options.compile != "graphs",
-                       compile_prefill=options.compile_prefill and options.compile != "graphs")
+                       compile_prefill=options.compile_prefill and options.compile != "graphs",
+                       prefill_graphs=options.prefill_graphs and model.device.type == "cuda")
 
 
 def kv_buckets(max_length: int) -> list[int]:
@@ -88,6 +105,13 @@ def prefill_prompt(model, input_ids: torch.Tensor, layout: Layout, context: int)
     """prefill_logits for a PromptMask prompt, with the context length an argument (compiled with
     dynamic shapes, so one graph serves every prompt length)."""
     return prefill(model, input_ids, layout, prompt_mask=PromptMask(context=context))
+
+
+def prefill_padded(model, input_ids: torch.Tensor, layout: Layout, last: torch.Tensor) -> torch.Tensor:
+    """steps.prefill of prompts right-padded to a bucket's length (B, Tb) into cache columns 0..Tb-1; the
+    logits (B, V) of column `last` ((1,) long: T - 1 for T real columns), the same as an unpadded prefill's.
+    The step a captured prefill replays: every input a tensor whose shape is fixed by the bucket."""
+    return prefill(model, input_ids, layout, last=last)
 
 
 # -- the step functions (compiled) ---------------------------------------------------------------
@@ -206,12 +230,18 @@ class FastDecoder:
         self.kernels = model.kernels
         self.decode_fn, self.greedy_fn, self.sample_fn = _step_functions(options, device, model.kernels.gemv)
         self.prefill_fn = _compiled_prefill(options, device) if options.compile_prefill else None
+        self.pad_token_id = config.pad_token_id
+        self.prefill_ids: dict[int, torch.Tensor] = {}  # bucket -> (B, bucket) right-padded prompt
+        self.last = torch.zeros(1, **longs)  # the prompt's last real column
+        self.prefill_out = torch.zeros(B, V, dtype=torch.float32, device=device)
         self.machine = StepGraphs(device, cuda_graphs=options.cuda_graphs)
         self.stats = self.machine.stats
         self.picked: set = set()  # sampling modes (and "prefill") whose first, compiling run is done
         self.signature = model_signature(model)
         if options.compile:
             self.compile_decode()
+        if options.prefill_graphs and self.machine.capture:
+            self.capture_prefill()
 
     @property
     def model(self):
@@ -224,15 +254,67 @@ class FastDecoder:
     def bucket_for(self, length: int) -> int:
         return next(size for size in self.kv_positions if size >= length)
 
+    def prefill_bucket(self, length: int) -> int | None:
+        """The length a `length`-token prompt is padded to for a captured prefill; None: it prefills eagerly."""
+        if not self.options.prefill_graphs:
+            return None
+        return next((size for size in PREFILL_BUCKETS if length <= size <= self.max_length
+                     and self.batch_size * size <= PREFILL_GRAPH_TOKENS), None)
+
+    def prefill_path(self, length: int, prompt_mask: PromptMask | None) -> str:
+        """How `prefill` runs a `length`-token prompt, in words (bench reports it)."""
+        size = self.prefill_bucket(length)
+        if size is not None:
+            return f"CUDA graph ({size}-token bucket)" if self.machine.capture else f"padded to {size} tokens"
+        return "compiled" if self.prefill_fn is not None and prompt_mask is not None else "eager"
+
     # -- one step ------------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, layout: Layout, prompt_mask: PromptMask | None) -> torch.Tensor:
-        """prefill_logits, compiled for single prompts when the options ask for it."""
+        """Prefill prompts (B, T) into cache columns 0..T-1; float32 logits (B, V) of their last column. Short
+        prompts: padded to a bucket, a graph replay once warmed up (the logits are then the decoder's static
+        buffer, valid until the next prefill); longer ones prefill_logits, compiled for single prompts when
+        the options ask for it. `layout` is copied into the decoder's static one when it is another."""
+        size = self.prefill_bucket(input_ids.shape[1])
+        if size is not None:
+            return self._prefill_padded(input_ids, layout, size)
         if self.prefill_fn is None or prompt_mask is None:
             return prefill_logits(self.model, input_ids, layout, prompt_mask)
         if "prefill" in self.picked:
             return self.prefill_fn(self.model, input_ids, layout, prompt_mask.context)
         self.picked.add("prefill")
         return self.machine.timed(self.prefill_fn, self.model, input_ids, layout, prompt_mask.context)
+
+    def capture_prefill(self) -> None:
+        """Warm up and capture the prefill of every bucket now: a chat's prompt grows with its history and
+        meets each bucket only a few times, so capturing on a bucket's first uses would leave most turns
+        eager. These runs prefill pad tokens into cache columns that each prompt's prefill rewrites."""
+        self.last.zero_()
+        for size in PREFILL_BUCKETS:
+            if self.prefill_bucket(size) == size:
+                self._prefill_input(size)
+                for _ in range(self.machine.warmup_runs + 1):  # the warm-up runs, then the capture
+                    self.machine.run(("prefill", size), partial(self._prefill_step, size))
+
+    def _prefill_input(self, size: int) -> torch.Tensor:
+        """The static (B, size) prompt buffer of a bucket."""
+        if size not in self.prefill_ids:
+            self.prefill_ids[size] = torch.full((self.batch_size, size), self.pad_token_id, dtype=torch.long,
+                                                device=self.token.device)
+        return self.prefill_ids[size]
+
+    def _prefill_padded(self, input_ids: torch.Tensor, layout: Layout, size: int) -> torch.Tensor:
+        T = input_ids.shape[1]
+        ids = self._prefill_input(size)
+        ids[:, :T].copy_(input_ids)
+        ids[:, T:].fill_(self.pad_token_id)  # a longer prompt may have left its tokens there
+        self.last.fill_(T - 1)
+        if layout is not self.layout:
+            copy_layout(self.layout, layout)
+        self.machine.run(("prefill", size), partial(self._prefill_step, size))
+        return self.prefill_out
+
+    def _prefill_step(self, size: int) -> None:
+        self.prefill_out.copy_(prefill_padded(self.model, self.prefill_ids[size], self.layout, self.last))
 
     def _pick(self, logits: torch.Tensor, sample: bool) -> None:
         if sample:
@@ -277,7 +359,7 @@ class FastDecoder:
         self.draw_step.zero_()
         sample = gen.do_sample
 
-        logits = self.prefill(input_ids, layout, prompt_mask)
+        logits = self.prefill(input_ids, self.layout, prompt_mask)
         if sample in self.picked:
             self._pick(logits, sample)
         else:

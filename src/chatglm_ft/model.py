@@ -268,6 +268,17 @@ class CausalLMHead:
     def clear_caches(self) -> None:
         self.kv_caches = None
 
+    def output_logits(self, h: torch.Tensor, *, last_logits_only: bool = False,
+                      logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """lm_head logits (B, n, V) of the final hidden states h (B, T, H): of every position, of the last
+        (`last_logits_only`) or of the positions `logits_at` ((n,) long: a prompt right-padded to a fixed
+        length reads its last real position from a tensor, so one captured prefill serves every length)."""
+        if logits_at is not None:
+            h = h.index_select(1, logits_at)
+        elif last_logits_only:
+            h = h[:, -1:]
+        return ops.linear(self.lm_head, h, self.kernels)
+
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
         targets = labels[:, 1:]
@@ -361,6 +372,7 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
         kv_length: int | None = None,
         cache_rows: torch.Tensor | slice | None = None,
         last_logits_only: bool = False,
+        logits_at: torch.Tensor | None = None,
         return_logits: bool = True,
         **unused: Any,
     ) -> CausalLMOutput:
@@ -370,7 +382,8 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
         attention runs over its first `kv_length` columns; `cache_rows` (B,) picks the cache slots the
         batch rows use (default: row b is slot b), or a `slice` of slots to use them without a copy. With `labels` the mean shifted
         cross-entropy (in float32) over labels != -100 is returned too. `attention_mask` may be a
-        `PromptMask` for one unpadded prompt ending in <sop> (prefill with flash attention).
+        `PromptMask` for one unpadded prompt ending in <sop> (prefill with flash attention). `last_logits_only`
+        / `logits_at` ((n,) long positions) compute the logits of the last / those positions only.
         """
         if position_ids is None or attention_mask is None:
             layout = self.prompt_layout(input_ids)
@@ -388,6 +401,5 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
             loss = self.loss_from_hidden(h, labels)
             if not return_logits:
                 return CausalLMOutput(logits=None, loss=loss)
-        if last_logits_only:
-            h = h[:, -1:]
-        return CausalLMOutput(logits=ops.linear(self.lm_head, h, self.kernels), loss=loss)
+        return CausalLMOutput(logits=self.output_logits(h, last_logits_only=last_logits_only, logits_at=logits_at),
+                              loss=loss)

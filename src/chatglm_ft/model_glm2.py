@@ -45,12 +45,14 @@ class PaddingLayout:
     def positions(self, columns: torch.Tensor) -> torch.Tensor:
         return positions_1d(self.start, columns)
 
-    def mask_for(self, query_columns: torch.Tensor, key_length: int) -> torch.Tensor | None:
+    def mask_for(self, query_columns: torch.Tensor, key_length: int, *, explicit: bool = False) -> torch.Tensor | None:
         """None (plain causal, so SDPA keeps its flash kernels) for unpadded prompts run from column 0;
-        the bool (B, 1, T, S) mask otherwise. Decoding (one query column) always gets the tensor: a
-        captured step needs the same kind of input every time."""
+        the bool (B, 1, T, S) mask otherwise. Decoding (one query column) and `explicit` (a captured
+        prefill: no host check of the padding) always get the tensor: a captured step needs the same
+        kind of input every time."""
         T = query_columns.shape[-1]
-        if query_columns.dim() == 1 and T > 1 and T == key_length and not bool((self.start > 0).any()):
+        if (not explicit and query_columns.dim() == 1 and T > 1 and T == key_length
+                and not bool((self.start > 0).any())):
             return None
         return causal_padding_mask(self.start, query_columns, key_length)
 
@@ -354,6 +356,7 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
         kv_length: int | None = None,
         cache_rows: torch.Tensor | slice | None = None,
         last_logits_only: bool = False,
+        logits_at: torch.Tensor | None = None,
         return_logits: bool = True,
         **unused: Any,
     ) -> CausalLMOutput:
@@ -363,6 +366,7 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
         `attention_mask` is the (B, 1, T, S) bool mask (True = visible) or a tokenizer's 2D
         0/1 mask (B, S) for left-padded rows; `cache_columns`/`kv_length`/`cache_rows` use the KV
         cache as in model.py. With `labels` the mean shifted cross-entropy (float32) over labels != -100.
+        `last_logits_only` / `logits_at` as in model.py (CausalLMHead.output_logits).
         """
         B, T = input_ids.shape
         if position_ids is None:  # unpadded rows: a token's position is its cache column
@@ -379,9 +383,8 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
             loss = self.loss_from_hidden(h, labels)
             if not return_logits:
                 return CausalLMOutput(logits=None, loss=loss)
-        if last_logits_only:
-            h = h[:, -1:]
-        return CausalLMOutput(logits=ops.linear(self.lm_head, h, self.kernels), loss=loss)
+        return CausalLMOutput(logits=self.output_logits(h, last_logits_only=last_logits_only, logits_at=logits_at),
+                              loss=loss)
 
     @staticmethod
     def mask_from_2d(attention_mask: torch.Tensor, T: int) -> torch.Tensor | None:

@@ -38,6 +38,8 @@ class DecodeOptions:
 
     compile: str = "auto"
     compile_prefill: bool = False  # also compile the prefill of single prompts (dynamic length)
+    # where the decode step is a CUDA graph, short prompts' prefill is one too (padded to a length bucket, fast.py)
+    prefill_graphs: bool = True
 
     def validate(self) -> "DecodeOptions":
         if self.compile not in COMPILE_MODES:

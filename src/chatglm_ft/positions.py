@@ -33,8 +33,8 @@ class PrefixLayout:
     def positions(self, columns: torch.Tensor) -> torch.Tensor:
         return position_ids_for(self, columns)
 
-    def mask_for(self, query_columns: torch.Tensor, key_length: int) -> torch.Tensor:
-        return attention_mask_for(self, query_columns, key_length)
+    def mask_for(self, query_columns: torch.Tensor, key_length: int, *, explicit: bool = False) -> torch.Tensor:
+        return attention_mask_for(self, query_columns, key_length)  # always the tensor (`explicit` or not)
 
     def slot_state(self) -> torch.Tensor:
         """(B, STATE_SIZE) long: the row's layout as a slot keeps it (start must be 0)."""

@@ -7,7 +7,8 @@ all call them. What differs between architectures comes from the model (docs/arc
   model.prompt_layout(input_ids, left_padded=True) -> Layout  (where each row's prompt parts sit)
   model.slot_layout(state) -> Layout                           (a server slot's layout from its state)
   Layout.positions(columns) -> position ids for absolute cache columns
-  Layout.mask_for(query_columns, key_length) -> bool (B, 1, T, S) mask (or None for a plain causal one)
+  Layout.mask_for(query_columns, key_length, explicit=False) -> bool (B, 1, T, S) mask (or None for a
+                                                               plain causal one, unless `explicit`)
 
 Columns are sequence columns of the row. A P-Tuning prefix (pre_seq_len cache columns filled before
 the prompt and always attended, ptuning.py) shifts them: here, and only here, sequence columns become
@@ -29,7 +30,8 @@ class Layout(Protocol):
 
     def positions(self, columns: torch.Tensor) -> torch.Tensor: ...
 
-    def mask_for(self, query_columns: torch.Tensor, key_length: int) -> torch.Tensor | None: ...
+    def mask_for(self, query_columns: torch.Tensor, key_length: int, *, explicit: bool = False
+                 ) -> torch.Tensor | None: ...
 
 
 def static_layout(model, rows: int, device: torch.device) -> Layout:
@@ -46,13 +48,20 @@ def copy_layout(target: Layout, source: Layout) -> None:
 
 
 def prefill(model, input_ids: torch.Tensor, layout: Layout, *, columns: torch.Tensor | None = None,
-            cache_rows: torch.Tensor | None = None, prompt_mask=None) -> torch.Tensor:
+            cache_rows: torch.Tensor | None = None, prompt_mask=None, last: torch.Tensor | None = None) -> torch.Tensor:
     """Run prompts (B, T) into the cache; float32 logits (B, V) of each row's last position.
 
     Default: row b is cache slot b and the prompt fills columns 0..T-1 (a strided copy). With
     `columns` (B, T) and `cache_rows` (B,) each row is written to its own columns of its own slot
     (the server: left-padded rows whose prompts start at column 0). `prompt_mask` (model.PromptMask)
     stands in for the mask of one unpadded prompt ending in <sop> (flash attention).
+
+    `last` ((1,) long) is for prompts right-padded to a fixed length (fast.py's captured prefill): the
+    logits are those of column `last`, the prompt's real end, and the mask is the layout's explicit one.
+    That is exact when `layout` is the unpadded prompt's: no prompt row sees a column past the prompt's
+    end (ChatGLM-6B's bidirectional part ends at <sop>, or at the prompt's end without one; the rest, and
+    ChatGLM2/3's mask, is causal), so the pads change nothing the prompt computes. Their cache columns
+    hold junk that each decode step overwrites before its mask (key column <= its own) lets it be seen.
     """
     T = input_ids.shape[1]
     P = prefix_length(model)
@@ -63,7 +72,8 @@ def prefill(model, input_ids: torch.Tensor, layout: Layout, *, columns: torch.Te
     if prompt_mask is not None:
         mask = replace(prompt_mask, prefix=P)
     else:
-        mask = prefix_mask(layout.mask_for(query_columns, T), P) if P else layout.mask_for(query_columns, T)
+        mask = layout.mask_for(query_columns, T, explicit=last is not None)
+        mask = prefix_mask(mask, P) if P else mask
     return model(
         input_ids,
         layout.positions(query_columns),
@@ -72,6 +82,7 @@ def prefill(model, input_ids: torch.Tensor, layout: Layout, *, columns: torch.Te
         kv_length=P + T,
         cache_rows=cache_rows,
         last_logits_only=True,
+        logits_at=last,
     ).logits[:, -1].float()
 
 

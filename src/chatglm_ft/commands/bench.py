@@ -31,7 +31,8 @@ def register(sub) -> None:
                         "the H200 measures about 4.3e12)")
     add_compile_arg(p)
     p.add_argument("--compile-prefill", action="store_true",
-                   help="also compile the prefill of single prompts (one dynamic-shape graph for all lengths)")
+                   help="also compile the prefill of single prompts longer than the prefill CUDA graphs cover "
+                        "(over 512 tokens; one dynamic-shape graph for all lengths)")
     p.add_argument("--compare-eager", action="store_true", help="also time the eager decode loop")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="print torch.profiler tables of STEPS decode steps and of one prefill of the longest"

@@ -47,8 +47,9 @@ def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
     g.add_argument("--truncate", action="store_true", help="cut too-long prompts from the left instead of refusing")
 
 
-COMPILE_HELP = ("decoding: auto (compiled step + CUDA graphs on one GPU, eager elsewhere), off (eager), graphs"
-                " (CUDA graphs without compiling), on (compiled; also on the CPU)")
+COMPILE_HELP = ("decoding: auto (compiled step + CUDA graphs on one GPU, eager elsewhere), off (eager: nothing compiled"
+                " or captured), graphs (CUDA graphs without compiling), on (compiled; also on the CPU); with CUDA graphs"
+                " the prefill of prompts up to 512 tokens is a CUDA graph too")
 # A/B switches of the inference kernels, read here (the CLI layer) only; the library takes KernelOptions.
 KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_attention": "CHATGLM_FT_DECODE_ATTENTION"}
 
