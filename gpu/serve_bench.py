@@ -384,7 +384,8 @@ def main(argv: list[str]) -> int:
 
 
 def print_table(results: dict) -> None:
-    print(f"\nserve_bench of {results.get('config', 'full')} on {results['device']} (torch {results['torch']}), {results['dtype']} random weights, "
+    print(f"\nserve_bench of {results.get('config', 'full')} on {results['device']} (torch {results['torch']}), "
+          f"{results['dtype']} random weights, "
           f"{PROMPT_TOKENS}-token prompts, {results['answer_tokens']}-token answers, total {results['total_seconds']:.0f} s")
     print(f"{'decode':<8} {'streams':>7} {'tok/s':>9} {'ceiling':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'gap p99':>8} "
           f"{'TTFT p50':>9}  (ms; ceiling: memory-bound tok/s)")
