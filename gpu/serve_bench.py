@@ -16,8 +16,14 @@ tile sizes and splits ($CHATGLM_FT_DECODE_ATTENTION=torch runs the engine levels
 heads, the grouped kernel) and writes $OUT/attention_grouped.json.
 
     python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
+    python3 gpu/serve_bench.py --config chatglm3 --levels 1,128   # ChatGLM3-6B: $OUT/serve_bench_chatglm3.json
     python3 gpu/serve_bench.py --attention --grouped   # ChatGLM2/3's decode attention alone (about a minute)
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
+
+--config NAME picks the shape (`chatglm-ft bench --config`'s names: full = ChatGLM-6B, the default; chatglm2,
+chatglm3; with --smoke the tiny shape of the same generation). Each level records the memory ceiling:
+streams x bandwidth / (weight bytes + streams x KV bytes of the mean context), KV bytes from the config's
+key/value heads (ChatGLM2/3's 2 groups: 16x less cache than ChatGLM-6B's 32 heads).
 
 Finishes in about 5 minutes on an H200; prints a table last.
 """
@@ -36,12 +42,13 @@ sys.path.insert(0, os.environ.get("CHATGLM_FT_SRC") or str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from chatglm_ft.api import build_model  # noqa: E402
+from chatglm_ft.bench import kv_bytes_per_token, measure_bandwidth, random_model, weight_bytes  # noqa: E402
+from chatglm_ft.commands.bench import BENCH_CONFIGS, bench_config  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
 from chatglm_ft.engine import Engine  # noqa: E402
 from chatglm_ft.generate import GenerationConfig  # noqa: E402
 from chatglm_ft.positions import PrefixLayout, attention_mask_for  # noqa: E402
-from chatglm_ft.tokenizer import ChatGLMTokenizer  # noqa: E402
+from chatglm_ft.tokenizers import load_tokenizer  # noqa: E402
 from graph_timing import graph_seconds  # noqa: E402  (gpu/, the script's own folder)
 
 PROMPT_TOKENS, ANSWER_TOKENS = 128, 128
@@ -59,18 +66,67 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def find_tokenizer() -> ChatGLMTokenizer | None:
-    """The real tokenizer from the shared golden checkpoint, so detokenizing costs what it costs in the server."""
+def family(config) -> str:
+    return config.family if hasattr(config, "family") else "chatglm"
+
+
+def find_tokenizer(config=None):
+    """The real tokenizer of the model's generation from the shared golden checkpoints, so detokenizing costs
+    what it costs in the server."""
+    name = f"{family(config) if config is not None else 'chatglm'}-6b-tiny"
     for root in (os.environ.get("CHATGLM_FT_SHARED"), REPO / "shared", REPO.parent / "shared"):
-        if root and (Path(root) / "golden" / "chatglm-6b-tiny" / "ice_text.model").exists():
-            return ChatGLMTokenizer.from_dir(Path(root) / "golden" / "chatglm-6b-tiny")
+        if root and (Path(root) / "golden" / name / "tokenizer_config.json").exists():
+            return load_tokenizer(Path(root) / "golden" / name)
     return None
 
 
-def prompts(config: ChatGLMConfig, n: int, seed: int) -> list[list[int]]:
+def prompts(config, n: int, seed: int) -> list[list[int]]:
+    """n random prompts of PROMPT_TOKENS ids shaped as the generation's prompts: ChatGLM-6B's end with
+    [gMASK] <sop>, ChatGLM2/3's start with [gMASK] sop (text ids only in between)."""
     g = torch.Generator().manual_seed(seed)
-    body = torch.randint(20000, 120000, (n, PROMPT_TOKENS - 2), generator=g).tolist()
-    return [row + [config.gmask_token_id, config.bos_token_id] for row in body]
+    if isinstance(config, ChatGLMConfig):
+        body = torch.randint(20000, 120000, (n, PROMPT_TOKENS - 2), generator=g).tolist()
+        return [row + [config.gmask_token_id, config.bos_token_id] for row in body]
+    from chatglm_ft.random_data import GLM2_HIGHEST_ID, GLM2_PREFIX  # here: $CHATGLM_FT_SRC may be an older tree
+
+    body = torch.randint(1000, GLM2_HIGHEST_ID, (n, PROMPT_TOKENS - 2), generator=g).tolist()
+    return [list(GLM2_PREFIX) + row for row in body]
+
+
+def add_ceilings(results: dict, *, weights: int, kv_per_token: int, bandwidth: float, answer: int) -> None:
+    """Each level's memory ceiling: a decode step reads the weights once and every stream's KV cache up to
+    its column (mean context: the prompt + half the answer), and yields one token per stream."""
+    context = PROMPT_TOKENS + (answer - 1) / 2
+    for section_ in results.values():
+        for level in section_.get("levels", []) if isinstance(section_, dict) else ():
+            step_bytes = weights + level["streams"] * kv_per_token * context
+            level["memory_ceiling_tokens_per_s"] = level["streams"] * bandwidth / step_bytes
+            level["ceiling_fraction"] = level["tokens_per_s"] / level["memory_ceiling_tokens_per_s"]
+
+
+def option(argv: list[str], name: str) -> str | None:
+    """--name=value or --name value."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def bench_model_config(name: str, smoke: bool):
+    """The config `--config name` names; --smoke: the tiny shape of the same generation."""
+    if name not in BENCH_CONFIGS:
+        raise SystemExit(f"error: --config {name!r}: choose one of {', '.join(BENCH_CONFIGS)}")
+    if smoke and not name.endswith("tiny"):
+        name = "tiny" if name in ("full", "mid") else f"{name}-tiny"
+    return bench_config(name)
+
+
+def build(config, smoke: bool):
+    """Random weights of `config` (float16 on the GPU; float32 on the CPU for --smoke), in eval mode."""
+    return random_model(config, dtype=torch.float32 if smoke else torch.float16,
+                        device=torch.device("cpu" if smoke else "cuda"))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -268,19 +324,23 @@ def main(argv: list[str]) -> int:
             Path(os.environ["OUT"], "attention_grouped.json").write_text(json.dumps(results, indent=2))
         print_attention(results)
         return 0
-    config = ChatGLMConfig.tiny() if smoke else ChatGLMConfig.full()
+    config_name = option(argv, "--config") or "full"
+    config = bench_model_config(config_name, smoke)
     levels, answer = ((1, 4), 8) if smoke else (LEVELS, ANSWER_TOKENS)
-    for arg in argv:  # --levels 1,128 and --answer N: a shorter run (gpu/ab_bench.py)
-        if arg.startswith("--levels="):
-            levels = tuple(int(x) for x in arg.split("=", 1)[1].split(","))
-        if arg.startswith("--answer="):
-            answer = int(arg.split("=", 1)[1])
+    if option(argv, "--levels"):  # --levels 1,128 and --answer N: a shorter run (gpu/ab_bench.py)
+        levels = tuple(int(x) for x in option(argv, "--levels").split(","))
+    if option(argv, "--answer"):
+        answer = int(option(argv, "--answer"))
+    json_name = "serve_bench.json" if config_name == "full" else f"serve_bench_{config_name}.json"
     torch.manual_seed(0)
-    with torch.no_grad():
-        model = build_model(config, dtype=torch.float32 if smoke else torch.float16,
-                            device="cpu" if smoke else "cuda").eval()
-    tokenizer = find_tokenizer()
+    model = build(config, smoke)
+    tokenizer = find_tokenizer(config)
+    weights, kv_per_token = weight_bytes(model), kv_bytes_per_token(model)
+    bandwidth = measure_bandwidth(model.device)
     results: dict = {
+        "config": config_name, "family": family(config), "layers": config.num_layers,
+        "query_heads": config.num_attention_heads, "kv_heads": getattr(config, "kv_heads", config.num_attention_heads),
+        "weight_bytes": weights, "kv_bytes_per_token": kv_per_token, "bandwidth": bandwidth,
         "device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
         "dtype": str(model.dtype), "prompt_tokens": PROMPT_TOKENS, "answer_tokens": answer, "tokenizer": tokenizer is not None,
         "model_build_seconds": elapsed(),
@@ -291,20 +351,22 @@ def main(argv: list[str]) -> int:
     if "--profile" in argv:  # only the top level, profiled (what bounds 128 streams)
         section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", (levels[-1],), answer,
                 profile=True)
+        add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
         results["total_seconds"] = elapsed()
         print_table(results)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "serve_profile.json").write_text(json.dumps(results, indent=2))
         return 0
     if not smoke and "--attention" in argv:  # the kernel needs a GPU (the smoke's CPU engine runs the PyTorch path)
-        section(results, "attention", attention_microbench, config)
+        section(results, "attention", attention_microbench, config, kv_heads=getattr(config, "kv_heads", None))
     # the headline numbers first (the server's default: compile on CUDA, eager on the CPU); each engine is
     # stopped before the next section sets up its own cache
     section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer)
     if "--engine-only" in argv:  # the default engine's levels only
+        add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
         results["total_seconds"] = elapsed()
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], os.environ.get("SERVE_BENCH_NAME", "serve_bench.json")).write_text(
+            Path(os.environ["OUT"], os.environ.get("SERVE_BENCH_NAME", json_name)).write_text(
                 json.dumps(results, indent=2))
         print_table(results)
         return 0
@@ -312,18 +374,21 @@ def main(argv: list[str]) -> int:
     if not smoke:
         section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[0], levels[-1]), answer)
     section(results, "generate_eager", generate_latency, model, config, fast=False, answer=answer)
+    add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
     results["total_seconds"] = elapsed()
     results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "serve_bench.json").write_text(json.dumps(results, indent=2))
+        Path(os.environ["OUT"], json_name).write_text(json.dumps(results, indent=2))
     print_table(results)
     return 0
 
 
 def print_table(results: dict) -> None:
-    print(f"\nserve_bench on {results['device']} (torch {results['torch']}), {results['dtype']} random weights, "
+    print(f"\nserve_bench of {results.get('config', 'full')} on {results['device']} (torch {results['torch']}), "
+          f"{results['dtype']} random weights, "
           f"{PROMPT_TOKENS}-token prompts, {results['answer_tokens']}-token answers, total {results['total_seconds']:.0f} s")
-    print(f"{'decode':<8} {'streams':>7} {'tok/s':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'gap p99':>8} {'TTFT p50':>9}  (ms)")
+    print(f"{'decode':<8} {'streams':>7} {'tok/s':>9} {'ceiling':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'gap p99':>8} "
+          f"{'TTFT p50':>9}  (ms; ceiling: memory-bound tok/s)")
     for key in ("engine_default", "engine_graphs", "engine_eager", "engine_compile"):
         section_ = results.get(key, {})
         if not section_:
@@ -332,7 +397,8 @@ def print_table(results: dict) -> None:
             print(f"{key:<16} {section_.get('error') or section_.get('skipped')}")
             continue
         for lv in section_["levels"]:
-            print(f"{section_['decode']:<8} {lv['streams']:>7} {lv['tokens_per_s']:>9.0f} {lv['tpot_ms_p50']:>9.2f} "
+            print(f"{section_['decode']:<8} {lv['streams']:>7} {lv['tokens_per_s']:>9.0f} "
+                  f"{lv.get('memory_ceiling_tokens_per_s', float('nan')):>9.0f} {lv['tpot_ms_p50']:>9.2f} "
                   f"{lv['tpot_ms_p99']:>9.2f} {lv['token_gap_ms_p99']:>8.2f} {lv['ttft_ms_p50']:>9.1f}")
     for key in ("generate_fast", "generate_eager"):
         g = results.get(key, {})
@@ -346,7 +412,8 @@ def print_table(results: dict) -> None:
     print_attention(results)
     top = next((lv for lv in results.get("engine_default", {}).get("levels", []) if lv["streams"] == 128), None)
     if top:
-        print(f"128 streams: {top['tokens_per_s']:.0f} output tokens/s (goal >= 15000)")
+        goal = " (goal >= 15000)" if results.get("config", "full") == "full" else ""
+        print(f"128 streams: {top['tokens_per_s']:.0f} output tokens/s{goal}")
 
 
 def print_attention(results: dict) -> None:
