@@ -1,13 +1,23 @@
-// Int8/int4 weight-only matmuls for a few token rows on the CPU (see cpu_quant.py).
-// Every weight byte is read once per call and widened to float32 in registers; threads split the
-// output rows through ATen's pool (torch.set_num_threads applies).
+// Int8/int4 weight matmuls for a few token rows on the CPU (see cpu_quant.py).
+// Every weight byte is read once per call; threads split the output rows through ATen's pool
+// (torch.set_num_threads applies). Two ways to meet the input:
+// - int8 activations (the default): each input row is quantized once per call to int8 in blocks of
+//   32 values with a float scale each, and every weight row meets it in integer dot products
+//   (AVX2: vpmaddubsw + vpmaddwd, 32 products in two instructions); only each block's int32 sum
+//   becomes float. Needs K % 32 == 0 (int8) and int4 groups G % 64 == 0 (each 32-byte slice of a
+//   group's packed bytes then holds two whole blocks: its low and its high nibbles).
+// - float activations: each weight is widened to float32 in registers and meets the float input
+//   (exact up to summation order); shapes the blocks do not fit, or on request.
+// Each output is summed by one thread in a fixed order, so results do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -27,6 +37,10 @@ static inline __m256 widen_u8(__m128i bytes) {  // the low 8 uint8 -> 8 float
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
 }
 #endif
+
+constexpr int64_t BLOCK = 32;  // input values per int8 scale
+
+// ---- float activations ---------------------------------------------------------------------------
 
 // sum_k w[k] * x[k] for int8 w
 static float dot_int8(const int8_t* w, const float* x, int64_t K) {
@@ -84,36 +98,20 @@ static inline void add_int4_group(const uint8_t* b, const float* lo, const float
 }
 #endif
 
-// y (M, N) = x (M, K) @ (q * scale).T: int8 q (N, K), float16 scale (N,); x float32 contiguous
-static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-    const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-    at::Tensor y = at::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const int8_t* qp = q.data_ptr<int8_t>();
-    const at::Half* sp = scale.data_ptr<at::Half>();
-    float* yp = y.data_ptr<float>();
+static void int8_linear_float(const float* xp, const int8_t* qp, const at::Half* sp, float* yp, int64_t M, int64_t K,
+                              int64_t N) {
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
             const float s = static_cast<float>(sp[n]);
             for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_int8(qp + n * K, xp + m * K, K) * s;
         }
     });
-    return y;
 }
 
-// y (M, N) = x (M, K) @ ((q - zero) * scale).T: q packed by group halves (N, K/2) uint8, float16
-// scale and uint8 zero (N, K/G); xsum (M, K/G) float32 is the input summed over each group.
-static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                              const at::Tensor& zero, const at::Tensor& xsum) {
-    const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = scale.size(1);
+// xsum (M, groups): the input summed over each group, for the zero points
+static void int4_linear_float(const float* xp, const uint8_t* pp, const at::Half* sp, const uint8_t* zp,
+                              const float* xs, float* yp, int64_t M, int64_t K, int64_t N, int64_t groups) {
     const int64_t G = K / groups, H = G / 2;
-    at::Tensor y = at::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const float* xs = xsum.data_ptr<float>();
-    const uint8_t* pp = packed.data_ptr<uint8_t>();
-    const at::Half* sp = scale.data_ptr<at::Half>();
-    const uint8_t* zp = zero.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
             for (int64_t m = 0; m < M; ++m) {
@@ -139,10 +137,203 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
             }
         }
     });
+}
+
+// ---- int8 activations ----------------------------------------------------------------------------
+
+// The input rows quantized per block of 32: x ~= q * d, d = max|x| / 127 over the block,
+// q = round-half-even(x * (1 / d)) (all float32; the Python tests restate this rule).
+struct QuantizedInput {
+    std::vector<int8_t> q;  // (M, K)
+    std::vector<float> d;   // (M, K / BLOCK)
+    std::vector<float> sum; // (M, K / BLOCK): d * sum(q) of each block, for int4's zero points
+};
+
+static QuantizedInput quantize_input(const float* x, int64_t M, int64_t K) {
+    const int64_t blocks = M * (K / BLOCK);
+    QuantizedInput in{std::vector<int8_t>(M * K), std::vector<float>(blocks), std::vector<float>(blocks)};
+    for (int64_t b = 0; b < blocks; ++b) {
+        const float* v = x + b * BLOCK;
+        float amax = 0.f;
+        for (int64_t i = 0; i < BLOCK; ++i) amax = std::fmax(amax, std::fabs(v[i]));
+        const float d = amax / 127.f;
+        const float inverse = d > 0.f ? 1.f / d : 0.f;
+        int32_t total = 0;
+        for (int64_t i = 0; i < BLOCK; ++i) {
+            // nearbyint rounds half to even (the default rounding mode), as torch.round does
+            const float r = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(v[i] * inverse)));
+            in.q[b * BLOCK + i] = static_cast<int8_t>(r);
+            total += static_cast<int32_t>(r);
+        }
+        in.d[b] = d;
+        in.sum[b] = d * static_cast<float>(total);
+    }
+    return in;
+}
+
+#ifdef __AVX2__
+// 8 int32 lanes that together hold sum_i u[i] * s[i] over 32 byte pairs: u unsigned (<= 255) and
+// s signed; no int16 overflow while the product pairs stay under 32768 (|u|, |s| <= 127, or u <= 15).
+static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+static inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+#endif
+
+// One int8 weight row against one quantized input row (x int8, d per block): each block's dot
+// product in int32, times its d, summed in float32.
+static inline float dot_row_int8(const int8_t* w, const int8_t* x, const float* d, int64_t K) {
+    const int64_t blocks = K / BLOCK;
+    int64_t b = 0;
+#ifdef __AVX2__
+    // two accumulators (even and odd blocks): the adds of one do not wait for the other's
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    for (; b + 2 <= blocks; b += 2) {
+        const __m256i x0 = load32(x + b * BLOCK), x1 = load32(x + (b + 1) * BLOCK);
+        // |x| is the unsigned side of vpmaddubsw; x's sign moves onto w
+        const __m256i p0 = dot_u8_s8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(load32(w + b * BLOCK), x0));
+        const __m256i p1 = dot_u8_s8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(load32(w + (b + 1) * BLOCK), x1));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d[b + 1]), acc1);
+    }
+    if (b < blocks) {
+        const __m256i x0 = load32(x + b * BLOCK);
+        const __m256i p0 = dot_u8_s8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(load32(w + b * BLOCK), x0));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d[b]), acc0);
+    }
+    return hsum(_mm256_add_ps(acc0, acc1));
+#else
+    float total = 0.f;
+    for (; b < blocks; ++b) {
+        int32_t block = 0;
+        for (int64_t i = 0; i < BLOCK; ++i) block += int32_t(w[b * BLOCK + i]) * int32_t(x[b * BLOCK + i]);
+        total += static_cast<float>(block) * d[b];
+    }
+    return total;
+#endif
+}
+
+// One packed int4 row (K/2 bytes, groups of G columns, G % 64 == 0) against one quantized input
+// row: sum_g scale[g] * (q . x over group g - zero[g] * xsum[g]).
+static inline float dot_row_int4(const uint8_t* w, const at::Half* scale, const uint8_t* zero, const int8_t* x,
+                                 const float* d, const float* xsum, int64_t K, int64_t G) {
+    const int64_t groups = K / G, H = G / 2;
+    float rest = 0.f;
+#ifdef __AVX2__
+    const __m256i mask = _mm256_set1_epi8(15);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        // low and high nibbles in their own accumulators: the adds of one do not wait for the other's
+        __m256 low_acc = _mm256_setzero_ps(), high_acc = low_acc;
+        // byte j of the group: column j (low nibble) and j + H (high); H / 32 slices of 32 bytes
+        for (int64_t j = 0; j < H; j += BLOCK) {
+            const int64_t low_block = (g * G + j) / BLOCK, high_block = low_block + H / BLOCK;
+            const __m256i bytes = load32(w + g * H + j);
+            const __m256i low = _mm256_and_si256(bytes, mask);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+            const __m256i pl = dot_u8_s8(low, load32(x + low_block * BLOCK));
+            const __m256i ph = dot_u8_s8(high, load32(x + high_block * BLOCK));
+            low_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(d[low_block]), low_acc);
+            high_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ph), _mm256_set1_ps(d[high_block]), high_acc);
+        }
+        const float s = static_cast<float>(scale[g]);
+        total = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(low_acc, high_acc), total);
+        rest -= s * static_cast<float>(zero[g]) * xsum[g];
+    }
+    return hsum(total) + rest;
+#else
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < H; j += BLOCK) {
+            const int64_t low_block = (g * G + j) / BLOCK, high_block = low_block + H / BLOCK;
+            int32_t low = 0, high = 0;
+            for (int64_t i = 0; i < BLOCK; ++i) {
+                const uint8_t byte = w[g * H + j + i];
+                low += int32_t(byte & 15) * int32_t(x[low_block * BLOCK + i]);
+                high += int32_t(byte >> 4) * int32_t(x[high_block * BLOCK + i]);
+            }
+            acc += static_cast<float>(low) * d[low_block] + static_cast<float>(high) * d[high_block];
+        }
+        const float s = static_cast<float>(scale[g]);
+        total += s * acc;
+        rest -= s * static_cast<float>(zero[g]) * xsum[g];
+    }
+    return total + rest;
+#endif
+}
+
+// Each thread takes whole output rows; a row meets every input row while its weights are in L1
+// (rows one at a time: interleaving the loads of several rows measured slower from memory).
+static void int8_linear_int8(const float* xp, const int8_t* qp, const at::Half* sp, float* yp, int64_t M, int64_t K,
+                             int64_t N) {
+    const QuantizedInput in = quantize_input(xp, M, K);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+            const float s = static_cast<float>(sp[n]);
+            for (int64_t m = 0; m < M; ++m)
+                yp[m * N + n] = dot_row_int8(qp + n * K, in.q.data() + m * K, in.d.data() + m * (K / BLOCK), K) * s;
+        }
+    });
+}
+
+static void int4_linear_int8(const float* xp, const uint8_t* pp, const at::Half* sp, const uint8_t* zp, float* yp,
+                             int64_t M, int64_t K, int64_t N, int64_t groups) {
+    const int64_t G = K / groups, blocks = K / BLOCK;
+    const QuantizedInput in = quantize_input(xp, M, K);
+    std::vector<float> xsum(M * groups, 0.f);  // the quantized input summed over each group
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t b = 0; b < blocks; ++b) xsum[m * groups + b * BLOCK / G] += in.sum[m * blocks + b];
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+            for (int64_t m = 0; m < M; ++m)
+                yp[m * N + n] = dot_row_int4(pp + n * (K / 2), sp + n * groups, zp + n * groups, in.q.data() + m * K,
+                                             in.d.data() + m * blocks, xsum.data() + m * groups, K, G);
+        }
+    });
+}
+
+// ---- the ops -------------------------------------------------------------------------------------
+
+// y (M, N) = x (M, K) @ (q * scale).T: int8 q (N, K), float16 scale (N,); x float32 contiguous
+static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, bool int8_input) {
+    const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    const float* xp = x.data_ptr<float>();
+    if (int8_input && K % BLOCK == 0)
+        int8_linear_int8(xp, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), y.data_ptr<float>(), M, K, N);
+    else
+        int8_linear_float(xp, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), y.data_ptr<float>(), M, K, N);
+    return y;
+}
+
+// y (M, N) = x (M, K) @ ((q - zero) * scale).T: q packed by group halves (N, K/2) uint8, float16
+// scale and uint8 zero (N, K/G); x float32 contiguous
+static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                              const at::Tensor& zero, bool int8_input) {
+    const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = scale.size(1);
+    at::Tensor y = at::empty({M, N}, x.options());
+    const float* xp = x.data_ptr<float>();
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    const at::Half* sp = scale.data_ptr<at::Half>();
+    const uint8_t* zp = zero.data_ptr<uint8_t>();
+    if (int8_input && (K / groups) % (2 * BLOCK) == 0) {
+        int4_linear_int8(xp, pp, sp, zp, y.data_ptr<float>(), M, K, N, groups);
+    } else {
+        const int64_t G = K / groups;
+        std::vector<float> xsum(M * groups);  // (M, groups): the input summed over each group (in double:
+        for (int64_t i = 0; i < M * groups; ++i) {  // it is multiplied by up to 15 times the scale)
+            double total = 0.0;
+            for (int64_t j = 0; j < G; ++j) total += xp[i * G + j];
+            xsum[i] = static_cast<float>(total);
+        }
+        int4_linear_float(xp, pp, sp, zp, xsum.data(), y.data_ptr<float>(), M, K, N, groups);
+    }
     return y;
 }
 
 TORCH_LIBRARY(chatglm_ft_cpu, m) {
-    m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor", &int8_linear);
-    m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor xsum) -> Tensor", &int4_linear);
+    m.def("int8_linear(Tensor x, Tensor q, Tensor scale, bool int8_input) -> Tensor", &int8_linear);
+    m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, bool int8_input) -> Tensor", &int4_linear);
 }

@@ -3,14 +3,26 @@
 Decoding a token reads every weight once, so on the CPU its speed is set by the bytes read: the
 float path (dequantize a block of rows, then BLAS) reads the integer weight AND writes and re-reads
 a float32 copy, and is slower than float32 itself. These kernels stream the int8 (or packed int4)
-rows once and accumulate in float32 registers: 4x (8x) fewer bytes than a float32 weight.
+rows once: 4x (8x) fewer bytes than a float32 weight.
+
+How the input meets the weights (`INT8_ACTIVATIONS`, default on): each input row is quantized once
+per matmul to int8 in blocks of 32 values, x ~= q * d with d = max|x| / 127 over the block and
+q = round(x * (1 / d)) (float32, half to even), and the kernels take integer dot products (AVX2
+vpmaddubsw/vpmaddwd), converting only each block's int32 sum to float: a few instructions per 32
+weights instead of widening each weight to float32, which left the kernels bound by arithmetic, not
+memory. The result is exactly the float matmul of that rounded input with the dequantized weight
+(up to float32 summation order); the rounding adds about 0.3% relative error per output, small
+beside int8 weights' own (see tests/test_quantize.py). With it off, or where the blocks do not fit
+(int8: in_features % 32; int4: groups of a multiple of 64 columns), the weights are widened to
+float32 and meet the float input: equal to the float path up to summation order.
 
 The kernels are a small C++ file (cpu_quant.cpp) compiled on first use with the system's C++
 compiler (`c++`), as THUDM's implementation compiles its CPU kernels with gcc; without a
 compiler the dequantizing path is used (one warning). It reads the stored
 layouts of quantize.py directly (int4 group halves: byte j of a group holds column j low and column
 j + G/2 high, so each nibble plane meets a contiguous slice of the input), any even group size, so
-nothing is repacked. Outputs equal the float path up to float32 summation order.
+nothing is repacked. Each output is summed by one thread in a fixed order: results do not depend on
+the thread count.
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ MAX_ROWS = 8
 
 SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 ENABLED = True  # False forces the dequantizing reference path (benchmarks compare both)
+INT8_ACTIVATIONS = True  # False: the kernels meet the float input (weights widened to float32)
 _loaded: bool | None = None  # None: not tried yet
 
 
@@ -101,22 +114,34 @@ def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
             and x.is_floating_point() and scale.dtype == torch.float16 and available())
 
 
+@contextmanager
+def int8_activations(flag: bool):
+    """Run a block with the input quantized to int8 per block of 32 (True) or kept float32."""
+    global INT8_ACTIVATIONS
+    previous, INT8_ACTIVATIONS = INT8_ACTIVATIONS, flag
+    try:
+        yield
+    finally:
+        INT8_ACTIVATIONS = previous
+
+
 @torch.library.custom_op(
     "chatglm_ft::cpu_quantized_linear", mutates_args=(), device_types="cpu",
-    schema="(Tensor x, Tensor weight, Tensor scale, Tensor? zero) -> Tensor",
+    schema="(Tensor x, Tensor weight, Tensor scale, Tensor? zero, bool int8_input) -> Tensor",
 )
-def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """(M, K) float32 x @ the int8 (zero None) or int4 weight's transpose -> (M, N) float32."""
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     int8_input: bool) -> torch.Tensor:
+    """(M, K) float32 x @ the int8 (zero None) or int4 weight's transpose -> (M, N) float32; x
+    rounded to int8 blocks first where `int8_input` and the shapes allow (see the module's notes)."""
     if not available():
         raise RuntimeError("the CPU int8/int4 kernels could not be built here (see the warning)")
     if zero is None:
-        return torch.ops.chatglm_ft_cpu.int8_linear(x, weight, scale)
-    xsum = x.view(x.shape[0], scale.shape[1], -1).sum(-1)
-    return torch.ops.chatglm_ft_cpu.int4_linear(x, weight, scale, zero, xsum)
+        return torch.ops.chatglm_ft_cpu.int8_linear(x, weight, scale, int8_input)
+    return torch.ops.chatglm_ft_cpu.int4_linear(x, weight, scale, zero, int8_input)
 
 
 @quantized_matmul.register_fake
-def _(x, weight, scale, zero):
+def _(x, weight, scale, zero, int8_input):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -125,7 +150,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     """y = x @ dequantize(weight).T + bias for a few CPU rows (see `usable`), in x's dtype."""
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K).to(torch.float32).contiguous()
-    y = quantized_matmul(x2, weight.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous())
+    y = quantized_matmul(x2, weight.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous(),
+                         INT8_ACTIVATIONS)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], N)
