@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #ifdef __AVX2__
@@ -154,19 +155,50 @@ static QuantizedInput quantize_input(const float* x, int64_t M, int64_t K) {
     QuantizedInput in{std::vector<int8_t>(M * K), std::vector<float>(blocks), std::vector<float>(blocks)};
     for (int64_t b = 0; b < blocks; ++b) {
         const float* v = x + b * BLOCK;
+        int32_t total = 0;
         float amax = 0.f;
-        for (int64_t i = 0; i < BLOCK; ++i) amax = std::fmax(amax, std::fabs(v[i]));
+        bool nan = false;
+#ifdef __AVX2__
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 part[4], top = _mm256_setzero_ps(), unordered = top;
+        for (int i = 0; i < 4; ++i) {
+            part[i] = _mm256_loadu_ps(v + 8 * i);
+            top = _mm256_max_ps(top, _mm256_andnot_ps(sign, part[i]));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(part[i], part[i], _CMP_UNORD_Q));
+        }
+        __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+        amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+        nan = _mm256_movemask_ps(unordered) != 0;
+        const float d = amax / 127.f;
+        const __m256 inverse = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        __m256i q[4];  // vcvtps2dq rounds half to even (the default rounding mode), as torch.round does
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(part[i], inverse));
+        const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
+        // the packs interleave the two 128-bit lanes: put the 4-byte groups back in order
+        const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(in.q.data() + b * BLOCK), q8);
+        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+#else
+        for (int64_t i = 0; i < BLOCK; ++i) {
+            amax = std::fmax(amax, std::fabs(v[i]));
+            nan = nan || std::isnan(v[i]);
+        }
         const float d = amax / 127.f;
         const float inverse = d > 0.f ? 1.f / d : 0.f;
-        int32_t total = 0;
         for (int64_t i = 0; i < BLOCK; ++i) {
             // nearbyint rounds half to even (the default rounding mode), as torch.round does
             const float r = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(v[i] * inverse)));
             in.q[b * BLOCK + i] = static_cast<int8_t>(r);
             total += static_cast<int32_t>(r);
         }
-        in.d[b] = d;
-        in.sum[b] = d * static_cast<float>(total);
+#endif
+        // a NaN input makes its rows' outputs NaN, as in the float path (inf does too: q = 0, d = inf)
+        in.d[b] = nan ? std::nanf("") : d;
+        in.sum[b] = in.d[b] * static_cast<float>(total);
     }
     return in;
 }
@@ -296,8 +328,21 @@ static void int4_linear_int8(const float* xp, const uint8_t* pp, const at::Half*
 
 // ---- the ops -------------------------------------------------------------------------------------
 
-// y (M, N) = x (M, K) @ (q * scale).T: int8 q (N, K), float16 scale (N,); x float32 contiguous
-static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, bool int8_input) {
+// y += bias (N,) float32, row by row
+static void add_bias(at::Tensor& y, const std::optional<at::Tensor>& bias) {
+    if (!bias.has_value()) return;
+    const at::Tensor b = bias->contiguous();
+    const float* bp = b.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t M = y.size(0), N = y.size(1);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) yp[m * N + n] += bp[n];
+}
+
+// y (M, N) = x (M, K) @ (q * scale).T + bias: int8 q (N, K), float16 scale (N,); x and bias float32
+static at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& q_, const at::Tensor& scale_,
+                              const std::optional<at::Tensor>& bias, bool int8_input) {
+    const at::Tensor x = x_.contiguous(), q = q_.contiguous(), scale = scale_.contiguous();
     const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
     at::Tensor y = at::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
@@ -305,23 +350,25 @@ static at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at
         int8_linear_int8(xp, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), y.data_ptr<float>(), M, K, N);
     else
         int8_linear_float(xp, q.data_ptr<int8_t>(), scale.data_ptr<at::Half>(), y.data_ptr<float>(), M, K, N);
+    add_bias(y, bias);
     return y;
 }
 
-// y (M, N) = x (M, K) @ ((q - zero) * scale).T: q packed by group halves (N, K/2) uint8, float16
-// scale and uint8 zero (N, K/G); x float32 contiguous
-static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                              const at::Tensor& zero, bool int8_input) {
-    const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = scale.size(1);
+// y (M, N) = x (M, K) @ ((q - zero) * scale).T + bias: q packed by group halves (N, K/2) uint8,
+// float16 scale and uint8 zero (N, K/G); x and bias float32
+static at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& scale_,
+                              const at::Tensor& zero_, const std::optional<at::Tensor>& bias, bool int8_input) {
+    const at::Tensor x = x_.contiguous(), packed = packed_.contiguous(), scale = scale_.contiguous(),
+                     zero = zero_.contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), groups = scale.size(1), G = K / groups;
     at::Tensor y = at::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
     const uint8_t* pp = packed.data_ptr<uint8_t>();
     const at::Half* sp = scale.data_ptr<at::Half>();
     const uint8_t* zp = zero.data_ptr<uint8_t>();
-    if (int8_input && (K / groups) % (2 * BLOCK) == 0) {
+    if (int8_input && G % (2 * BLOCK) == 0) {
         int4_linear_int8(xp, pp, sp, zp, y.data_ptr<float>(), M, K, N, groups);
     } else {
-        const int64_t G = K / groups;
         std::vector<float> xsum(M * groups);  // (M, groups): the input summed over each group (in double:
         for (int64_t i = 0; i < M * groups; ++i) {  // it is multiplied by up to 15 times the scale)
             double total = 0.0;
@@ -330,10 +377,18 @@ static at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, con
         }
         int4_linear_float(xp, pp, sp, zp, xsum.data(), y.data_ptr<float>(), M, K, N, groups);
     }
+    add_bias(y, bias);
     return y;
 }
 
+// The schemas here, the CPU kernels below; cpu_quant.py registers their shape functions (fake
+// tensors), so torch.compile traces them as single ops.
 TORCH_LIBRARY(chatglm_ft_cpu, m) {
-    m.def("int8_linear(Tensor x, Tensor q, Tensor scale, bool int8_input) -> Tensor", &int8_linear);
-    m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, bool int8_input) -> Tensor", &int4_linear);
+    m.def("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? bias, bool int8_input) -> Tensor");
+    m.def("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, Tensor? bias, bool int8_input) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(chatglm_ft_cpu, CPU, m) {
+    m.impl("int8_linear", &int8_linear);
+    m.impl("int4_linear", &int4_linear);
 }

@@ -88,6 +88,7 @@ def available() -> bool:
     if _loaded is None:
         try:
             torch.ops.load_library(str(_build()))
+            _register_shapes()
             _loaded = True
         except Exception as e:  # no compiler: the float path still works, just slower
             _loaded = False
@@ -107,13 +108,6 @@ def enabled(flag: bool):
         ENABLED = previous
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
-    rows = x.numel() // max(1, x.shape[-1])
-    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
-            and x.is_floating_point() and scale.dtype == torch.float16 and available())
-
-
 @contextmanager
 def int8_activations(flag: bool):
     """Run a block with the input quantized to int8 per block of 32 (True) or kept float32."""
@@ -125,33 +119,30 @@ def int8_activations(flag: bool):
         INT8_ACTIVATIONS = previous
 
 
-@torch.library.custom_op(
-    "chatglm_ft::cpu_quantized_linear", mutates_args=(), device_types="cpu",
-    schema="(Tensor x, Tensor weight, Tensor scale, Tensor? zero, bool int8_input) -> Tensor",
-)
-def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                     int8_input: bool) -> torch.Tensor:
-    """(M, K) float32 x @ the int8 (zero None) or int4 weight's transpose -> (M, N) float32; x
-    rounded to int8 blocks first where `int8_input` and the shapes allow (see the module's notes)."""
-    if not available():
-        raise RuntimeError("the CPU int8/int4 kernels could not be built here (see the warning)")
-    if zero is None:
-        return torch.ops.chatglm_ft_cpu.int8_linear(x, weight, scale, int8_input)
-    return torch.ops.chatglm_ft_cpu.int4_linear(x, weight, scale, zero, int8_input)
+def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
+            and x.is_floating_point() and scale.dtype == torch.float16 and available())
 
 
-@quantized_matmul.register_fake
-def _(x, weight, scale, zero, int8_input):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _register_shapes() -> None:
+    """The ops' output shapes for fake tensors, so that torch.compile traces each as one op."""
+    def output(x, weight, *_):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    torch.library.register_fake("chatglm_ft_cpu::int8_linear", output)
+    torch.library.register_fake("chatglm_ft_cpu::int4_linear", output)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ dequantize(weight).T + bias for a few CPU rows (see `usable`), in x's dtype."""
     K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K).to(torch.float32).contiguous()
-    y = quantized_matmul(x2, weight.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous(),
-                         INT8_ACTIVATIONS)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
+    x2 = x.reshape(-1, K).to(torch.float32)  # (M, K)
+    bias = None if bias is None else bias.to(torch.float32)
+    if zero is None:
+        y = torch.ops.chatglm_ft_cpu.int8_linear(x2, weight, scale, bias, INT8_ACTIVATIONS)
+    else:
+        y = torch.ops.chatglm_ft_cpu.int4_linear(x2, weight, scale, zero, bias, INT8_ACTIVATIONS)
     return y.to(x.dtype).view(*x.shape[:-1], N)
