@@ -6,23 +6,27 @@ a float32 copy, and is slower than float32 itself. These kernels stream the int8
 rows once: 4x (8x) fewer bytes than a float32 weight.
 
 How the input meets the weights (`INT8_ACTIVATIONS`, default on): each input row is quantized once
-per matmul to int8 in blocks of 32 values, x ~= q * d with d = max|x| / 127 over the block and
-q = round(x * (1 / d)) (float32, half to even), and the kernels take integer dot products (AVX2
-vpmaddubsw/vpmaddwd), converting only each block's int32 sum to float: a few instructions per 32
-weights instead of widening each weight to float32, which left the kernels bound by arithmetic, not
-memory. The result is exactly the float matmul of that rounded input with the dequantized weight
-(up to float32 summation order); the rounding adds about 0.3% relative error per output, small
-beside int8 weights' own (see tests/test_quantize.py). With it off, or where the blocks do not fit
-(int8: in_features % 32; int4: groups of a multiple of 64 columns), the weights are widened to
-float32 and meet the float input: equal to the float path up to summation order.
+per matmul to int8 in blocks, x ~= q * d with d = max|x| / 127 over the block and q = round(x * (1 / d))
+(float32, half to even); the blocks are 32 values for int8 weights and one int4 group (64-256 values)
+for int4 weights. The kernels then take integer dot products (AVX2 vpmaddubsw), converting only each
+block's integer sum to float: a few instructions per 32 weights instead of widening every weight to
+float32, which left the kernels bound by arithmetic rather than by memory. The result is exactly the
+float matmul of that rounded input with the dequantized weight (up to float32 summation order); the
+rounding adds about 0.4-0.9% relative error per output (tests/test_quantize.py), as much as int8
+weights' own rounding (0.8% on Gaussian weights) and a tenth of int4's (10%); greedy decoding of the
+golden prompts gives the same tokens as the float path. With
+it off, or where the blocks do not fit (int8: in_features % 32; int4: groups that are not 64, 128,
+192 or 256 columns), the weights are widened to float32 and meet the float input: equal to the float
+path up to summation order.
 
 The kernels are a small C++ file (cpu_quant.cpp) compiled on first use with the system's C++
 compiler (`c++`), as THUDM's implementation compiles its CPU kernels with gcc; without a
 compiler the dequantizing path is used (one warning). It reads the stored
 layouts of quantize.py directly (int4 group halves: byte j of a group holds column j low and column
 j + G/2 high, so each nibble plane meets a contiguous slice of the input), any even group size, so
-nothing is repacked. Each output is summed by one thread in a fixed order: results do not depend on
-the thread count.
+nothing is repacked. The rows are split over torch's threads (the file is compiled with OpenMP, which
+ATen's parallel_for needs); each output is summed by one thread in a fixed order, so results do not
+depend on the thread count.
 """
 from __future__ import annotations
 
@@ -48,19 +52,22 @@ INT8_ACTIVATIONS = True  # False: the kernels meet the float input (weights wide
 _loaded: bool | None = None  # None: not tried yet
 
 
-def _flags() -> list[str]:
+def _flags(openmp: bool) -> list[str]:
     flags = ["-O3", "-ffp-contract=fast"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]  # what this CPU runs (the build is cached per flags)
+    if openmp:  # ATen's parallel_for is inlined into the kernels: without OpenMP it runs on one thread
+        flags.append("-fopenmp")
     return flags
 
 
-def _build() -> Path:
+def _build(openmp: bool = True) -> Path:
     """Compile cpu_quant.cpp against this torch into a cached shared library (one compiler call: no
     ninja or build system needed); the name hashes the source, flags and torch version."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    flags = _flags() + ["-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    flags = _flags(openmp) + ["-std=c++17", "-shared", "-fPIC",
+                              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, torch.__version__]).encode()).hexdigest()[:16]
     cache = Path.home() / ".cache" / "chatglm_ft"
     try:
@@ -87,7 +94,12 @@ def available() -> bool:
     global _loaded
     if _loaded is None:
         try:
-            torch.ops.load_library(str(_build()))
+            try:
+                library = _build(openmp=True)
+            except RuntimeError as e:  # a compiler without OpenMP: the kernels run on one thread
+                library = _build(openmp=False)
+                warnings.warn(f"CPU int8/int4 kernels built without OpenMP ({e}): they use one thread", stacklevel=2)
+            torch.ops.load_library(str(library))
             _register_shapes()
             _loaded = True
         except Exception as e:  # no compiler: the float path still works, just slower
