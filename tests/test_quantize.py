@@ -307,10 +307,11 @@ def rounded_to_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 # (out, in, int4 group): groups of 16 and 128, and one group per row whose half (20) needs the
 # vector loop's 8-wide step and the scalar tail. The int8 input (blocks of 32) fits int8 rows of 96
-# (an odd number of blocks), 192, 256, 512 and 1024 columns; for int4 (one block per group) groups of
-# 64, 128 and 256 columns; the others (int4 groups of 16, 32, 40 and 512; 40 columns) take the float input.
+# (an odd number of blocks), 192, 256, 512, 1024 and 1280 columns; for int4 (one block per group)
+# groups of 64 (20 a row: two sets of 8 and a tail of 4), 128 and 256 columns; the others (int4 groups
+# of 16, 32, 40 and 512; 40 columns) take the float input.
 @pytest.mark.parametrize("n,k,group", [(37, 256, 16), (50, 512, 128), (24, 40, 64), (21, 96, 64), (29, 192, 64),
-                                       (13, 512, 256), (9, 1024, 512)])
+                                       (13, 512, 256), (9, 1024, 512), (11, 1280, 64)])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cpu_kernels_match_dequantized_matmul(cpu_kernels, monkeypatch, bits, n, k, group):
     import chatglm_ft.quantize as quantize

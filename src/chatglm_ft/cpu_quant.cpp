@@ -275,39 +275,56 @@ static inline float dot_row_int8(const int8_t* w, const int8_t* x, const float* 
 #endif
 }
 
-// One packed int4 row (K/2 bytes, groups of G columns, G % 64 == 0, G <= MAX_INT4_GROUP) against one
-// input row quantized per group (x int8, d and xsum = d * sum(q) per group):
+// One packed int4 row (K/2 bytes, groups of G = 64 * SLICES columns) against one input row quantized
+// per group (x int8, d and xsum = d * sum(q) per group):
 // sum_g scale[g] * d[g] * (q . x over group g) - scale[g] * zero[g] * xsum[g].
-// One d per group lets a group's products add up in int16 (G/32 vpmaddubsw results of at most
-// 2 * 15 * 128 each: under 32768 for G <= 256), then meet floats once.
+// One d per group lets a group's products add up in int16 (2 * SLICES vpmaddubsw results of at most
+// 2 * 15 * 128 each: under 32768 up to 4 slices, G = 256), then meet floats once. SLICES is a
+// template parameter so that the slices of a group unroll and the pointers stay in registers.
 constexpr int64_t MAX_INT4_GROUP = 256;
 
+template <int SLICES>
 static inline float dot_row_int4(const uint8_t* w, const at::Half* scale, const uint8_t* zero, const int8_t* x,
-                                 const float* d, const float* xsum, int64_t K, int64_t G) {
-    const int64_t groups = K / G, H = G / 2;
+                                 const float* d, const float* xsum, int64_t K) {
+    constexpr int64_t H = 32 * SLICES, G = 2 * H;
+    const int64_t groups = K / G;
     float rest = 0.f;
 #ifdef __AVX2__
     const __m256i mask = _mm256_set1_epi8(15);
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t* bytes = w + g * H;
-        const int8_t* xg = x + g * G;
-        prefetch(bytes);
-        if (H > 32) prefetch(bytes + 32);
-        // byte j of the group: column j (low nibble) and j + H (high); H / 32 slices of 32 bytes
-        __m256i sums = _mm256_setzero_si256();
-        for (int64_t j = 0; j < H; j += 32) {
-            const __m256i b = load32(bytes + j);
-            const __m256i low = _mm256_and_si256(b, mask), high = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-            sums = _mm256_add_epi16(sums, products16(low, load32(xg + j)));
-            sums = _mm256_add_epi16(sums, products16(high, load32(xg + H + j)));
+    __m256 total = _mm256_setzero_ps(), zeros = total;
+    alignas(32) float sd[8];  // scale * d of 8 groups
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+        const int64_t count = groups - g0 < 8 ? groups - g0 : 8;
+        if (count == 8) {  // the groups' scalars 8 at a time: scale * d, and the zero points' term
+            const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0)));
+            const __m256 z8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g0))));
+            _mm256_store_ps(sd, _mm256_mul_ps(s8, _mm256_loadu_ps(d + g0)));
+            zeros = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(xsum + g0), zeros);
+        } else {
+            for (int64_t i = 0; i < count; ++i) {
+                const float s = static_cast<float>(scale[g0 + i]);
+                sd[i] = s * d[g0 + i];
+                rest -= s * static_cast<float>(zero[g0 + i]) * xsum[g0 + i];
+            }
         }
-        const float s = static_cast<float>(scale[g]);
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, _mm256_set1_epi16(1)));
-        total = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * d[g]), total);
-        rest -= s * static_cast<float>(zero[g]) * xsum[g];
+        for (int64_t i = 0; i < count; ++i) {
+            const uint8_t* bytes = w + (g0 + i) * H;
+            const int8_t* xg = x + (g0 + i) * G;
+            prefetch(bytes);
+            if (SLICES > 1) prefetch(bytes + 32);
+            // byte j of the group: column j (low nibble) and j + H (high), in slices of 32 bytes
+            __m256i sums = _mm256_setzero_si256();
+            for (int j = 0; j < SLICES; ++j) {
+                const __m256i b = load32(bytes + 32 * j);
+                const __m256i low = _mm256_and_si256(b, mask), high = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+                sums = _mm256_add_epi16(sums, products16(low, load32(xg + 32 * j)));
+                sums = _mm256_add_epi16(sums, products16(high, load32(xg + H + 32 * j)));
+            }
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums, _mm256_set1_epi16(1)));
+            total = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(sd + i), total);
+        }
     }
-    return hsum(total) + rest;
+    return hsum(_mm256_sub_ps(total, zeros)) + rest;
 #else
     float total = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
@@ -338,15 +355,18 @@ static void int8_linear_int8(const float* xp, const int8_t* qp, const at::Half* 
     });
 }
 
+template <int SLICES>
 static void int4_linear_int8(const float* xp, const uint8_t* pp, const at::Half* sp, const uint8_t* zp, float* yp,
-                             int64_t M, int64_t K, int64_t N, int64_t groups) {
-    const int64_t G = K / groups;
+                             int64_t M, int64_t K, int64_t N) {
+    constexpr int64_t G = 64 * SLICES;
+    const int64_t groups = K / G;
     const QuantizedInput in = quantize_input(xp, M, K, G);  // one scale per int4 group
     parallel_rows(N, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
             for (int64_t m = 0; m < M; ++m)
-                yp[m * N + n] = dot_row_int4(pp + n * (K / 2), sp + n * groups, zp + n * groups, in.q.data() + m * K,
-                                             in.d.data() + m * groups, in.sum.data() + m * groups, K, G);
+                yp[m * N + n] = dot_row_int4<SLICES>(pp + n * (K / 2), sp + n * groups, zp + n * groups,
+                                                     in.q.data() + m * K, in.d.data() + m * groups,
+                                                     in.sum.data() + m * groups, K);
         }
     });
 }
@@ -391,8 +411,12 @@ static at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& packed_, c
     const uint8_t* pp = packed.data_ptr<uint8_t>();
     const at::Half* sp = scale.data_ptr<at::Half>();
     const uint8_t* zp = zero.data_ptr<uint8_t>();
-    if (int8_input && G % (2 * BLOCK) == 0 && G <= MAX_INT4_GROUP) {
-        int4_linear_int8(xp, pp, sp, zp, y.data_ptr<float>(), M, K, N, groups);
+    float* yp = y.data_ptr<float>();
+    if (int8_input && G % 64 == 0 && G <= MAX_INT4_GROUP) {
+        if (G == 64) int4_linear_int8<1>(xp, pp, sp, zp, yp, M, K, N);
+        else if (G == 128) int4_linear_int8<2>(xp, pp, sp, zp, yp, M, K, N);
+        else if (G == 192) int4_linear_int8<3>(xp, pp, sp, zp, yp, M, K, N);
+        else int4_linear_int8<4>(xp, pp, sp, zp, yp, M, K, N);
     } else {
         std::vector<float> xsum(M * groups);  // (M, groups): the input summed over each group (in double:
         for (int64_t i = 0; i < M * groups; ++i) {  // it is multiplied by up to 15 times the scale)
@@ -400,7 +424,7 @@ static at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& packed_, c
             for (int64_t j = 0; j < G; ++j) total += xp[i * G + j];
             xsum[i] = static_cast<float>(total);
         }
-        int4_linear_float(xp, pp, sp, zp, xsum.data(), y.data_ptr<float>(), M, K, N, groups);
+        int4_linear_float(xp, pp, sp, zp, xsum.data(), yp, M, K, N, groups);
     }
     add_bias(y, bias);
     return y;
