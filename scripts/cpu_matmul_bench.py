@@ -1,5 +1,6 @@
 """One decode-step matmul (1 token row) on the CPU: float32 BLAS against int8/int4 through the
-dequantizing path and through cpu_quant's kernels, for the linear layers of a model shape.
+dequantizing path and through cpu_quant's kernels (int8-rounded input, the default, and float input),
+for the linear layers of a model shape.
 
     PYTHONPATH=src python3 scripts/cpu_matmul_bench.py --shape mid --reps 7 [--threads N]
 
@@ -22,6 +23,11 @@ SHAPES = {  # (out, in) of the decode matmuls of one layer (+ lm_head for mid)
     "mid": [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (130528, 1024)],
     "full": [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384)],
 }
+
+
+def float_input(fn, *args):
+    with cpu_quant.int8_activations(False):
+        return fn(*args)
 
 
 def timed(fn) -> float:
@@ -51,6 +57,8 @@ def main() -> None:
             "float32": (lambda: F.linear(x, w), w.numel() * 4),
             "int8 kernel": (lambda: cpu_quant.linear(x, *q8, None, None), q8[0].numel() + q8[1].numel() * 2),
             "int4 kernel": (lambda: cpu_quant.linear(x, *q4, None), q4[0].numel() + q4[1].numel() * 3),
+            "int8 float-in": (lambda: float_input(cpu_quant.linear, x, *q8, None, None), q8[0].numel() + q8[1].numel() * 2),
+            "int4 float-in": (lambda: float_input(cpu_quant.linear, x, *q4, None), q4[0].numel() + q4[1].numel() * 3),
         }
         if args.reference_path:
             variants["int8 dequantize"] = (lambda: blocked_linear(x, *q8, None, None), variants["int8 kernel"][1])

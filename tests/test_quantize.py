@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from triton_interpreter import interpret  # tests/triton_interpreter.py
 
-from chatglm_ft import load
+from chatglm_ft import cpu_quant, load
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.quantize import (
@@ -21,8 +21,10 @@ LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", 
 
 # Drift of the logits from float32 over the golden forward prompts (worst position), measured:
 #   int8: cosine 0.999998, max |diff| 0.009;  int4 (group 64 on this hidden size): 0.99934, 0.16
-# (logits span about +-5). The thresholds leave ~3x margin over those, and are tight enough to
-# reject a real defect: swapping the two nibbles of every int4 byte gives cosine 0.978, max 1.0.
+# (logits span about +-5). The prompts of up to cpu_quant.MAX_ROWS tokens (4 and 6 here) run the CPU
+# kernels, whose int8-rounded input adds a little: int8 0.999996, 0.013; int4 0.99934, 0.157 (float
+# input: 0.999998, 0.009; 0.99934, 0.158). The thresholds leave >= 2.3x margin over those, and are tight
+# enough to reject a real defect: swapping the two nibbles of every int4 byte gives cosine 0.978, max 1.0.
 THRESHOLDS = {"int8": (0.99999, 0.03), "int4": (0.998, 0.4)}
 
 
@@ -206,7 +208,7 @@ def test_thudm_checkpoint_matches_dequantized_float_model(tiny, golden, golden_d
     assert isinstance(model.transformer.layers[0].attention.dense, Int8Linear if bits == 8 else Int4Linear)
     for case in golden["forward"][:3]:
         ids = torch.tensor([case["input_ids"]])
-        with torch.no_grad():
+        with torch.no_grad(), cpu_quant.int8_activations(False):  # the CPU kernels with float input: exact
             torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
     with pytest.raises(ChatGLMError, match=f"already quantized to int{bits}"):
         load(ckpt, device="cpu", quantize="int4" if bits == 8 else "int8")
@@ -293,9 +295,23 @@ def cpu_kernels():
     return cpu_quant
 
 
+def rounded_to_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The kernels' int8 input, restated from cpu_quant's notes: per block of `block` values of a row,
+    d = max|x| / 127 and q = round(x * (1 / d)) in float32 (half to even), so x ~= q * d."""
+    blocks = x.reshape(-1, x.shape[-1] // block, block)  # (rows, blocks, block)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = (blocks * inverse).round().clamp(-127, 127)
+    return (q.double() * d.double()).view(x.shape)
+
+
 # (out, in, int4 group): groups of 16 and 128, and one group per row whose half (20) needs the
-# vector loop's 8-wide step and the scalar tail
-@pytest.mark.parametrize("n,k,group", [(37, 256, 16), (50, 512, 128), (24, 40, 64)])
+# vector loop's 8-wide step and the scalar tail. The int8 input (blocks of 32) fits int8 rows of 96
+# (an odd number of blocks), 192, 256, 512, 1024 and 1280 columns; for int4 (one block per group)
+# groups of 64 (20 a row: two sets of 8 and a tail of 4), 128 and 256 columns; the others (int4 groups
+# of 16, 32, 40 and 512; 40 columns) take the float input.
+@pytest.mark.parametrize("n,k,group", [(37, 256, 16), (50, 512, 128), (24, 40, 64), (21, 96, 64), (29, 192, 64),
+                                       (13, 512, 256), (9, 1024, 512), (11, 1280, 64)])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cpu_kernels_match_dequantized_matmul(cpu_kernels, monkeypatch, bits, n, k, group):
     import chatglm_ft.quantize as quantize
@@ -304,22 +320,57 @@ def test_cpu_kernels_match_dequantized_matmul(cpu_kernels, monkeypatch, bits, n,
     layer = (Int8Linear if bits == 8 else Int4Linear)(k, n, bias=True, group_size=group)
     layer.set_quantized(*(quantize_int8(torch.randn(n, k)) + (None,) if bits == 8 else quantize_int4(torch.randn(n, k), group)))
     layer.bias = torch.nn.Parameter(torch.randn(n))
-    w = layer.dequantize(torch.float64)
+    w, bias = layer.dequantize(torch.float64), layer.bias.double()
+    block = 32 if bits == 8 else layer.group_size
+    int8_input = k % 32 == 0 if bits == 8 else block % 64 == 0 and block <= 256
+    assert cpu_kernels.INT8_ACTIVATIONS  # the default
     # the kernel path never builds a float weight: forbid it, for a decode step of up to MAX_ROWS rows
     monkeypatch.setattr(quantize, "dequantize_reference", None)
     with torch.no_grad():
         for shape in [(1, 1, k), (cpu_kernels.MAX_ROWS, k), (2, 1, k)]:
             x = torch.randn(*shape)
+            exact = F.linear(x.double(), w, bias)
+            with cpu_kernels.int8_activations(False):  # the weight widened to float32: exact up to summation order
+                torch.testing.assert_close(layer(x).double(), exact, rtol=0, atol=1e-4)
             y = layer(x)
             assert y.dtype == torch.float32 and y.shape == (*shape[:-1], n)
-            torch.testing.assert_close(y.double(), F.linear(x.double(), w, layer.bias.double()), rtol=0, atol=1e-4)
+            if not int8_input:
+                torch.testing.assert_close(y.double(), exact, rtol=0, atol=1e-4)
+                continue
+            # exactly the dequantized weight applied to the rounded input, up to summation order
+            torch.testing.assert_close(y.double(), F.linear(rounded_to_int8_blocks(x, block), w, bias), rtol=0, atol=1e-4)
+            # and close to the float input: measured 0.38-0.94% relative error on these Gaussian inputs (the
+            # rounding step, max|x|/127 of a block, is 1.8% (32 values) to 2.3% (256) of their RMS; rounding
+            # costs step/sqrt(12))
+            error = ((y.double() - exact).norm() / (exact - bias).norm()).item()
+            assert 1e-4 < error < 0.015, error
         with pytest.raises(TypeError):  # more rows take the dequantizing path (here: forbidden)
             layer(torch.randn(cpu_kernels.MAX_ROWS + 1, k))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_kernels_do_not_depend_on_the_thread_count(cpu_kernels, bits):
+    torch.manual_seed(0)
+    layer = (Int8Linear if bits == 8 else Int4Linear)(512, 300, bias=False, group_size=128)
+    w = torch.randn(300, 512)
+    layer.set_quantized(*(quantize_int8(w) + (None,) if bits == 8 else quantize_int4(w, 128)))
+    x = torch.randn(3, 512)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outputs.append(layer(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_cpu_kernel_decoding_matches_reference_path(cpu_kernels, golden, quantized, name):
-    """Greedy decoding (one row per step: the kernels) gives the tokens of the dequantizing path."""
+    """Greedy decoding (one row per step: the kernels, with their int8-rounded input) gives the tokens
+    of the dequantizing path (float input, float weights)."""
     for case in golden["greedy"]:
         config = GenerationConfig(max_new_tokens=16)
         with cpu_kernels.enabled(False):
