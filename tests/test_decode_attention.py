@@ -288,10 +288,12 @@ def test_model_decode_step_traces_the_op_and_the_option_turns_it_off():
         # ChatGLM2/3's step: q (B, 32, 1, 128) from the projection, the cache (B, 2, S_max, 128) sliced to kv_length
         q = torch.empty_strided((4, 32, 1, 128), (4096, 128, 4096, 1), device="cuda", dtype=torch.float16)
         k = torch.empty_strided((4, 2, 33, 128), (2 * 65 * 128, 65 * 128, 128, 1), device="cuda", dtype=torch.float16)
-        graph, _ = torch._dynamo.export(attend)(q, k, k, mask)
+        new = KernelOptions(new_kernels=True)  # the grouped kernel is opt-in until measured on a GPU
+        graph, _ = torch._dynamo.export(lambda *a: attend(*a, new))(q, k, k, mask)
         assert "torch.ops.chatglm_ft.decode_attention" in graph.code
-        assert decode_kernel_applies(q, k, k, mask, KernelOptions())
-        assert not decode_kernel_applies(q, k, k, mask, KernelOptions(decode_attention="torch"))
+        assert decode_kernel_applies(q, k, k, mask, new)
+        assert not decode_kernel_applies(q, k, k, mask, KernelOptions())
+        assert not decode_kernel_applies(q, k, k, mask, KernelOptions(decode_attention="torch", new_kernels=True))
 
 
 @pytest.mark.gpu
@@ -352,6 +354,7 @@ def test_cuda_grouped_decoding_gives_the_golden_ids(ckpt_dir, gold, dtype):
     from chatglm_ft.options import KernelOptions
 
     model = load_model(ckpt_dir, dtype=dtype, device="cuda")
+    model.use_kernels(KernelOptions(new_kernels=True))  # the grouped kernel is opt-in until measured
     case, batch = gold["greedy"][-1], gold["batch"][0]
     batch_prompts = [[t for t, keep in zip(row, m) if keep]
                      for row, m in zip(batch["input_ids"], batch["attention_mask"])]  # the left padding removed
@@ -371,7 +374,7 @@ def test_cuda_grouped_decoding_gives_the_golden_ids(ckpt_dir, gold, dtype):
     if dtype != "float32":  # 16-bit: the PyTorch attention path's tokens
         model.use_kernels(KernelOptions(decode_attention="torch"))
         reference = tokens([case["input_ids"]], n, False), tokens(batch_prompts, nb, False)
-        model.use_kernels(KernelOptions())
+        model.use_kernels(KernelOptions(new_kernels=True))
     da.decode_attention = counted  # what the custom op calls (eager decoding: one call per layer and step)
     try:
         single = tokens([case["input_ids"]], n, False)

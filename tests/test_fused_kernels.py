@@ -233,6 +233,6 @@ def test_golden_models_on_cuda_with_fused_kernels(request, monkeypatch, dirs):
         model = load_model(ckpt, dtype=dtype, device="cuda")
         ids = {}
         for fused in (True, False):
-            model.use_kernels(KernelOptions(fused=fused))
+            model.use_kernels(KernelOptions(fused=fused, new_kernels=fused))
             ids[fused] = (_decode(model, case["input_ids"], gen, False), _decode(model, case["input_ids"], gen, graphs))
         assert ids[True] == ids[False], dtype  # (eager, graphs) with the kernels on and off

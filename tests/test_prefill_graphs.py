@@ -201,8 +201,12 @@ def assert_graphed_greedy(model, golden) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_cuda_prefill_graphs_give_the_golden_greedy_ids(request, name):
-    """The default settings (--compile auto: compiled decode step, CUDA graphs)."""
-    assert_graphed_greedy(*network(request, name, "cuda"))
+    """--compile auto (compiled decode step, CUDA graphs) with --prefill-graphs."""
+    from chatglm_ft.options import DecodeOptions
+
+    model, golden = network(request, name, "cuda")
+    model.decode_options = DecodeOptions(prefill_graphs=True)
+    assert_graphed_greedy(model, golden)
 
 
 @pytest.mark.gpu
@@ -212,7 +216,7 @@ def test_cuda_prefill_graphs_with_a_prefix(request, ptuning_dirs, name):
     from chatglm_ft.options import DecodeOptions
 
     model, golden = prefixed(request, ptuning_dirs, name, "cuda")
-    model.decode_options = DecodeOptions(compile="graphs")
+    model.decode_options = DecodeOptions(compile="graphs", prefill_graphs=True)
     assert_graphed_greedy(model, golden)
 
 
@@ -222,9 +226,9 @@ def test_cuda_compile_modes_and_prefill_graphs(request):
 
     model, golden = network(request, "chatglm3", "cuda")
     assert fast_options(model, DecodeOptions(compile="off")) is None  # the eager loop: nothing captured
-    graphs_only = fast_options(model, DecodeOptions(compile="graphs"))
+    graphs_only = fast_options(model, DecodeOptions(compile="graphs", prefill_graphs=True))
     assert graphs_only == FastOptions(compile=False, prefill_graphs=True)
-    assert fast_options(model, DecodeOptions(prefill_graphs=False)).prefill_graphs is False
+    assert fast_options(model, DecodeOptions()).prefill_graphs is False  # opt-in until measured
     c = golden["greedy"][0]
     assert decode(model, [c["input_ids"]], len(c["new_ids"]), graphs_only) == [c["new_ids"]]
     assert ("prefill", 16) in decoder_for(model, 1, graphs_only).graphs
@@ -235,7 +239,7 @@ def test_cuda_compile_modes_and_prefill_graphs(request):
 def test_cuda_bench_times_the_captured_prefill(capsys, config):
     from chatglm_ft.cli import main
 
-    assert main(["bench", "--random-weights", "--config", config, "--device", "cuda", "--compile", "graphs", "--json",
+    assert main(["bench", "--random-weights", "--config", config, "--device", "cuda", "--compile", "graphs", "--prefill-graphs", "--json",
                  "--prefill-lengths", "128,2048", "--decode-tokens", "4", "--bandwidth", "1e12"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fast_path"]["prefill_graphs"] is True

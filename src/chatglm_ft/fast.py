@@ -63,7 +63,7 @@ class FastOptions:
     # Prompts up to PREFILL_BUCKETS[-1] tokens padded to a length bucket, their prefill a captured step: a CUDA
     # graph where cuda_graphs applies, a direct run otherwise (how the CPU tests check it; fast_options turns
     # it off on the CPU, where padding only costs time).
-    prefill_graphs: bool = True
+    prefill_graphs: bool = False
 
 
 def fast_options(model, fast: "bool | FastOptions | DecodeOptions | None") -> FastOptions | None:

@@ -97,6 +97,11 @@ def _fused(x: torch.Tensor, options: KernelOptions) -> bool:
     return options.fused and TRITON and eager_cuda_inference(x)
 
 
+def _fused_new(x: torch.Tensor, options: KernelOptions) -> bool:
+    """_fused, for the kernels not yet measured on a GPU (KernelOptions.new_kernels)."""
+    return options.new_kernels and _fused(x, options)
+
+
 def linear(layer: nn.Module, x: torch.Tensor, options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """`layer(x)`; under torch.compile a plain nn.Linear adds its bias after the matmul instead, because
     inductor turns a bias-free one-token matmul into a tuned reduction (GEMV) and fuses the bias and
@@ -163,7 +168,7 @@ def rotary_pairs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  options: KernelOptions = DEFAULT_KERNELS) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_rotary_pairs` of q (B, T, N, d) and k (B, T, G, d): one kernel in eager CUDA inference when they
     are views of one query_key_value output (bit for bit the PyTorch form's values)."""
-    if _fused(q, options):
+    if _fused_new(q, options):
         from . import rotary_kernel  # Triton is imported on CUDA only
 
         if rotary_kernel.pairs_supported(q, k, cos, sin):
@@ -177,7 +182,7 @@ def rms_norm(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     """`layer(x)` for an RMSNorm layer (`weight`, `eps`: model_glm2.RMSNorm); with `residual`, the pair
     (h, layer(h)) for h = x + residual. One kernel in eager CUDA inference: the statistics in float32 as
     the layer's, possibly summed in another order (fused_kernels.py)."""
-    if _fused(x, options):
+    if _fused_new(x, options):
         from . import fused_kernels
 
         if fused_kernels.rms_norm_supported(x, layer.weight, residual):
@@ -192,7 +197,7 @@ def add_layer_norm(layer: nn.LayerNorm, a: torch.Tensor, x: torch.Tensor, alpha:
                    options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """`layer(torch.add(a, x, alpha=alpha))` (ChatGLM-6B's scaled residual, then LayerNorm): one kernel in
     eager CUDA inference, which reads a and x once and never writes the sum."""
-    if _fused(x, options) and type(layer) is nn.LayerNorm and len(layer.normalized_shape) == 1:
+    if _fused_new(x, options) and type(layer) is nn.LayerNorm and len(layer.normalized_shape) == 1:
         from . import fused_kernels
 
         if fused_kernels.add_layer_norm_supported(a, x, layer.weight, layer.bias):
@@ -202,7 +207,7 @@ def add_layer_norm(layer: nn.LayerNorm, a: torch.Tensor, x: torch.Tensor, alpha:
 
 def swiglu(u: torch.Tensor, options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """silu(gate) * up for u = [gate | up] (.., 2F) (ChatGLM2/3's MLP): one kernel in eager CUDA inference."""
-    if _fused(u, options):
+    if _fused_new(u, options):
         from . import fused_kernels
 
         if fused_kernels.swiglu_supported(u):
@@ -227,6 +232,8 @@ def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     """Whether `attend` runs the flash-decoding kernel: one query row on CUDA, k/v with nh or fewer heads
     (any divisor of nh: grouped KV heads) (shape logic only: traced without a graph break)."""
     if not (q.shape[2] == 1 and q.is_cuda and TRITON and options.decode_attention == "triton"):
+        return False
+    if k.shape[1] != q.shape[1] and not options.new_kernels:  # the grouped kernel: not yet measured on a GPU
         return False
     from . import decode_attention  # imported here: Triton is loaded on a GPU only (registers the op)
 

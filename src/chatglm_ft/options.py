@@ -22,6 +22,10 @@ class KernelOptions:
     gemv: str = "kernel"
     fused: bool = True  # fused eager paths: rotary, norm (+ residual) and SwiGLU kernels, GELU in the matmul's epilogue
     decode_attention: str = "triton"  # one-token attention: the flash-decoding kernel or "torch"
+    # Kernels checked in Triton's interpreter (tests) but not yet run and measured on a GPU: the grouped-KV
+    # decode attention (ChatGLM2/3), RMSNorm (+ residual), ChatGLM-6B's residual + LayerNorm, SwiGLU and
+    # ChatGLM2/3's pair rotary. Off until measured: a default path never changes unmeasured.
+    new_kernels: bool = False
 
     def validate(self) -> "KernelOptions":
         if self.gemv not in GEMV_CHOICES:
@@ -38,8 +42,9 @@ class DecodeOptions:
 
     compile: str = "auto"
     compile_prefill: bool = False  # also compile the prefill of single prompts (dynamic length)
-    # where the decode step is a CUDA graph, short prompts' prefill is one too (padded to a length bucket, fast.py)
-    prefill_graphs: bool = True
+    # where the decode step is a CUDA graph, short prompts' prefill can be one too (padded to a length bucket,
+    # fast.py); off by default until measured on a GPU (--prefill-graphs)
+    prefill_graphs: bool = False
 
     def validate(self) -> "DecodeOptions":
         if self.compile not in COMPILE_MODES:

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_kernel_launch()
     model.use_kernels(kernel_options())
-    fast = DecodeOptions(compile=args.compile, compile_prefill=args.compile_prefill).validate()
+    fast = DecodeOptions(compile=args.compile, compile_prefill=args.compile_prefill,
+                         prefill_graphs=args.prefill_graphs).validate()
     report = run_bench(
         model, model_name=name, load_seconds=load_seconds, quantize=args.quantize, prefill_lengths=lengths,
         decode_tokens=args.decode_tokens, bandwidth=args.bandwidth, fast=fast, compare_eager=args.compare_eager,
@@ -156,7 +157,7 @@ def compare_quantized(args: argparse.Namespace) -> int:
             models[f"{name} (dequantize)"] = (model, False)
     from ..options import DecodeOptions
 
-    fast = DecodeOptions(compile=args.compile).validate()
+    fast = DecodeOptions(compile=args.compile, prefill_graphs=args.prefill_graphs).validate()
     results = compare_formats(models, new_tokens=args.decode_tokens, rounds=args.rounds, seed=args.seed, fast=fast)
     source = f"random weights, {args.config} config" if args.random_weights else str(args.model)
     if args.json:

@@ -48,14 +48,17 @@ def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
 
 
 COMPILE_HELP = ("decoding: auto (compiled step + CUDA graphs on one GPU, eager elsewhere), off (eager: nothing compiled"
-                " or captured), graphs (CUDA graphs without compiling), on (compiled; also on the CPU); with CUDA graphs"
-                " the prefill of prompts up to 512 tokens is a CUDA graph too")
+                " or captured), graphs (CUDA graphs without compiling), on (compiled; also on the CPU)")
+PREFILL_GRAPHS_HELP = ("with CUDA graphs (--compile auto/graphs/on on a GPU): also run the prefill of prompts up to"
+                       " 512 tokens as CUDA graphs, padded to a length bucket (not yet measured on a GPU: off by default)")
 # A/B switches of the inference kernels, read here (the CLI layer) only; the library takes KernelOptions.
-KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_attention": "CHATGLM_FT_DECODE_ATTENTION"}
+KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_attention": "CHATGLM_FT_DECODE_ATTENTION",
+              "new_kernels": "CHATGLM_FT_NEW_KERNELS"}
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["auto", "off", "graphs", "on"], default="auto", help=COMPILE_HELP)
+    p.add_argument("--prefill-graphs", action="store_true", help=PREFILL_GRAPHS_HELP)
 
 
 def kernel_options(environ=None):
@@ -71,7 +74,7 @@ def kernel_options(environ=None):
         value = env.get(name, "").strip().lower()
         if not value:
             continue
-        values[field] = value not in ("0", "false", "off", "no") if field == "fused" else value
+        values[field] = value not in ("0", "false", "off", "no") if field in ("fused", "new_kernels") else value
     try:
         return KernelOptions(**values).validate()
     except Exception as e:  # a ChatGLMError naming the field: say which variable it came from
@@ -104,7 +107,8 @@ def configure_model(model, args: argparse.Namespace):
 
     configure_kernel_launch()
     model.use_kernels(kernel_options())
-    model.decode_options = DecodeOptions(compile=getattr(args, "compile", "auto")).validate()
+    model.decode_options = DecodeOptions(compile=getattr(args, "compile", "auto"),
+                                         prefill_graphs=getattr(args, "prefill_graphs", False)).validate()
     return model
 
 
