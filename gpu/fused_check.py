@@ -4,7 +4,7 @@
    `--compile graphs` mode (eager prefill; the eager decode step captured as CUDA graphs), 128- and
    2048-token prefill and batch-1 decode, with the fused kernels on and off ($CHATGLM_FT_FUSED=1/0), each
    run in its own process. The same commands by hand:
-       CHATGLM_FT_FUSED=1 python3 -m chatglm_ft bench --random-weights --config chatglm3 --compile graphs \\
+       CHATGLM_FT_FUSED=1 CHATGLM_FT_NEW_KERNELS=1 python3 -m chatglm_ft bench --random-weights --config chatglm3 --compile graphs \\
            --prefill-lengths 128,2048 --decode-tokens 64
        CHATGLM_FT_FUSED=0 python3 -m chatglm_ft bench ... (the same)
 2. Each kernel against the PyTorch form it replaces on full-size activations (2048 tokens, float16 / bfloat16
@@ -41,7 +41,8 @@ def bench(config: str, fused: bool, *extra: str) -> dict:
         return {"config": config, "fused": fused, "error": "skipped: out of time"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "bench.json")
-        env = {**os.environ, "CHATGLM_FT_FUSED": "1" if fused else "0", "PYTHONPATH": str(REPO / "src")}
+        env = {**os.environ, "CHATGLM_FT_FUSED": "1" if fused else "0", "CHATGLM_FT_NEW_KERNELS": "1" if fused else "0",
+               "PYTHONPATH": str(REPO / "src")}
         command = [sys.executable, "-m", "chatglm_ft", *BENCH, "--config", config, *extra, "--json", "--out", str(out)]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=limit)
