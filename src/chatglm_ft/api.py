@@ -112,8 +112,6 @@ def load_model(
     path = model_path(path)
     config = config or load_config(path)
     devices = parse_devices(device)  # "cuda:0,cuda:1": layers spread over several devices
-    if devices and isinstance(config, ChatGLM2Config):
-        raise ChatGLMError("spreading a ChatGLM2/3 model over several devices is not supported yet; pass one device")
     device = devices[0] if devices else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     quantized = bool(config.quantization_bit or config.quantization or quantize)

@@ -253,15 +253,15 @@ class CausalLMHead:
         c = self.config
         prefix = self.transformer.prefix_encoder
         max_length += prefix.pre_seq_len if prefix is not None else 0
+        # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
+        devices = [layer.input_layernorm.weight.device for layer in self.transformer.layers]
         first = self.kv_caches[0] if self.kv_caches is not None else None
         if not (first is not None and first.k.shape[0] == batch_size and first.k.shape[2] >= max_length
-                and first.k.dtype == self.dtype and first.k.device == self.device):
+                and first.k.dtype == self.dtype and first.k.device == devices[0]):
             self.kv_caches = None  # free the old cache before allocating the new one
-            # each layer's cache lives where the layer does (layers may be spread over devices: multigpu.py)
             self.kv_caches = nn.ModuleList(
-                KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.dtype,
-                        device=layer.input_layernorm.weight.device)
-                for layer in self.transformer.layers
+                KVCache(batch_size, c.kv_heads, max_length, c.head_dim, dtype=self.dtype, device=device)
+                for device in devices
             )
         refresh_prefix_cache(self)  # a new cache, a new prefix or one changed by training steps is written again
 

@@ -1,10 +1,13 @@
 """`--device cuda:0,cuda:1`: the layers of one model spread over several devices (the original
 `load_model_on_gpus`), for cards too small for the whole model.
 
-Pipeline placement, no parallelism: the embeddings, the final LayerNorm and `lm_head` (tied to the
-embeddings in the released checkpoint) stay on the first device, the layers fill the devices in
-order so that each holds about the same bytes, and a forward pre-hook moves a layer's inputs onto
-its device. Decoding runs the eager loop (CUDA graphs do not span devices).
+Pipeline placement, no parallelism: everything outside the layers (the embeddings, the final norm,
+the output layer: `lm_head`, tied to the embeddings in ChatGLM-6B's released checkpoint, or
+ChatGLM2/3's own `output_layer`; the rotary buffers; a P-Tuning prefix encoder) stays on the first
+device, the layers fill the devices in order so that each holds about the same bytes, a forward
+pre-hook moves a layer's inputs onto its device and the last layer's output comes back to the first.
+Architecture-neutral: it needs only `model.transformer.layers` (docs/architecture.md). Decoding runs
+the eager loop (CUDA graphs do not span devices).
 """
 from __future__ import annotations
 
@@ -38,12 +41,9 @@ def _module_bytes(module: nn.Module) -> int:
 
 def layer_devices(model: nn.Module, devices: list[torch.device]) -> list[torch.device]:
     """Device of each layer: contiguous blocks, balanced by bytes, the first device also holding
-    the embeddings, final LayerNorm and lm_head."""
-    transformer = model.transformer
-    first = _module_bytes(transformer.word_embeddings) + _module_bytes(transformer.final_layernorm)
-    if not model.lm_head_tied:
-        first += _module_bytes(model.lm_head)
-    layers = [_module_bytes(layer) for layer in transformer.layers]
+    everything outside the layers (embeddings, final norm, output layer unless tied, rotary buffers)."""
+    layers = [_module_bytes(layer) for layer in model.transformer.layers]
+    first = _module_bytes(model) - sum(layers)  # each tensor once: a tied lm_head is the embeddings
     share = (first + sum(layers)) / len(devices)
     placement, used, index = [], first, 0
     for size in layers:
@@ -66,20 +66,45 @@ def _inputs_to(device: torch.device):
     return hook
 
 
+def _output_to(device: torch.device):
+    def hook(module, args, output):
+        return output.to(device, non_blocking=True) if output.device != device else output
+
+    return hook
+
+
+def _outside_layers_to(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer not inside a layer to `device`, keeping shared tensors shared."""
+    inside = {id(m) for layer in model.transformer.layers for m in layer.modules()}
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)  # in place: a tied parameter stays one object
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if id(buffer) not in moved:
+                moved[id(buffer)] = buffer.to(device)
+            setattr(module, name, moved[id(buffer)])
+
+
 def split_layers(model: nn.Module, devices: list[torch.device]) -> nn.Module:
-    """Spread `model`'s layers over `devices` (in place) and route activations between them."""
+    """Spread `model`'s layers over `devices` (in place) and route activations between them.
+
+    All it asks of an architecture is `model.transformer.layers`, blocks called as modules (so the
+    hooks see their inputs) that return the hidden states; everything else stays on the first device."""
     if len(devices) < 2:
         raise ChatGLMError("a multi-device --device needs at least two devices, e.g. cuda:0,cuda:1")
     placement = layer_devices(model, devices)
-    transformer = model.transformer
-    transformer.word_embeddings.to(devices[0])
-    transformer.final_layernorm.to(devices[0])
-    model.lm_head.to(devices[0])
-    transformer.inv_freq = transformer.inv_freq.to(devices[0])
-    for layer, device in zip(transformer.layers, placement):
+    model.clear_caches()  # set up again where the layers now are
+    layers = model.transformer.layers
+    for layer, device in zip(layers, placement):
         layer.to(device)
         layer.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
-    transformer.final_layernorm.register_forward_pre_hook(_inputs_to(devices[0]), with_kwargs=True)
+    _outside_layers_to(model, devices[0])
+    # the last layer hands the hidden states back to the final norm and output layer; a hook on the
+    # norm itself would be skipped where a fused kernel reads the norm's weight directly (ops.rms_norm)
+    layers[-1].register_forward_hook(_output_to(devices[0]))
     model.layer_devices = placement
     return model
 
@@ -88,4 +113,4 @@ def is_split(model: nn.Module) -> bool:
     """Whether the model spans several devices (the embeddings' device counts: with tiny layers and
     large embeddings every layer may sit on the second device)."""
     placement = getattr(model, "layer_devices", None) or []
-    return len({*placement, model.transformer.word_embeddings.weight.device}) > 1 if placement else False
+    return len({*placement, model.device}) > 1 if placement else False
