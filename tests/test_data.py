@@ -153,7 +153,7 @@ def test_columns_mapping(tmp_path):
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "why?", "answer": "because", "id": 1}])
     records, report = load_records([qa], columns={"prompt": "question", "response": "answer"})
     assert (records[0].prompt, records[0].response, report.formats[str(qa)]) == ("why?", "because", "chat")
-    # The seed's validation file layout (source/target) and renamed message keys.
+    # The original chatglm6b_ft project's validation file layout (source/target) and renamed message keys.
     seed = write_jsonl(tmp_path / "seed.jsonl", [{"source": "问", "target": "答"}])
     records, _ = load_records([seed], columns={"prompt": "source", "response": "target"})
     assert (records[0].prompt, records[0].response, records[0].templated) == ("问", "答", False)

@@ -155,7 +155,7 @@ def test_config_file_and_flags(tmp_path):
     c = config_from_args(args)
     assert (c.learning_rate, c.lora_target, c.max_steps, c.data, c.progress, c.val_size) == (
         3e-4, ["all"], 5, ["b.json", "c.json"], False, 0.1)
-    assert c.per_device_train_batch_size == 32 and c.warmup_steps == 500  # the seed's defaults
+    assert c.per_device_train_batch_size == 32 and c.warmup_steps == 500  # the original chatglm6b_ft project's defaults
     (tmp_path / "bad.json").write_text('{"learning_rate": 1e-4, "epochs": 3}')
     with pytest.raises(ChatGLMError, match="unknown key.*epochs"):
         config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.json")]))

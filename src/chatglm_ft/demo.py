@@ -39,9 +39,9 @@ NOUNS = [("apples", "苹果", "个"), ("cats", "猫", "只"), ("books", "书", "
          ("birds", "鸟", "只"), ("cups", "杯子", "个"), ("fish", "鱼", "条"), ("pens", "笔", "支")]
 TEST_PHRASES = 48  # held out: 96 test questions (both directions)
 # Training settings (TrainConfig fields). A 0.5M-parameter model from scratch wants far larger
-# learning rates than the seed's 2e-5 for ChatGLM-6B.
+# learning rates than the original chatglm6b_ft project's 2e-5 for ChatGLM-6B.
 BASE_TRAINING = dict(finetuning_type="full", learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=32)
-# The seed's LoRA (r=8, alpha=32, dropout 0.1) on query_key_value and the attention output `dense`: with
+# The original chatglm6b_ft project's LoRA (r=8, alpha=32, dropout 0.1) on query_key_value and the attention output `dense`: with
 # query_key_value alone a model this small reaches 85-100% depending on the seed, with both 100%.
 LORA_TRAINING = dict(finetuning_type="lora", lora_r=8, lora_alpha=32, lora_dropout=0.1,
                      lora_target=["query_key_value", "dense"], learning_rate=5e-3, warmup_steps=30,

@@ -16,7 +16,7 @@ def chat_prompt(query: str, history: History | None = None) -> str:
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The seed's (and the reference LoRA project's) Alpaca format."""
+    """The Alpaca format of the original chatglm6b_ft project (and of the reference LoRA project)."""
     prompt = f"Instruction: {instruction}\n"
     if input:
         prompt += f"Input: {input}\n"

@@ -1,6 +1,6 @@
 """Data files -> normalised `Record`s (the text half of the data pipeline; `data.py` does the tokens).
 
-One reader for every format the issue lists: Alpaca (`instruction`/`input`/`output`), ChatGLM-Tuning
+One reader for every supported format: Alpaca (`instruction`/`input`/`output`), ChatGLM-Tuning
 (`context`/`target`), HC3 (`question`/`human_answers`), chat with history (`prompt`/`response`/`history`)
 and message lists (`messages`/`conversations` with `role`/`content` or `from`/`value`). A file is a
 JSON array or JSONL; its format is detected from the fields of its first record unless given.

@@ -703,7 +703,7 @@ def _train(config, procs, model, tokenizer, records, examples) -> TrainResult:
             info(f"note: learning rate {config.learning_rate:g} is low for P-Tuning; THUDM's recipe uses 2e-2"
                  " (--learning-rate)")
         if run.lora and config.learning_rate <= 2e-5:
-            info(f"note: learning rate {config.learning_rate:g} is the seed's value for full fine-tuning;"
+            info(f"note: learning rate {config.learning_rate:g} is the original chatglm6b_ft project's value for full fine-tuning;"
                  " LoRA usually needs 1e-4..1e-3 (--learning-rate)")
         if config.warmup_steps >= total_steps:
             info(f"note: warmup_steps {config.warmup_steps} >= {total_steps} steps: the learning rate never"

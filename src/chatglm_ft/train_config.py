@@ -1,6 +1,6 @@
 """Training settings: one dataclass whose field names are the `chatglm-ft train` flags in snake_case.
 
-Defaults are the seed's (`num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-5,
+Defaults are the original chatglm6b_ft project's (`num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-5,
 warmup_steps=500, weight_decay=0.01`, LoRA r=8, alpha=32, dropout=0.1 on query_key_value).
 No torch import here, so the CLI's `--help` stays fast; the loop lives in `train.py`.
 """

@@ -35,7 +35,7 @@ HELP = {
                 "several examples per row of --pack-length tokens, each masked to itself (almost no padding; "
                 "--per-device-train-batch-size then counts rows)",
     "pack_length": "--batching packed: tokens per row (0: --max-source-length + --max-target-length)",
-    "learning_rate": "peak learning rate (the seed's 2e-5 suits full fine-tuning; LoRA usually needs 1e-4..1e-3)",
+    "learning_rate": "peak learning rate (the original chatglm6b_ft project's 2e-5 suits full fine-tuning; LoRA usually needs 1e-4..1e-3)",
     "warmup_steps": "linear warmup steps, then linear decay to 0",
     "weight_decay": "AdamW weight decay (not on biases and LayerNorm weights)",
     "max_grad_norm": "gradient clipping norm (0: off)",
