@@ -233,7 +233,8 @@ class FastDecoder:
         self.pad_token_id = config.pad_token_id
         self.prefill_ids: dict[int, torch.Tensor] = {}  # bucket -> (B, bucket) right-padded prompt
         self.last = torch.zeros(1, **longs)  # the prompt's last real column
-        self.prefill_out = torch.zeros(B, V, dtype=torch.float32, device=device)
+        # a captured prefill's logits (B x V float32: 33 MB for an evaluation's 64 rows; only when padded prefill is on)
+        self.prefill_out = torch.zeros(B, V, dtype=torch.float32, device=device) if options.prefill_graphs else None
         self.machine = StepGraphs(device, cuda_graphs=options.cuda_graphs)
         self.stats = self.machine.stats
         self.picked: set = set()  # sampling modes (and "prefill") whose first, compiling run is done
