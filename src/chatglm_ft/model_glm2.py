@@ -128,9 +128,6 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, dtype: torch.dtyp
     return cos[:, :, None, :], sin[:, :, None, :]
 
 
-apply_rotary = ops.apply_rotary_pairs  # interleaved pairs of the first r channels, in x's dtype (SPEC.md II.3.5)
-
-
 # -- attention over grouped key/value heads --------------------------------------------------------
 def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:

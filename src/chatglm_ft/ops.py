@@ -15,7 +15,9 @@ A model's code (model.py) says *what* to compute; these functions pick *how*, fr
                         heads as q (ChatGLM-6B) or fewer (grouped KV heads, ChatGLM2/3: one program reads
                         a KV head's cache once for its whole group of query heads); SDPA otherwise
 Compiled code and training keep the plain PyTorch forms (inductor fuses them; autograd needs them).
-All fused eager paths are behind `KernelOptions.fused` (off: the plain forms everywhere, for A/B runs).
+All fused eager paths are behind `KernelOptions.fused` (off: the plain forms everywhere, for A/B runs); the
+norm, SwiGLU and pair-rotary kernels and the grouped decode attention also need `KernelOptions.new_kernels`
+(off until measured on a GPU).
 """
 from __future__ import annotations
 
