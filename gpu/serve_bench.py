@@ -125,8 +125,11 @@ def bench_model_config(name: str, smoke: bool):
 
 def build(config, smoke: bool):
     """Random weights of `config` (float16 on the GPU; float32 on the CPU for --smoke), in eval mode."""
-    return random_model(config, dtype=torch.float32 if smoke else torch.float16,
-                        device=torch.device("cpu" if smoke else "cuda"))
+    from chatglm_ft.commands.options import kernel_options
+
+    model = random_model(config, dtype=torch.float32 if smoke else torch.float16,
+                         device=torch.device("cpu" if smoke else "cuda"))
+    return model.use_kernels(kernel_options())  # $CHATGLM_FT_NEW_KERNELS etc., as the CLI reads them
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -348,6 +351,7 @@ def main(argv: list[str]) -> int:
     print(f"model built in {elapsed():.0f} s; tokenizer {'found' if tokenizer else 'not found (tokens only)'}",
           file=sys.stderr, flush=True)
     results["decode_attention"] = os.environ.get("CHATGLM_FT_DECODE_ATTENTION", "triton")  # what the engine levels use
+    results["kernels"] = repr(model.kernels)
     if "--profile" in argv:  # only the top level, profiled (what bounds 128 streams)
         section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", (levels[-1],), answer,
                 profile=True)
