@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from interrupted_training import killed_in_step  # tests/interrupted_training.py
 
 from chatglm_ft import load
 from chatglm_ft.api import build_model
@@ -230,23 +231,12 @@ def test_packed_training_step_has_the_loss_of_its_examples_alone(glm2, tmp_path)
     assert result.losses[0][1] == pytest.approx(expected, rel=1e-5)
 
 
-def test_packed_training_resumes_exactly_and_logs_its_padding(tmp_path, monkeypatch):
-    import chatglm_ft.train as train_module
-
+def test_packed_training_resumes_exactly_and_logs_its_padding(tmp_path):
     settings = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=2, lora_dropout=0.1)
     examples = copy_task(40)
     whole = train(config(tmp_path / "whole", **settings), model=small_model(), examples=examples)
-    real_step = train_module.train_step
-
-    def killed_in_step_4(run, batches, autocast):
-        if run.step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, batches, autocast)
-
-    monkeypatch.setattr(train_module, "train_step", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4):
         train(config(tmp_path / "split", **settings), model=small_model(), examples=examples)
-    monkeypatch.setattr(train_module, "train_step", real_step)
     resumed = train(config(tmp_path / "split", resume=True, **settings), model=small_model(), examples=examples)
     assert resumed.losses == whole.losses
     with pytest.raises(DataError, match="were packed; resume with --batching packed"):

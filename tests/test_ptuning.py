@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from interrupted_training import killed_in_step  # tests/interrupted_training.py
 
 from chatglm_ft import load
 from chatglm_ft.errors import ChatGLMError
@@ -178,31 +179,22 @@ def test_training_lowers_the_loss_trains_only_the_prefix_and_saves_thudms_layout
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_losses(golden_dir, tmp_path, monkeypatch, private_cache):
-    import chatglm_ft.train as train_module
+def test_kill_and_resume_gives_the_uninterrupted_losses(golden_dir, tmp_path, private_cache):
+    from chatglm_ft.train import train
 
     settings = dict(max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=3, save_steps=2,
                     save_total_limit=2)  # prefix dropout on: resume must restore the RNG too
-    whole = train_module.train(train_config(tmp_path / "whole", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
-                               examples=copy_task(16))
-    real_step = train_module.train_step
-
-    def killed_in_step_4(run, batches, autocast):
-        if run.step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, batches, autocast)
-
-    monkeypatch.setattr(train_module, "train_step", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(train_config(tmp_path / "split", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
-                           examples=copy_task(16))
-    monkeypatch.setattr(train_module, "train_step", real_step)
-    resumed = train_module.train(train_config(tmp_path / "split", resume=True, **settings),
-                                 model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
+    whole = train(train_config(tmp_path / "whole", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
+                  examples=copy_task(16))
+    with killed_in_step(4):
+        train(train_config(tmp_path / "split", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
+              examples=copy_task(16))
+    resumed = train(train_config(tmp_path / "split", resume=True, **settings),
+                    model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
     assert resumed.losses == whole.losses
     with pytest.raises(ChatGLMError, match="resume with the same --pre-seq-len"):
-        train_module.train(train_config(tmp_path / "split", resume=True, pre_seq_len=3, **settings),
-                           model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
+        train(train_config(tmp_path / "split", resume=True, pre_seq_len=3, **settings),
+              model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
 
 
 def test_trains_on_an_int4_base(golden_dir, tmp_path, private_cache):
