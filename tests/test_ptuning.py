@@ -1,13 +1,15 @@
-"""P-Tuning v2 on ChatGLM-6B: THUDM's prefix checkpoints load and reproduce the original's numbers; prefixes
-trained here are saved in THUDM's layout; wrong directories fail with one clear line."""
+"""P-Tuning v2: THUDM's prefix checkpoints of every family (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) load and
+reproduce the original's numbers; on ChatGLM-6B, prefixes trained here are saved in THUDM's layout and wrong
+directories fail with one clear line (test_ptuning_glm2.py: the same for ChatGLM2/3)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from interrupted_training import killed_in_step  # tests/interrupted_training.py
+from ptuning_checks import (PREFIXES, SAVED_FIELDS, assert_refused_in_one_line,  # tests/ptuning_checks.py
+                            assert_saved_as_thudm, broken_copy, full_save_with_prefix, golden_of)
 
 from chatglm_ft import load
 from chatglm_ft.errors import ChatGLMError
@@ -17,23 +19,11 @@ from chatglm_ft.ptuning import PREFIX_KEY, detach, load_prefix, prefix_length, s
 V1 = ("v1-noproj", "v1-proj")
 
 
-def golden_of(path) -> dict:
-    return json.loads((path / "ptuning_golden.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def prefixed(golden_dir, ptuning_dirs):
-    """name -> (model with that prefix, tokenizer, golden); float32 on the CPU like the goldens."""
-    out = {}
-    for name in V1:
-        model, tokenizer = load(golden_dir, dtype="float32", device="cpu", ptuning=ptuning_dirs[name])
-        out[name] = (model, tokenizer, golden_of(ptuning_dirs[name]))
-    return out
-
-
-@pytest.mark.parametrize("name", V1)
+# -- THUDM's numbers, every family (`prefixed`: conftest.py) ----------------------------------------------
+@pytest.mark.parametrize("name", PREFIXES)
 def test_forward_matches_golden(prefixed, name):
     model, _, golden = prefixed[name]
+    assert prefix_length(model) == 4
     for case in golden["forward"]:
         with torch.no_grad():
             logits = model(torch.tensor([case["input_ids"]])).logits[0].double()
@@ -46,7 +36,7 @@ def test_forward_matches_golden(prefixed, name):
         torch.testing.assert_close(top.values, torch.tensor(case["last_logits_top10"], dtype=torch.float64), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", PREFIXES)
 def test_greedy_matches_golden(prefixed, name):
     model, tokenizer, golden = prefixed[name]
     for case in golden["greedy"]:
@@ -54,17 +44,18 @@ def test_greedy_matches_golden(prefixed, name):
         assert result.token_ids == case["new_ids"]
 
 
-@pytest.mark.parametrize("name", V1)
-def test_left_padded_batch_matches_golden(prefixed, name):
+@pytest.mark.parametrize("name", PREFIXES)
+def test_left_padded_batch_matches_golden_and_unbatched(prefixed, name):
     model, tokenizer, golden = prefixed[name]
     case = golden["batch"][0]
+    assert case["padding_side"] == "left" and all(case["rows_equal_unbatched"])
     prompts = [[t for t in row if t != case["pad_token_id"]] for row in case["input_ids"]]
     gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]))
     assert [r.token_ids for r in generate(model, tokenizer, prompts, gen)] == case["new_ids"]
     assert [generate(model, tokenizer, [p], gen)[0].token_ids for p in prompts] == case["new_ids"]
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", PREFIXES)
 def test_chat_matches_golden(prefixed, name):
     model, tokenizer, golden = prefixed[name]
     for case in golden["chat"]:
@@ -72,7 +63,7 @@ def test_chat_matches_golden(prefixed, name):
         assert response == case["response"]
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", PREFIXES)
 def test_loss_matches_golden(prefixed, name):
     model, _, golden = prefixed[name]
     case = golden["loss"]
@@ -81,6 +72,7 @@ def test_loss_matches_golden(prefixed, name):
     assert abs(out.loss.item() - case["loss"]) <= 1e-4
 
 
+# -- ChatGLM-6B -----------------------------------------------------------------------------------------
 def test_prefix_changes_the_output_and_detaching_restores_the_base(golden_dir, ptuning_dirs, tiny):
     base, _ = tiny
     model, _ = load(golden_dir, dtype="float32", device="cpu")
@@ -98,14 +90,7 @@ def test_save_reproduces_thudms_files(prefixed, golden_dir, ptuning_dirs, tmp_pa
     """A loaded official prefix saved again: the same tensors bit for bit, float32, the same keys and config fields."""
     model, _, golden = prefixed["v1-proj"]
     out = save_prefix(model, tmp_path / "again", tokenizer_dir=golden_dir)
-    original = torch.load(ptuning_dirs["v1-proj"] / "pytorch_model.bin", weights_only=True)
-    saved = torch.load(out / "pytorch_model.bin", weights_only=True)
-    assert sorted(saved) == sorted(original) == sorted(golden["saved_keys"])
-    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], original[k]) for k in original)
-    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (ptuning_dirs["v1-proj"], out))
-    fields = ("pre_seq_len", "prefix_projection", "model_type", "num_layers", "hidden_size", "num_attention_heads",
-              "vocab_size", "torch_dtype", "auto_map")
-    assert {k: ours.get(k) for k in fields} == {k: theirs.get(k) for k in fields}
+    assert_saved_as_thudm(out, ptuning_dirs["v1-proj"], golden, SAVED_FIELDS + ("vocab_size",))
     assert (out / "ice_text.model").exists()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 130005
 
@@ -212,17 +197,6 @@ def test_trains_on_an_int4_base(golden_dir, tmp_path, private_cache):
 
 
 # -- wrong directories: one line naming the problem --------------------------------------------------------
-def broken_copy(src, dst, *, config=None, state=None):
-    shutil.copytree(src, dst)
-    if config is not None:
-        raw = json.loads((dst / "config.json").read_text())
-        raw.update(config)
-        (dst / "config.json").write_text(json.dumps(raw))
-    if state is not None:
-        torch.save(state, dst / "pytorch_model.bin")
-    return dst
-
-
 def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tmp_path):
     model, _ = tiny
     noproj = ptuning_dirs["v1-noproj"]
@@ -239,22 +213,11 @@ def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tm
             ptuning_dirs["v1-proj"], tmp_path / "proj", config={"prefix_projection": False}),
         "a full model checkpoint .1 tensors besides the prefix encoder": broken_copy(
             noproj, tmp_path / "full", state={**state, "transformer.final_layernorm.weight": torch.ones(64)}),
-        "a full model checkpoint .pytorch_model.bin.index.json": golden_dir,
+        "a full model checkpoint .pytorch_model.bin.index.json": full_save_with_prefix(
+            golden_dir, tmp_path / "fullsharded"),
         "a ChatGLM2-6B prefix; load it on a ChatGLM2-6B base model, not this ChatGLM-6B one": ptuning_dirs["v2"],
     }
-    for message, path in cases.items():
-        if path == golden_dir:  # the base's own config has no pre_seq_len: pretend THUDM's full save
-            path = tmp_path / "fullsharded"
-            shutil.copytree(golden_dir, path, ignore=shutil.ignore_patterns("*.json"))
-            shutil.copy(golden_dir / "pytorch_model.bin.index.json", path)
-            raw = json.loads((golden_dir / "config.json").read_text())
-            (path / "config.json").write_text(json.dumps({**raw, "pre_seq_len": 4}))
-        with pytest.raises(ChatGLMError, match=message) as error:
-            load_prefix(model, path)
-        assert "\n" not in str(error.value)
-    assert prefix_length(model) == 0  # nothing half-attached
-    with pytest.raises(ChatGLMError, match="no pre_seq_len, so this is not a P-Tuning checkpoint"):
-        load_prefix(model, golden_dir)
+    assert_refused_in_one_line(model, cases, golden_dir)
 
 
 def test_cli_train_generate_and_merge_refusal(golden_dir, tmp_path, capsys, private_cache):
