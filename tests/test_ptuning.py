@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from golden_checks import assert_logits_match_golden  # tests/golden_checks.py
 from interrupted_training import killed_in_step  # tests/interrupted_training.py
 from ptuning_checks import (PREFIXES, SAVED_FIELDS, assert_refused_in_one_line,  # tests/ptuning_checks.py
                             assert_saved_as_thudm, broken_copy, full_save_with_prefix, golden_of)
@@ -27,13 +28,7 @@ def test_forward_matches_golden(prefixed, name):
     for case in golden["forward"]:
         with torch.no_grad():
             logits = model(torch.tensor([case["input_ids"]])).logits[0].double()
-        torch.testing.assert_close(logits[:, :8], torch.tensor(case["logits_first8_each_pos"], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
-        torch.testing.assert_close(logits.logsumexp(-1), torch.tensor(case["logsumexp_each_pos"], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
-        top = logits[-1].topk(10)
-        assert top.indices.tolist() == case["last_logits_top10_ids"]
-        torch.testing.assert_close(top.values, torch.tensor(case["last_logits_top10"], dtype=torch.float64), atol=1e-4, rtol=0)
+        assert_logits_match_golden(logits, case)
 
 
 @pytest.mark.parametrize("name", PREFIXES)
