@@ -99,6 +99,12 @@ def prefixed(ptuning_bases, ptuning_dirs) -> dict:
     return out
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """The tokenized-data cache (data.py, under $XDG_CACHE_HOME) in the test's own directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny(golden_dir):
     """The golden tiny model in float32 on CPU, with its tokenizer (shared: do not mutate)."""

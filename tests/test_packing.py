@@ -18,6 +18,8 @@ from chatglm_ft.packing import PackedBatches, collate_packed, pack_rows
 from chatglm_ft.ptuning import add_prefix_encoder
 from chatglm_ft.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py: no test writes to ~/.cache
+
 SMALL = dict(vocab_size=256, gmask_token_id=250, bos_token_id=251, eos_token_id=252, mask_token_id=253, pad_token_id=3)
 SMALL2 = dict(padded_vocab_size=256, pad_token_id=0, eos_token_id=2)
 
@@ -25,11 +27,6 @@ RECORDS = [Record(prompt="你好", response="你好！很高兴见到你。"), R
            Record(prompt="写一首诗", response="床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
            Record(prompt="hi", response="hello there, how are you doing today?", history=[("a", "b")]),
            Record(prompt="Name a color.", response="Blue.")]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def lengths_of(n, seed=0):

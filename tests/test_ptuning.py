@@ -116,11 +116,6 @@ def train_config(tmp_path, **overrides):
     return TrainConfig(**values)
 
 
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 @pytest.mark.parametrize("projection", [False, True])
 def test_training_lowers_the_loss_trains_only_the_prefix_and_saves_thudms_layout(golden_dir, tmp_path, projection,
                                                                                   private_cache):

@@ -122,10 +122,9 @@ def test_wrong_directories_fail_with_one_line(golden_dir, golden2_dir, ptuning_d
 
 
 # -- training from the command line -------------------------------------------------------------------------
-def test_cli_trains_a_chatglm3_prefix_and_generates_with_it(golden3_dir, tmp_path, capsys, monkeypatch):
+def test_cli_trains_a_chatglm3_prefix_and_generates_with_it(golden3_dir, tmp_path, capsys, private_cache):
     from chatglm_ft.cli import main
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"问题 {i}", "response": "好的"}, ensure_ascii=False) + "\n"
                             for i in range(8)))
@@ -170,11 +169,10 @@ def copy_task(n, seed=0):
     return examples
 
 
-def test_training_with_checkpointing_trains_only_the_prefix(golden2_dir, tmp_path, monkeypatch):
+def test_training_with_checkpointing_trains_only_the_prefix(golden2_dir, tmp_path, private_cache):
     """Gradient checkpointing passes each layer its prefix keys/values: the same losses as without; base frozen."""
     from chatglm_ft.train import TrainConfig, train
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     runs = []
     for ckpt in (False, True):
         model, _ = load(golden2_dir, dtype="float32", device="cpu")

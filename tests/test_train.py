@@ -18,6 +18,8 @@ from chatglm_ft.data import Example
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py: no test writes to ~/.cache
+
 # A small vocabulary keeps the lm_head cheap, so loop tests take a fraction of a second per step.
 SMALL = dict(vocab_size=256, gmask_token_id=250, bos_token_id=251, eos_token_id=252, mask_token_id=253, pad_token_id=3)
 
@@ -45,11 +47,6 @@ def config(tmp_path, **overrides):
                   seed=0)
     values.update(overrides)
     return TrainConfig(**values)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def test_training_lowers_the_loss_and_writes_the_adapter(tmp_path):
