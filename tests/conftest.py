@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ptuning_checks import PREFIXES, golden_of  # tests/ptuning_checks.py
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_fixtures", REPO / "tests" / "fixtures" / "make_fixtures.py")
@@ -76,7 +77,32 @@ def gold(request, family) -> dict:
 @pytest.fixture(scope="session")
 def ptuning_dirs(shared) -> dict[str, Path]:
     """P-Tuning v2 prefix checkpoints in THUDM's layout: v1-noproj, v1-proj, v2, v3 (ptuning_golden.json beside)."""
-    return {name: shared / "golden" / f"ptuning-{name}" for name in ("v1-noproj", "v1-proj", "v2", "v3")}
+    return {name: shared / "golden" / f"ptuning-{name}" for name in PREFIXES}
+
+
+@pytest.fixture(scope="session")
+def ptuning_bases(golden_dir, golden2_dir, golden3_dir) -> dict[str, Path]:
+    """The base checkpoint of each prefix checkpoint of `ptuning_dirs`."""
+    return {"v1-noproj": golden_dir, "v1-proj": golden_dir, "v2": golden2_dir, "v3": golden3_dir}
+
+
+@pytest.fixture(scope="module")
+def prefixed(ptuning_bases, ptuning_dirs) -> dict:
+    """Prefix checkpoint name -> (its base model with THUDM's prefix, tokenizer, ptuning_golden.json); float32
+    on the CPU like the goldens. One set per test module, whose tests may set up caches on them."""
+    from chatglm_ft import load
+
+    out = {}
+    for name in PREFIXES:
+        model, tokenizer = load(ptuning_bases[name], dtype="float32", device="cpu", ptuning=ptuning_dirs[name])
+        out[name] = (model, tokenizer, golden_of(ptuning_dirs[name]))
+    return out
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """The tokenized-data cache (data.py, under $XDG_CACHE_HOME) in the test's own directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")

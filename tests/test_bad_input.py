@@ -12,25 +12,10 @@ import sys
 
 import pytest
 import torch
+from cli_in_process import one_line_error, run_cli  # tests/cli_in_process.py
 
-from chatglm_ft.cli import main
 from chatglm_ft.config import ChatGLMConfig
 from chatglm_ft.errors import ChatGLMError
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def generate(capsys, model, *extra):

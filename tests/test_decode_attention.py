@@ -44,64 +44,9 @@ INTERPRETER_SHIM = textwrap.dedent("""
     interp.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: _dot(self, _float32(a), _float32(b), d, *rest)
 """)
 
-KERNEL_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
-    import torch
-    from chatglm_ft.decode_attention import decode_attention, decode_attention_reference
-    from chatglm_ft.positions import PrefixLayout, attention_mask_for
-
-    torch.manual_seed(0)
-
-    def case(name, dtype, B, nh, S, hd, mask_kind, **kw):
-        # q as the model makes it (a transposed view); k/v a slice of a larger cache (row stride > S * hd)
-        q = torch.randn(B, 1, nh, hd).to(dtype).transpose(1, 2)
-        cache_k, cache_v = (torch.randn(B + 2, nh, S + 7, hd).to(dtype) for _ in range(2))
-        k, v = cache_k[1:B + 1, :, :S], cache_v[1:B + 1, :, :S]
-        if mask_kind == "none":
-            mask = None
-        elif mask_kind == "broadcast":  # one (1, 1, 1, S) mask for every row
-            mask = torch.arange(S)[None, None, None, :] <= S // 2
-        elif mask_kind == "random":  # not a range: the kernel reads the mask itself
-            mask = torch.rand(B, 1, 1, S) < 0.5
-            mask[..., 0] = True
-        else:  # what the model decodes with: left-padded rows see [start, column]
-            start = torch.randint(0, S // 2 + 1, (B,))
-            column = torch.randint(S // 2, S + 3, (B,))  # past S: an idle engine slot at the scratch column
-            if mask_kind == "late_start":  # a row that sees nothing of the first splits
-                start[0] = S - 2
-            layout = PrefixLayout(start=start, context=start + 1, mask=start)
-            mask = attention_mask_for(layout, column[:, None], S)
-        out = decode_attention(q, k, v, mask, **kw)
-        ref = decode_attention_reference(q.double(), k.double(), v.double(), mask)
-        assert out.dtype == dtype and out.shape == (B, nh, 1, hd), (out.dtype, out.shape)
-        print(name, str(dtype).split(".")[1], ((out.double() - ref).abs().max() / ref.abs().max()).item())
-
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        case("engine", dtype, 3, 2, 130, 64, "prefix")                       # auto: split, 3 x 2 programs too few
-        case("split3", dtype, 3, 2, 130, 32, "prefix", splits=3, block_s=16)  # several tiles per split
-        case("nosplit", dtype, 2, 2, 130, 32, "prefix", splits=1, block_s=16)
-    case("tiny", torch.float32, 2, 3, 1, 16, "prefix")
-    case("late_start", torch.float32, 2, 2, 96, 16, "late_start", splits=6, block_s=16)
-    case("nomask", torch.float32, 2, 2, 40, 16, "none", splits=2, block_s=16)
-    case("broadcast", torch.float32, 3, 2, 40, 16, "broadcast", block_s=16)
-    case("random", torch.float32, 2, 2, 70, 16, "random", splits=3, block_s=16)
-    case("hd128", torch.float16, 1, 2, 70, 128, "prefix")
-""")
-
-TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # output rounding (bf16: 2**-8) plus float32 sums
-
-
-def test_kernel_matches_reference_in_interpreter():
-    lines = [line.split() for line in interpret(KERNEL_CHECK).splitlines()]
-    assert len(lines) == 15
-    for name, dtype, error in lines:
-        assert float(error) < TOLERANCE[dtype], (name, dtype, error)
-
-
-# Grouped KV heads (nkv < nh: each KV head serves nh / nkv query heads, one program per (row, KV head)):
-# groups of 1 (the one-head kernel), 2 (the tiny ChatGLM2/3), 5 (padded to 16 rows) and 16 (ChatGLM2/3-6B),
-# 32 (one KV head); automatic and forced splits, S not a multiple of the tile, rows that see nothing of
-# the first splits, caches as strided views (a slice of a larger cache, or (B, S, nkv, hd) transposed).
-GROUPED_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
+# One case of a kernel check, as the model calls the kernel: q a transposed view, the cache of nkv KV heads a
+# strided view; mask kinds "none", "broadcast", "random", "prefix" (left-padded rows) and "late_start".
+CHECK_CASE = textwrap.dedent("""
     import sys
     import torch
     from chatglm_ft.decode_attention import decode_attention, decode_attention_reference
@@ -118,15 +63,15 @@ GROUPED_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
             k, v = (torch.randn(B, S, nkv, hd).to(dtype).transpose(1, 2) for _ in range(2))
         if mask_kind == "none":
             mask = None
-        elif mask_kind == "broadcast":
+        elif mask_kind == "broadcast":  # one (1, 1, 1, S) mask for every row
             mask = torch.arange(S)[None, None, None, :] <= S // 2
-        elif mask_kind == "random":
+        elif mask_kind == "random":  # not a range: the kernel reads the mask itself
             mask = torch.rand(B, 1, 1, S) < 0.5
             mask[..., 0] = True
-        else:  # left-padded rows see [start, column]; "late_start": row 0 sees only the last two columns
+        else:  # what the model decodes with: left-padded rows see [start, column]
             start = torch.randint(0, S // 2 + 1, (B,))
-            column = torch.randint(S // 2, S + 3, (B,))
-            if mask_kind == "late_start":
+            column = torch.randint(S // 2, S + 3, (B,))  # past S: an idle engine slot at the scratch column
+            if mask_kind == "late_start":  # a row that sees nothing of the first splits (only the last two columns)
                 start[0] = S - 2
             layout_ = PrefixLayout(start=start, context=start + 1, mask=start)
             mask = attention_mask_for(layout_, column[:, None], S)
@@ -134,7 +79,37 @@ GROUPED_CHECK = INTERPRETER_SHIM + textwrap.dedent("""
         ref = decode_attention_reference(q.double(), k.double(), v.double(), mask)
         assert out.dtype == dtype and out.shape == (B, nh, 1, hd), (out.dtype, out.shape)
         print(name, str(dtype).split(".")[1], ((out.double() - ref).abs().max() / ref.abs().max()).item())
+""")
 
+# One KV head per query head (ChatGLM-6B: the one-head kernel).
+KERNEL_CHECK = INTERPRETER_SHIM + CHECK_CASE + textwrap.dedent("""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        case("engine", dtype, 3, 2, 2, 130, 64, "prefix")                        # auto: split, 3 x 2 programs too few
+        case("split3", dtype, 3, 2, 2, 130, 32, "prefix", splits=3, block_s=16)  # several tiles per split
+        case("nosplit", dtype, 2, 2, 2, 130, 32, "prefix", splits=1, block_s=16)
+    case("tiny", torch.float32, 2, 3, 3, 1, 16, "prefix")
+    case("late_start", torch.float32, 2, 2, 2, 96, 16, "late_start", splits=6, block_s=16)
+    case("nomask", torch.float32, 2, 2, 2, 40, 16, "none", splits=2, block_s=16)
+    case("broadcast", torch.float32, 3, 2, 2, 40, 16, "broadcast", block_s=16)
+    case("random", torch.float32, 2, 2, 2, 70, 16, "random", splits=3, block_s=16)
+    case("hd128", torch.float16, 1, 2, 2, 70, 128, "prefix")
+""")
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # output rounding (bf16: 2**-8) plus float32 sums
+
+
+def test_kernel_matches_reference_in_interpreter():
+    lines = [line.split() for line in interpret(KERNEL_CHECK).splitlines()]
+    assert len(lines) == 15
+    for name, dtype, error in lines:
+        assert float(error) < TOLERANCE[dtype], (name, dtype, error)
+
+
+# Grouped KV heads (nkv < nh: each KV head serves nh / nkv query heads, one program per (row, KV head)):
+# groups of 1 (the one-head kernel), 2 (the tiny ChatGLM2/3), 5 (padded to 16 rows) and 16 (ChatGLM2/3-6B),
+# 32 (one KV head); automatic and forced splits, S not a multiple of the tile, rows that see nothing of
+# the first splits, caches as strided views (a slice of a larger cache, or (B, S, nkv, hd) transposed).
+GROUPED_CHECK = INTERPRETER_SHIM + CHECK_CASE + textwrap.dedent("""
     if sys.argv[1] == "dtypes":
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             case("g16_auto", dtype, 2, 32, 2, 200, 32, "prefix")                          # auto: a split per tile

@@ -5,28 +5,13 @@ import shutil
 
 import pytest
 import torch
-
-from chatglm_ft.cli import main
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_in_process import one_line_error, run_cli  # tests/cli_in_process.py
 
 
 def snapshot(path):
     """Every file under `path` with its content hash: compared before and after to prove nothing changed."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from interrupted_training import killed_in_step  # tests/interrupted_training.py
 
 from chatglm_ft import load
 from chatglm_ft.api import build_model
@@ -17,6 +18,8 @@ from chatglm_ft.packing import PackedBatches, collate_packed, pack_rows
 from chatglm_ft.ptuning import add_prefix_encoder
 from chatglm_ft.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py: no test writes to ~/.cache
+
 SMALL = dict(vocab_size=256, gmask_token_id=250, bos_token_id=251, eos_token_id=252, mask_token_id=253, pad_token_id=3)
 SMALL2 = dict(padded_vocab_size=256, pad_token_id=0, eos_token_id=2)
 
@@ -24,11 +27,6 @@ RECORDS = [Record(prompt="你好", response="你好！很高兴见到你。"), R
            Record(prompt="写一首诗", response="床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
            Record(prompt="hi", response="hello there, how are you doing today?", history=[("a", "b")]),
            Record(prompt="Name a color.", response="Blue.")]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def lengths_of(n, seed=0):
@@ -230,23 +228,12 @@ def test_packed_training_step_has_the_loss_of_its_examples_alone(glm2, tmp_path)
     assert result.losses[0][1] == pytest.approx(expected, rel=1e-5)
 
 
-def test_packed_training_resumes_exactly_and_logs_its_padding(tmp_path, monkeypatch):
-    import chatglm_ft.train as train_module
-
+def test_packed_training_resumes_exactly_and_logs_its_padding(tmp_path):
     settings = dict(max_steps=6, gradient_accumulation_steps=2, save_steps=2, lora_dropout=0.1)
     examples = copy_task(40)
     whole = train(config(tmp_path / "whole", **settings), model=small_model(), examples=examples)
-    real_step = train_module.train_step
-
-    def killed_in_step_4(run, batches, autocast):
-        if run.step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, batches, autocast)
-
-    monkeypatch.setattr(train_module, "train_step", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4):
         train(config(tmp_path / "split", **settings), model=small_model(), examples=examples)
-    monkeypatch.setattr(train_module, "train_step", real_step)
     resumed = train(config(tmp_path / "split", resume=True, **settings), model=small_model(), examples=examples)
     assert resumed.losses == whole.losses
     with pytest.raises(DataError, match="were packed; resume with --batching packed"):

@@ -1,12 +1,16 @@
-"""P-Tuning v2 on ChatGLM-6B: THUDM's prefix checkpoints load and reproduce the original's numbers; prefixes
-trained here are saved in THUDM's layout; wrong directories fail with one clear line."""
+"""P-Tuning v2: THUDM's prefix checkpoints of every family (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) load and
+reproduce the original's numbers; on ChatGLM-6B, prefixes trained here are saved in THUDM's layout and wrong
+directories fail with one clear line (test_ptuning_glm2.py: the same for ChatGLM2/3)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
+from golden_checks import assert_logits_match_golden  # tests/golden_checks.py
+from interrupted_training import killed_in_step  # tests/interrupted_training.py
+from ptuning_checks import (PREFIXES, SAVED_FIELDS, assert_refused_in_one_line,  # tests/ptuning_checks.py
+                            assert_saved_as_thudm, broken_copy, full_save_with_prefix, golden_of)
 
 from chatglm_ft import load
 from chatglm_ft.errors import ChatGLMError
@@ -16,36 +20,18 @@ from chatglm_ft.ptuning import PREFIX_KEY, detach, load_prefix, prefix_length, s
 V1 = ("v1-noproj", "v1-proj")
 
 
-def golden_of(path) -> dict:
-    return json.loads((path / "ptuning_golden.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def prefixed(golden_dir, ptuning_dirs):
-    """name -> (model with that prefix, tokenizer, golden); float32 on the CPU like the goldens."""
-    out = {}
-    for name in V1:
-        model, tokenizer = load(golden_dir, dtype="float32", device="cpu", ptuning=ptuning_dirs[name])
-        out[name] = (model, tokenizer, golden_of(ptuning_dirs[name]))
-    return out
-
-
-@pytest.mark.parametrize("name", V1)
+# -- THUDM's numbers, every family (`prefixed`: conftest.py) ----------------------------------------------
+@pytest.mark.parametrize("name", PREFIXES)
 def test_forward_matches_golden(prefixed, name):
     model, _, golden = prefixed[name]
+    assert prefix_length(model) == 4
     for case in golden["forward"]:
         with torch.no_grad():
             logits = model(torch.tensor([case["input_ids"]])).logits[0].double()
-        torch.testing.assert_close(logits[:, :8], torch.tensor(case["logits_first8_each_pos"], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
-        torch.testing.assert_close(logits.logsumexp(-1), torch.tensor(case["logsumexp_each_pos"], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
-        top = logits[-1].topk(10)
-        assert top.indices.tolist() == case["last_logits_top10_ids"]
-        torch.testing.assert_close(top.values, torch.tensor(case["last_logits_top10"], dtype=torch.float64), atol=1e-4, rtol=0)
+        assert_logits_match_golden(logits, case)
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", PREFIXES)
 def test_greedy_matches_golden(prefixed, name):
     model, tokenizer, golden = prefixed[name]
     for case in golden["greedy"]:
@@ -53,17 +39,18 @@ def test_greedy_matches_golden(prefixed, name):
         assert result.token_ids == case["new_ids"]
 
 
-@pytest.mark.parametrize("name", V1)
-def test_left_padded_batch_matches_golden(prefixed, name):
+@pytest.mark.parametrize("name", PREFIXES)
+def test_left_padded_batch_matches_golden_and_unbatched(prefixed, name):
     model, tokenizer, golden = prefixed[name]
     case = golden["batch"][0]
+    assert case["padding_side"] == "left" and all(case["rows_equal_unbatched"])
     prompts = [[t for t in row if t != case["pad_token_id"]] for row in case["input_ids"]]
     gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]))
     assert [r.token_ids for r in generate(model, tokenizer, prompts, gen)] == case["new_ids"]
     assert [generate(model, tokenizer, [p], gen)[0].token_ids for p in prompts] == case["new_ids"]
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", PREFIXES)
 def test_chat_matches_golden(prefixed, name):
     model, tokenizer, golden = prefixed[name]
     for case in golden["chat"]:
@@ -71,7 +58,7 @@ def test_chat_matches_golden(prefixed, name):
         assert response == case["response"]
 
 
-@pytest.mark.parametrize("name", V1)
+@pytest.mark.parametrize("name", PREFIXES)
 def test_loss_matches_golden(prefixed, name):
     model, _, golden = prefixed[name]
     case = golden["loss"]
@@ -80,6 +67,7 @@ def test_loss_matches_golden(prefixed, name):
     assert abs(out.loss.item() - case["loss"]) <= 1e-4
 
 
+# -- ChatGLM-6B -----------------------------------------------------------------------------------------
 def test_prefix_changes_the_output_and_detaching_restores_the_base(golden_dir, ptuning_dirs, tiny):
     base, _ = tiny
     model, _ = load(golden_dir, dtype="float32", device="cpu")
@@ -97,14 +85,7 @@ def test_save_reproduces_thudms_files(prefixed, golden_dir, ptuning_dirs, tmp_pa
     """A loaded official prefix saved again: the same tensors bit for bit, float32, the same keys and config fields."""
     model, _, golden = prefixed["v1-proj"]
     out = save_prefix(model, tmp_path / "again", tokenizer_dir=golden_dir)
-    original = torch.load(ptuning_dirs["v1-proj"] / "pytorch_model.bin", weights_only=True)
-    saved = torch.load(out / "pytorch_model.bin", weights_only=True)
-    assert sorted(saved) == sorted(original) == sorted(golden["saved_keys"])
-    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], original[k]) for k in original)
-    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (ptuning_dirs["v1-proj"], out))
-    fields = ("pre_seq_len", "prefix_projection", "model_type", "num_layers", "hidden_size", "num_attention_heads",
-              "vocab_size", "torch_dtype", "auto_map")
-    assert {k: ours.get(k) for k in fields} == {k: theirs.get(k) for k in fields}
+    assert_saved_as_thudm(out, ptuning_dirs["v1-proj"], golden, SAVED_FIELDS + ("vocab_size",))
     assert (out / "ice_text.model").exists()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 130005
 
@@ -133,11 +114,6 @@ def train_config(tmp_path, **overrides):
                   eval_steps=0, progress=False, report_to=["jsonl"], seed=0)
     values.update(overrides)
     return TrainConfig(**values)
-
-
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -178,31 +154,22 @@ def test_training_lowers_the_loss_trains_only_the_prefix_and_saves_thudms_layout
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_losses(golden_dir, tmp_path, monkeypatch, private_cache):
-    import chatglm_ft.train as train_module
+def test_kill_and_resume_gives_the_uninterrupted_losses(golden_dir, tmp_path, private_cache):
+    from chatglm_ft.train import train
 
     settings = dict(max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=3, save_steps=2,
                     save_total_limit=2)  # prefix dropout on: resume must restore the RNG too
-    whole = train_module.train(train_config(tmp_path / "whole", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
-                               examples=copy_task(16))
-    real_step = train_module.train_step
-
-    def killed_in_step_4(run, batches, autocast):
-        if run.step == 3:
-            raise KeyboardInterrupt
-        return real_step(run, batches, autocast)
-
-    monkeypatch.setattr(train_module, "train_step", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(train_config(tmp_path / "split", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
-                           examples=copy_task(16))
-    monkeypatch.setattr(train_module, "train_step", real_step)
-    resumed = train_module.train(train_config(tmp_path / "split", resume=True, **settings),
-                                 model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
+    whole = train(train_config(tmp_path / "whole", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
+                  examples=copy_task(16))
+    with killed_in_step(4):
+        train(train_config(tmp_path / "split", **settings), model=load(golden_dir, dtype="float32", device="cpu")[0],
+              examples=copy_task(16))
+    resumed = train(train_config(tmp_path / "split", resume=True, **settings),
+                    model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
     assert resumed.losses == whole.losses
     with pytest.raises(ChatGLMError, match="resume with the same --pre-seq-len"):
-        train_module.train(train_config(tmp_path / "split", resume=True, pre_seq_len=3, **settings),
-                           model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
+        train(train_config(tmp_path / "split", resume=True, pre_seq_len=3, **settings),
+              model=load(golden_dir, dtype="float32", device="cpu")[0], examples=copy_task(16))
 
 
 def test_trains_on_an_int4_base(golden_dir, tmp_path, private_cache):
@@ -220,17 +187,6 @@ def test_trains_on_an_int4_base(golden_dir, tmp_path, private_cache):
 
 
 # -- wrong directories: one line naming the problem --------------------------------------------------------
-def broken_copy(src, dst, *, config=None, state=None):
-    shutil.copytree(src, dst)
-    if config is not None:
-        raw = json.loads((dst / "config.json").read_text())
-        raw.update(config)
-        (dst / "config.json").write_text(json.dumps(raw))
-    if state is not None:
-        torch.save(state, dst / "pytorch_model.bin")
-    return dst
-
-
 def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tmp_path):
     model, _ = tiny
     noproj = ptuning_dirs["v1-noproj"]
@@ -247,22 +203,11 @@ def test_wrong_directories_fail_with_one_line(tiny, golden_dir, ptuning_dirs, tm
             ptuning_dirs["v1-proj"], tmp_path / "proj", config={"prefix_projection": False}),
         "a full model checkpoint .1 tensors besides the prefix encoder": broken_copy(
             noproj, tmp_path / "full", state={**state, "transformer.final_layernorm.weight": torch.ones(64)}),
-        "a full model checkpoint .pytorch_model.bin.index.json": golden_dir,
+        "a full model checkpoint .pytorch_model.bin.index.json": full_save_with_prefix(
+            golden_dir, tmp_path / "fullsharded"),
         "a ChatGLM2-6B prefix; load it on a ChatGLM2-6B base model, not this ChatGLM-6B one": ptuning_dirs["v2"],
     }
-    for message, path in cases.items():
-        if path == golden_dir:  # the base's own config has no pre_seq_len: pretend THUDM's full save
-            path = tmp_path / "fullsharded"
-            shutil.copytree(golden_dir, path, ignore=shutil.ignore_patterns("*.json"))
-            shutil.copy(golden_dir / "pytorch_model.bin.index.json", path)
-            raw = json.loads((golden_dir / "config.json").read_text())
-            (path / "config.json").write_text(json.dumps({**raw, "pre_seq_len": 4}))
-        with pytest.raises(ChatGLMError, match=message) as error:
-            load_prefix(model, path)
-        assert "\n" not in str(error.value)
-    assert prefix_length(model) == 0  # nothing half-attached
-    with pytest.raises(ChatGLMError, match="no pre_seq_len, so this is not a P-Tuning checkpoint"):
-        load_prefix(model, golden_dir)
+    assert_refused_in_one_line(model, cases, golden_dir)
 
 
 def test_cli_train_generate_and_merge_refusal(golden_dir, tmp_path, capsys, private_cache):

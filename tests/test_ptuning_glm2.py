@@ -1,57 +1,30 @@
-"""P-Tuning v2 on ChatGLM2-6B and ChatGLM3-6B: THUDM's prefix checkpoints load and reproduce the original's
-numbers (grouped key/value prefix, positions unchanged); prefixes are saved in THUDM's layout; wrong directories
-fail with one clear line."""
+"""P-Tuning v2 on ChatGLM2-6B and ChatGLM3-6B (their golden numbers: test_ptuning.py, with every family's):
+the grouped key/value prefix leaves positions unchanged and gives the plain forward's logits through the cache;
+prefixes are saved in THUDM's layout; wrong directories fail with one clear line."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
+from ptuning_checks import (SAVED_FIELDS, assert_refused_in_one_line, assert_saved_as_thudm,  # tests/ptuning_checks.py
+                            broken_copy, full_save_with_prefix, golden_of)
 
 from chatglm_ft import load
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.generate import GenerationConfig, generate
-from chatglm_ft.ptuning import PREFIX_KEY, add_prefix_encoder, load_prefix, prefix_length, save_prefix
+from chatglm_ft.ptuning import PREFIX_KEY, add_prefix_encoder, load_prefix, save_prefix
 from chatglm_ft.steps import decode_one_token, prefill
 
 VERSIONS = ("v2", "v3")
 
 
-def golden_of(path) -> dict:
-    return json.loads((path / "ptuning_golden.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def bases(golden2_dir, golden3_dir) -> dict:
-    return {"v2": golden2_dir, "v3": golden3_dir}
-
-
-@pytest.fixture(scope="module")
-def prefixed(bases, ptuning_dirs):
-    """version -> (model with THUDM's prefix, tokenizer, golden); float32 on the CPU like the goldens."""
-    out = {}
-    for name in VERSIONS:
-        model, tokenizer = load(bases[name], dtype="float32", device="cpu", ptuning=ptuning_dirs[name])
-        out[name] = (model, tokenizer, golden_of(ptuning_dirs[name]))
-    return out
-
-
 @pytest.mark.parametrize("name", VERSIONS)
-def test_forward_matches_golden(prefixed, name):
-    model, _, golden = prefixed[name]
-    assert prefix_length(model) == 4
+def test_the_prefix_does_not_shift_positions(prefixed, name):
+    """THUDM's forward cases (whose logits test_ptuning.py checks) ran at positions 0.. as without a prefix."""
+    _, _, golden = prefixed[name]
     for case in golden["forward"]:
-        assert case["position_ids"] == list(range(len(case["input_ids"])))  # the prefix does not shift positions
-        with torch.no_grad():
-            logits = model(torch.tensor([case["input_ids"]])).logits[0].double()
-        torch.testing.assert_close(logits[:, :8], torch.tensor(case["logits_first8_each_pos"], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
-        torch.testing.assert_close(logits.logsumexp(-1), torch.tensor(case["logsumexp_each_pos"], dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
-        top = logits[-1].topk(10)
-        assert top.indices.tolist() == case["last_logits_top10_ids"]
-        torch.testing.assert_close(top.values, torch.tensor(case["last_logits_top10"], dtype=torch.float64), atol=1e-4, rtol=0)
+        assert case["position_ids"] == list(range(len(case["input_ids"])))
 
 
 @pytest.mark.parametrize("name", VERSIONS)
@@ -79,61 +52,19 @@ def test_forward_with_a_cache_and_a_padding_mask_equals_the_plain_forward(prefix
 
 
 @pytest.mark.parametrize("name", VERSIONS)
-def test_greedy_matches_golden(prefixed, name):
-    model, tokenizer, golden = prefixed[name]
-    for case in golden["greedy"]:
-        (result,) = generate(model, tokenizer, [case["input_ids"]], GenerationConfig(max_new_tokens=len(case["new_ids"])))
-        assert result.token_ids == case["new_ids"]
-
-
-@pytest.mark.parametrize("name", VERSIONS)
-def test_left_padded_batch_matches_golden_and_unbatched(prefixed, name):
-    model, tokenizer, golden = prefixed[name]
-    case = golden["batch"][0]
-    assert case["padding_side"] == "left" and all(case["rows_equal_unbatched"])
-    prompts = [[t for t in row if t != case["pad_token_id"]] for row in case["input_ids"]]
-    gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]))
-    assert [r.token_ids for r in generate(model, tokenizer, prompts, gen)] == case["new_ids"]
-    assert [generate(model, tokenizer, [p], gen)[0].token_ids for p in prompts] == case["new_ids"]
-
-
-@pytest.mark.parametrize("name", VERSIONS)
-def test_chat_matches_golden(prefixed, name):
-    model, tokenizer, golden = prefixed[name]
-    for case in golden["chat"]:
-        response, history = model.chat(tokenizer, case["query"], history=case["history"], max_length=120, do_sample=False)
-        assert response == case["response"]
-
-
-@pytest.mark.parametrize("name", VERSIONS)
-def test_loss_matches_golden(prefixed, name):
-    model, _, golden = prefixed[name]
-    case = golden["loss"]
-    with torch.no_grad():
-        out = model(torch.tensor([case["input_ids"]]), labels=torch.tensor([case["labels"]]))
-    assert abs(out.loss.item() - case["loss"]) <= 1e-4
-
-
-@pytest.mark.parametrize("name", VERSIONS)
-def test_save_reproduces_thudms_files_and_reloads(prefixed, bases, ptuning_dirs, name, tmp_path):
+def test_save_reproduces_thudms_files_and_reloads(prefixed, ptuning_bases, ptuning_dirs, name, tmp_path):
     """A loaded official prefix saved again: the same float32 tensors bit for bit, the same config fields; it loads back."""
     model, _, golden = prefixed[name]
-    out = save_prefix(model, tmp_path / "again", tokenizer_dir=bases[name])
-    original = torch.load(ptuning_dirs[name] / "pytorch_model.bin", weights_only=True)
-    saved = torch.load(out / "pytorch_model.bin", weights_only=True)
-    assert sorted(saved) == sorted(original) == sorted(golden["saved_keys"])
-    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], original[k]) for k in original)
-    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (ptuning_dirs[name], out))
-    fields = ("pre_seq_len", "prefix_projection", "model_type", "num_layers", "hidden_size", "num_attention_heads",
-              "kv_channels", "multi_query_group_num", "ffn_hidden_size", "padded_vocab_size", "seq_length",
-              "torch_dtype", "auto_map")
-    assert {k: ours.get(k) for k in fields} == {k: theirs.get(k) for k in fields}
+    out = save_prefix(model, tmp_path / "again", tokenizer_dir=ptuning_bases[name])
+    ours = assert_saved_as_thudm(out, ptuning_dirs[name], golden,
+                                 SAVED_FIELDS + ("kv_channels", "multi_query_group_num", "ffn_hidden_size",
+                                                 "padded_vocab_size", "seq_length"))
     assert f"chatglm{name[1]}" in ours["_name_or_path"]  # the generation survives the save (it decides the family)
     assert json.loads((out / "generation_config.json").read_text()) == {
         k: v for k, v in json.loads((ptuning_dirs[name] / "generation_config.json").read_text()).items()
         if k != "transformers_version"}
     assert (out / "tokenizer.model").exists()
-    reloaded, _ = load(bases[name], dtype="float32", device="cpu", ptuning=out)
+    reloaded, _ = load(ptuning_bases[name], dtype="float32", device="cpu", ptuning=out)
     ids = torch.tensor([golden["forward"][0]["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
@@ -162,25 +93,10 @@ def test_projection_prefix_shapes_and_round_trip(golden3_dir, tmp_path):
 
 
 # -- wrong directories: one line naming the problem --------------------------------------------------------
-def broken_copy(src, dst, *, config=None, state=None):
-    shutil.copytree(src, dst)
-    if config is not None:
-        raw = json.loads((dst / "config.json").read_text())
-        raw.update(config)
-        (dst / "config.json").write_text(json.dumps(raw))
-    if state is not None:
-        torch.save(state, dst / "pytorch_model.bin")
-    return dst
-
-
 def test_wrong_directories_fail_with_one_line(golden_dir, golden2_dir, ptuning_dirs, tmp_path):
     model, _ = load(golden2_dir, dtype="float32", device="cpu")
     v2 = ptuning_dirs["v2"]
     state = torch.load(v2 / "pytorch_model.bin", weights_only=True)
-    full = tmp_path / "fullsharded"  # THUDM's finetune_hf.py saves the whole model with pre_seq_len in config.json
-    shutil.copytree(golden2_dir, full, ignore=shutil.ignore_patterns("config.json"))
-    raw = json.loads((golden2_dir / "config.json").read_text())
-    (full / "config.json").write_text(json.dumps({**raw, "pre_seq_len": 4}))
     cases = {
         "pre_seq_len 8 but the prefix has 4 positions; set pre_seq_len to 4": broken_copy(
             v2, tmp_path / "len", config={"pre_seq_len": 8}),
@@ -194,27 +110,21 @@ def test_wrong_directories_fail_with_one_line(golden_dir, golden2_dir, ptuning_d
             v2, tmp_path / "proj", config={"prefix_projection": True}),
         "a full model checkpoint .1 tensors besides the prefix encoder": broken_copy(
             v2, tmp_path / "full", state={**state, "transformer.encoder.final_layernorm.weight": torch.ones(64)}),
-        "a full model checkpoint .pytorch_model.bin.index.json": full,
+        "a full model checkpoint .pytorch_model.bin.index.json": full_save_with_prefix(
+            golden2_dir, tmp_path / "fullsharded"),
         "a ChatGLM3-6B prefix; load it on a ChatGLM3-6B base model, not this ChatGLM2-6B one": ptuning_dirs["v3"],
         "a ChatGLM-6B prefix; load it on a ChatGLM-6B base model, not this ChatGLM2-6B one": ptuning_dirs["v1-noproj"],
     }
-    for message, path in cases.items():
-        with pytest.raises(ChatGLMError, match=message) as error:
-            load_prefix(model, path)
-        assert "\n" not in str(error.value)
-    assert prefix_length(model) == 0  # nothing half-attached
-    with pytest.raises(ChatGLMError, match="no pre_seq_len, so this is not a P-Tuning checkpoint"):
-        load_prefix(model, golden2_dir)
+    assert_refused_in_one_line(model, cases, golden2_dir)
     base1, _ = load(golden_dir, dtype="float32", device="cpu")
     with pytest.raises(ChatGLMError, match="a ChatGLM2-6B prefix; load it on a ChatGLM2-6B base model, not this ChatGLM-6B"):
         load_prefix(base1, v2)
 
 
 # -- training from the command line -------------------------------------------------------------------------
-def test_cli_trains_a_chatglm3_prefix_and_generates_with_it(golden3_dir, tmp_path, capsys, monkeypatch):
+def test_cli_trains_a_chatglm3_prefix_and_generates_with_it(golden3_dir, tmp_path, capsys, private_cache):
     from chatglm_ft.cli import main
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"问题 {i}", "response": "好的"}, ensure_ascii=False) + "\n"
                             for i in range(8)))
@@ -259,11 +169,10 @@ def copy_task(n, seed=0):
     return examples
 
 
-def test_training_with_checkpointing_trains_only_the_prefix(golden2_dir, tmp_path, monkeypatch):
+def test_training_with_checkpointing_trains_only_the_prefix(golden2_dir, tmp_path, private_cache):
     """Gradient checkpointing passes each layer its prefix keys/values: the same losses as without; base frozen."""
     from chatglm_ft.train import TrainConfig, train
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     runs = []
     for ckpt in (False, True):
         model, _ = load(golden2_dir, dtype="float32", device="cpu")
@@ -293,12 +202,12 @@ def test_int8_base_with_a_prefix_stays_close_to_float(prefixed, golden2_dir, ptu
 # -- on a GPU ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", VERSIONS)
-def test_cuda_generation_matches_golden_and_trains_in_bf16(bases, ptuning_dirs, name, tmp_path):
+def test_cuda_generation_matches_golden_and_trains_in_bf16(ptuning_bases, ptuning_dirs, name, tmp_path):
     """float32 on CUDA: greedy and the left-padded batch give the golden ids with the prefix in the first
     cache columns; a bfloat16 base trains a float32 prefix."""
     from chatglm_ft.train import TrainConfig, train
 
-    model, tokenizer = load(bases[name], dtype="float32", device="cuda", ptuning=ptuning_dirs[name])
+    model, tokenizer = load(ptuning_bases[name], dtype="float32", device="cuda", ptuning=ptuning_dirs[name])
     golden = golden_of(ptuning_dirs[name])
     for case in golden["greedy"]:
         (result,) = generate(model, tokenizer, [case["input_ids"]], GenerationConfig(max_new_tokens=len(case["new_ids"])))
@@ -307,9 +216,10 @@ def test_cuda_generation_matches_golden_and_trains_in_bf16(bases, ptuning_dirs, 
     prompts = [[t for t in row if t != case["pad_token_id"]] for row in case["input_ids"]]
     gen = GenerationConfig(max_new_tokens=len(case["new_ids"][0]))
     assert [r.token_ids for r in generate(model, tokenizer, prompts, gen)] == case["new_ids"]
-    result = train(TrainConfig(model=str(bases[name]), output_dir=str(tmp_path), max_steps=6, finetuning_type="ptuning",
-                               pre_seq_len=8, per_device_train_batch_size=4, learning_rate=0.3, warmup_steps=0,
-                               logging_steps=1, progress=False, report_to=["none"], device="cuda"),
+    result = train(TrainConfig(model=str(ptuning_bases[name]), output_dir=str(tmp_path), max_steps=6,
+                               finetuning_type="ptuning", pre_seq_len=8, per_device_train_batch_size=4,
+                               learning_rate=0.3, warmup_steps=0, logging_steps=1, progress=False, report_to=["none"],
+                               device="cuda"),
                    examples=copy_task(24))
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
     assert result.losses[-1][1] < result.losses[0][1]

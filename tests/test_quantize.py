@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_in_process import run_cli  # tests/cli_in_process.py
 from triton_interpreter import interpret  # tests/triton_interpreter.py
 
 from chatglm_ft import cpu_quant, load
@@ -249,15 +250,7 @@ def test_peft_lora_wraps_quantized_layers(golden, quantized):
     assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
 
 
-# -- command line (in-process: a subprocess would spend seconds importing torch) ------------------
-def run_cli(capsys, *args):
-    from chatglm_ft.cli import main
-
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
+# -- command line (in-process: tests/cli_in_process.py) ------------------------------------------
 def test_cli_quantize_then_generate(capsys, golden, golden_dir, tmp_path, quantized):
     out = tmp_path / "int4"
     code, _, err = run_cli(capsys, "quantize", "--model", str(golden_dir), "--bits", "4", "--out", str(out), "--device", "cpu")

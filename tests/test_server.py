@@ -2,12 +2,8 @@
 official `openai` client and plain httpx."""
 import asyncio
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -19,7 +15,7 @@ from chatglm_ft.engine import Engine
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.prompt import chat_prompt, clean_response
 from chatglm_ft.server import create_app
-from live_server import LiveServer  # tests/live_server.py
+from live_server import LiveServer, serve_process  # tests/live_server.py
 
 MAX_CONTEXT = 512
 
@@ -324,29 +320,10 @@ def test_disconnected_streams_free_their_slots(live):
 
 
 # -- the command and graceful shutdown ----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_command_drains_on_sigterm(golden_dir):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "chatglm_ft", "serve", "--model", str(golden_dir), "--device", "cpu",
-                             "--port", str(port), "--max-context", str(MAX_CONTEXT), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with serve_process("--model", str(golden_dir), "--device", "cpu", "--max-context", str(MAX_CONTEXT),
+                       "--log-level", "warning") as (proc, port):
+        url = f"http://127.0.0.1:{port}"
         events = []
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
                 "messages": USER, "max_tokens": 60, "temperature": 0, "stream": True,
@@ -362,7 +339,3 @@ def test_serve_command_drains_on_sigterm(golden_dir):
         assert proc.wait(60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

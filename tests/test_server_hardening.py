@@ -13,7 +13,7 @@ from chatglm_ft import load
 from chatglm_ft.engine import Engine
 from chatglm_ft.http_limits import AcceptErrorLog
 from chatglm_ft.server import create_app
-from live_server import LiveServer  # tests/live_server.py
+from live_server import LiveServer, serve_process  # tests/live_server.py
 
 REQUEST_TIMEOUT = 3.0
 USER = [{"role": "user", "content": "hi"}]
@@ -195,29 +195,10 @@ def test_smallest_temperature_still_samples(live):
 # -- shutting down -------------------------------------------------------------------------------------------
 def test_sigterm_waits_at_most_the_shutdown_timeout(golden_dir):
     """A client trickling its body (within its request deadline) cannot hold the server past --shutdown-timeout."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "chatglm_ft", "serve", "--model", str(golden_dir), "--device", "cpu",
-                             "--port", str(port), "--max-context", "128", "--log-level", "info",
-                             "--request-timeout", "120", "--shutdown-timeout", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with serve_process("--model", str(golden_dir), "--device", "cpu", "--max-context", "128", "--log-level", "info",
+                       "--request-timeout", "120", "--shutdown-timeout", "2") as (proc, port):
         with socket.create_connection(("127.0.0.1", port)) as slow:
             slow.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n{")
@@ -239,7 +220,3 @@ def test_sigterm_waits_at_most_the_shutdown_timeout(golden_dir):
             assert proc.returncode == 0
         log = proc.stdout.read()
         assert "timeout graceful shutdown exceeded" in log and "Traceback" not in log, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

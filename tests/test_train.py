@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from interrupted_training import killed_in_step  # tests/interrupted_training.py
 
 from chatglm_ft import load
 from chatglm_ft.api import build_model
@@ -16,6 +17,8 @@ from chatglm_ft.config import ChatGLMConfig
 from chatglm_ft.data import Example
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("private_cache")  # conftest.py: no test writes to ~/.cache
 
 # A small vocabulary keeps the lm_head cheap, so loop tests take a fraction of a second per step.
 SMALL = dict(vocab_size=256, gmask_token_id=250, bos_token_id=251, eos_token_id=252, mask_token_id=253, pad_token_id=3)
@@ -46,11 +49,6 @@ def config(tmp_path, **overrides):
     return TrainConfig(**values)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 def test_training_lowers_the_loss_and_writes_the_adapter(tmp_path):
     result = train(config(tmp_path / "run", max_steps=16, lora_target=["all"], val_size=8, eval_steps=8),
                    model=small_model(), examples=copy_task(40))
@@ -64,26 +62,15 @@ def test_training_lowers_the_loss_and_writes_the_adapter(tmp_path):
     assert json.loads((tmp_path / "run" / "train_results.json").read_text())["steps"] == 16
 
 
-def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
-    import chatglm_ft.train as train_module
-
+def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path):
     # dropout on, accumulation, evaluation and a mid-epoch checkpoint: everything resume must restore
     settings = dict(max_steps=7, gradient_accumulation_steps=2, per_device_train_batch_size=3, lora_dropout=0.1,
                     save_steps=2, eval_steps=3, val_size=4, warmup_steps=2, save_total_limit=2)
     whole = train(config(tmp_path / "whole", **settings), model=small_model(), examples=copy_task(22))
 
-    real_step = train_module.train_step
-
-    def killed_in_step_6(run, batches, autocast):
-        if run.step == 5:
-            raise KeyboardInterrupt  # as if killed after checkpoint-4 and one more step
-        return real_step(run, batches, autocast)
-
-    monkeypatch.setattr(train_module, "train_step", killed_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(6):  # as if killed after checkpoint-4 and one more step
         train(config(tmp_path / "split", **settings), model=small_model(), examples=copy_task(22))
     assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(train_module, "train_step", real_step)
     resumed = train(config(tmp_path / "split", resume=True, **settings), model=small_model(seed=0), examples=copy_task(22))
 
     assert resumed.losses == whole.losses  # bit-identical on CPU

@@ -51,6 +51,16 @@ LOG2E = 1.4426950408889634
 
 # -- kernels ---------------------------------------------------------------------------------------
 @triton.jit
+def _visible_columns(cols, S, mask_row_ptr, stride_ms, HAS_MASK: tl.constexpr):
+    """Which cache columns `cols` of a row its queries see: those before S that the row's mask allows (the
+    mask is read only for those)."""
+    visible = cols < S
+    if HAS_MASK:
+        visible = visible & (tl.load(mask_row_ptr + cols * stride_ms, mask=visible, other=0) != 0)
+    return visible
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_o_ptr, part_ml_ptr,
     S, split_len, qk_scale,
@@ -81,9 +91,7 @@ def _decode_attention_kernel(
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for offset in range(0, split_len, BLOCK_S):  # split_len is a multiple of BLOCK_S; the last split may pass S
         cols = lo + offset + tl.arange(0, BLOCK_S)
-        visible = cols < S
-        if HAS_MASK:
-            visible = visible & (tl.load(mask_ptr + b * stride_mb + cols * stride_ms, mask=visible, other=0) != 0)
+        visible = _visible_columns(cols, S, mask_ptr + b * stride_mb, stride_ms, HAS_MASK)
         # masked lanes issue no memory traffic: columns a row cannot see are never read
         k = tl.load(k_base + cols[:, None] * stride_ks + d[None, :], mask=visible[:, None], other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
@@ -144,9 +152,7 @@ def _grouped_decode_attention_kernel(
     acc = tl.zeros([GROUP_P, HEAD_DIM], dtype=tl.float32)
     for offset in range(0, split_len, BLOCK_S):  # split_len is a multiple of BLOCK_S; the last split may pass S
         cols = lo + offset + tl.arange(0, BLOCK_S)
-        visible = cols < S
-        if HAS_MASK:
-            visible = visible & (tl.load(mask_ptr + b * stride_mb + cols * stride_ms, mask=visible, other=0) != 0)
+        visible = _visible_columns(cols, S, mask_ptr + b * stride_mb, stride_ms, HAS_MASK)
         # masked lanes issue no memory traffic: columns a row cannot see are never read
         k = tl.load(k_base + cols[:, None] * stride_ks + d[None, :], mask=visible[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (GROUP_P, BLOCK_S), log2 units
@@ -267,17 +273,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             S, split_len, LOG2E / math.sqrt(hd),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             mask.stride(0) if mask is not None else 0, mask.stride(3) if mask is not None else 0)
-    launch = {"num_warps": num_warps, "launch_pdl": pdl, **({"num_stages": num_stages} if num_stages else {})}
+    # both kernels' compile-time constants and launch options; the grouped one adds its group's
+    shared = {"NH": nh, "HEAD_DIM": hd, "BLOCK_S": block_s, "HAS_MASK": mask is not None, "SPLIT": split, "PDL": pdl,
+              "num_warps": num_warps, "launch_pdl": pdl, **({"num_stages": num_stages} if num_stages else {})}
     with device_of(q):
         if group == 1:
-            _decode_attention_kernel[(B * nh, splits)](
-                *args, NH=nh, HEAD_DIM=hd, BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split, PDL=pdl, **launch,
-            )
+            _decode_attention_kernel[(B * nh, splits)](*args, **shared)
         else:
             _grouped_decode_attention_kernel[(B * nkv, splits)](
-                *args, NH=nh, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-                BLOCK_S=block_s, HAS_MASK=mask is not None, SPLIT=split,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, **launch,
+                *args, NKV=nkv, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **shared,
             )
         if split:
             _combine_kernel[(B * nh,)](part_o, part_ml, out, splits, HEAD_DIM=hd,
