@@ -52,16 +52,16 @@ def test_half_kernel_keeps_the_input_shape_and_dtype(cpu_kernels):
 
 def test_half_kernel_does_not_depend_on_the_thread_count(cpu_kernels):
     torch.manual_seed(0)
-    w, x = torch.randn(1000, 256).half(), torch.randn(3, 256)
+    w, x = torch.randn(1001, 256).half(), torch.randn(3, 256)
     threads = torch.get_num_threads()
     try:
         outputs = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            outputs.append(cpu_kernels.half_linear(x, w, None))
+            outputs.append((cpu_kernels.half_linear(x, w, None), cpu_kernels.half_linear(x[:1], w, None)))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    assert all(torch.equal(outputs[0][0], y) and torch.equal(outputs[0][1], y1) for y, y1 in outputs[1:])
 
 
 # -- the modules -------------------------------------------------------------------------------------
