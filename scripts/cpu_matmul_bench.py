@@ -1,6 +1,6 @@
 """One decode-step matmul (1 token row) on the CPU: float32 BLAS against int8/int4 through the
 dequantizing path and through cpu_quant's kernels (int8-rounded input, the default, and float input),
-for the linear layers of a model shape.
+and against the float16 kernel (the lm_head of a quantized CPU model), for the linear layers of a model shape.
 
     PYTHONPATH=src python3 scripts/cpu_matmul_bench.py --shape mid --reps 7 [--threads N]
 
@@ -52,13 +52,14 @@ def main() -> None:
     for n, k in SHAPES[args.shape]:
         w = torch.randn(n, k) * 0.02
         x = torch.randn(1, k)
-        q8, q4 = quantize_int8(w), quantize_int4(w, 128)
+        q8, q4, w16 = quantize_int8(w), quantize_int4(w, 128), w.half()
         variants = {
             "float32": (lambda: F.linear(x, w), w.numel() * 4),
             "int8 kernel": (lambda: cpu_quant.linear(x, *q8, None, None), q8[0].numel() + q8[1].numel() * 2),
             "int4 kernel": (lambda: cpu_quant.linear(x, *q4, None), q4[0].numel() + q4[1].numel() * 3),
             "int8 float-in": (lambda: float_input(cpu_quant.linear, x, *q8, None, None), q8[0].numel() + q8[1].numel() * 2),
             "int4 float-in": (lambda: float_input(cpu_quant.linear, x, *q4, None), q4[0].numel() + q4[1].numel() * 3),
+            "float16 kernel": (lambda: cpu_quant.half_linear(x, w16, None), w16.numel() * 2),
         }
         if args.reference_path:
             variants["int8 dequantize"] = (lambda: blocked_linear(x, *q8, None, None), variants["int8 kernel"][1])

@@ -17,7 +17,7 @@ from chatglm_ft.config_glm2 import ChatGLM2Config, family_of
 from chatglm_ft.errors import ChatGLMError, CheckpointError
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.model_glm2 import ChatGLM2ForConditionalGeneration, rotary_tables
-from chatglm_ft.quantize import Int4Linear, Int8Linear, QuantizedLinear
+from chatglm_ft.quantize import HalfStoredEmbedding, HalfStoredLinear, Int4Linear, Int8Linear, QuantizedLinear
 
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -224,7 +224,9 @@ def test_quantized_model_is_the_float_model_on_dequantized_weights(model, ckpt_d
     assert all(isinstance(quantized.get_submodule(f"transformer.encoder.layers.{n}.{p}"), cls)
                for n in range(layers) for p in LINEARS)
     assert quantized.get_submodule("transformer.encoder.layers.0.self_attention.query_key_value").bias is not None
-    assert type(quantized.transformer.output_layer) is torch.nn.Linear
+    # the output layer and embeddings stay float: on the CPU in float32, float16 as the checkpoint stores them
+    assert isinstance(quantized.transformer.output_layer, HalfStoredLinear) and quantized.lm_head is quantized.transformer.output_layer
+    assert isinstance(quantized.transformer.embedding.word_embeddings, HalfStoredEmbedding)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for module_name, module in quantized.named_modules():
         if isinstance(module, QuantizedLinear):

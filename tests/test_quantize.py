@@ -14,7 +14,7 @@ from chatglm_ft import cpu_quant, load
 from chatglm_ft.errors import ChatGLMError
 from chatglm_ft.generate import GenerationConfig, generate
 from chatglm_ft.quantize import (
-    Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, QuantScheme, dequantize_reference, pack_int4, pack_pairs_to_halves,
+    HalfStoredEmbedding, HalfStoredLinear, Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear, QuantScheme, dequantize_reference, pack_int4, pack_pairs_to_halves,
     quantize_int4, quantize_int8, quantize_model, save_quantized, unpack_int4,
 )
 
@@ -107,7 +107,8 @@ def test_logits_stay_close_to_float32(tiny, golden, quantized, name):
     expected_cls = Int8Linear if name == "int8" else Int4Linear
     assert all(isinstance(model.get_submodule(f"transformer.layers.{n}.{p}"), expected_cls)
                for n in range(2) for p in LINEARS)
-    assert type(model.lm_head) is torch.nn.Linear  # embeddings and lm_head stay float by default
+    # embeddings and lm_head stay float by default: on the CPU in float32, float16 as the checkpoint stores them
+    assert isinstance(model.lm_head, HalfStoredLinear) and model.lm_head.weight.dtype == torch.float16
     cosine, max_abs = worst_drift(tiny[0], model, golden)
     print(f"{name}: min cosine {cosine:.6f}, max |logit diff| {max_abs:.4f}")
     min_cosine, max_diff = THRESHOLDS[name]

@@ -75,18 +75,22 @@ def load(
     adapter: str | Path | list | None = None,
     ptuning: str | Path | None = None,
     parse_special: bool = False,  # literal "<eop>", "[MASK]"... in text become control tokens, as in THUDM's tokenizer
+    float16_embeddings: bool | None = None,  # quantized: keep embeddings and lm_head in float16 (default: on the CPU)
 ) -> tuple[ChatGLMForConditionalGeneration, ChatGLMTokenizer]:
     """Load a ChatGLM-6B, ChatGLM2-6B or ChatGLM3-6B checkpoint directory (config.json tells which):
     `model, tokenizer = load(path, dtype="float16", device="cuda")`.
 
     `device="cuda:0,cuda:1"` spreads the layers over several GPUs (multigpu.py). `ptuning` is a P-Tuning v2
-    prefix directory in THUDM's layout (ptuning.py); one passed in `adapter` is recognised too."""
+    prefix directory in THUDM's layout (ptuning.py); one passed in `adapter` is recognised too.
+    A quantized model on the CPU in float32 keeps word_embeddings and lm_head in float16, as checkpoints
+    store them (half their memory, the same results); `float16_embeddings=False` widens them to float32."""
     adapter, ptuning = split_prefix(adapter, ptuning)
     path = model_path(path)
     config = load_config(path)
     tokenizer = load_tokenizer(path, config)
     tokenizer.parse_special = parse_special
-    model = load_model(path, config, dtype=dtype, device=device, quantize=quantize, adapter=adapter, ptuning=ptuning)
+    model = load_model(path, config, dtype=dtype, device=device, quantize=quantize, adapter=adapter, ptuning=ptuning,
+                       float16_embeddings=float16_embeddings)
     return model, tokenizer
 
 
@@ -107,6 +111,7 @@ def load_model(
     quantize: str | dict | None = None,
     adapter: str | Path | list | None = None,
     ptuning: str | Path | None = None,
+    float16_embeddings: bool | None = None,
 ):
     """The network of a checkpoint directory, without its tokenizer (arguments as `load`)."""
     path = model_path(path)
@@ -115,13 +120,16 @@ def load_model(
     device = devices[0] if devices else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     quantized = bool(config.quantization_bit or config.quantization or quantize)
+    if float16_embeddings and not quantized:
+        raise ChatGLMError("float16_embeddings applies to quantized models; pass quantize='int8' or 'int4'")
     # a split float model is assembled in host memory (it does not fit one of the cards by assumption);
     # a quantized one is small enough to be quantized on the first card, as usual
     load_device = torch.device("cpu") if devices and not quantized else device
     if quantized:
         from .quantize import load_quantized
 
-        model = load_quantized(path, config, dtype=dtype, device=load_device, quantize=quantize)
+        model = load_quantized(path, config, dtype=dtype, device=load_device, quantize=quantize,
+                               float16_embeddings=float16_embeddings)
     else:
         model = model_class(config)(config, device="meta")
         load_weights(model, path, dtype=dtype, device=load_device, expected=expected_shapes(config))

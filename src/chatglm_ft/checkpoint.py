@@ -212,8 +212,11 @@ def load_weights(
     if not hasattr(model, "tie_lm_head"):
         return  # ChatGLM2/3: the output layer is an ordinary tensor, never tied to the embeddings
     embeddings = model.get_parameter("transformer.word_embeddings.weight")
-    # (compared on the host: no second 1 GB copy on the GPU; quantized embeddings never equal a float lm_head)
-    if lm_head is None or (lm_head.dtype == embeddings.dtype and torch.equal(lm_head, embeddings.data.to(lm_head.device))):
+    # (compared on the host: no second 1 GB copy on the GPU; quantized embeddings never equal a float lm_head;
+    # embeddings kept in float16 (quantize.py) are compared in float16, as lm_head would be stored)
+    comparable = lm_head is not None and (lm_head.dtype == embeddings.dtype
+                                          or lm_head.is_floating_point() and embeddings.is_floating_point())
+    if lm_head is None or (comparable and torch.equal(lm_head.to(embeddings.dtype), embeddings.data.to(lm_head.device))):
         # The released checkpoint stores lm_head equal to the embeddings: share one tensor (saves ~1 GB).
         model.tie_lm_head()
     elif place is not None:

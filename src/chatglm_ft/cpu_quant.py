@@ -1,4 +1,5 @@
-"""Int8/int4 matmuls on the CPU that read the quantized weight as stored, never a float copy of it.
+"""Int8/int4 matmuls on the CPU that read the quantized weight as stored, never a float copy of it
+(and the same for float16 weights: `half_linear`).
 
 Decoding a token reads every weight once, so on the CPU its speed is set by the bytes read: the
 float path (dequantize a block of rows, then BLAS) reads the integer weight AND writes and re-reads
@@ -18,6 +19,11 @@ golden prompts gives the same tokens as the float path. With
 it off, or where the blocks do not fit (int8: in_features % 32; int4: groups that are not 64, 128,
 192 or 256 columns), the weights are widened to float32 and meet the float input: equal to the float
 path up to summation order.
+
+Float16 weights (`half_linear`): a quantized model on the CPU keeps its lm_head (and embeddings) in
+float16, as released checkpoints store them (quantize.HalfStoredLinear); the kernel widens each weight
+to float32 in registers (F16C) and meets the float input, so the lm_head costs half the bytes of a
+float32 one per token with the float32 result (up to summation order).
 
 The kernels are a small C++ file (cpu_quant.cpp) compiled on first use with the system's C++
 compiler (`c++`), as THUDM's implementation compiles its CPU kernels with gcc; without a
@@ -146,6 +152,7 @@ def _register_shapes() -> None:
 
     torch.library.register_fake("chatglm_ft_cpu::int8_linear", output)
     torch.library.register_fake("chatglm_ft_cpu::int4_linear", output)
+    torch.library.register_fake("chatglm_ft_cpu::half_linear", output)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -158,4 +165,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         y = torch.ops.chatglm_ft_cpu.int8_linear(x2, weight, scale, bias, INT8_ACTIVATIONS)
     else:
         y = torch.ops.chatglm_ft_cpu.int4_linear(x2, weight, scale, zero, bias, INT8_ACTIVATIONS)
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+def half_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `half_linear(x, weight, ...)` can run here: a float16 weight, a few CPU token rows."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
+            and x.is_floating_point() and weight.dtype == torch.float16 and available())
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ weight.T + bias for a float16 weight and a few CPU rows (see `half_usable`), in x's dtype:
+    the weight is widened to float32 in registers, so no float32 copy of it is ever made (exact up to
+    float32 summation order)."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K).to(torch.float32)  # (M, K)
+    bias = None if bias is None else bias.to(torch.float32)
+    y = torch.ops.chatglm_ft_cpu.half_linear(x2, weight, bias)
     return y.to(x.dtype).view(*x.shape[:-1], N)

@@ -2,7 +2,9 @@
 
 Every Linear inside the layers becomes an `Int8Linear` or `Int4Linear` (optionally the embeddings
 and `lm_head` too), on `meta`, before any weight exists; `load_quantized` then quantizes each
-float tensor as its shard is read, so the float16 model never has to fit on the device.
+float tensor as its shard is read, so the float16 model never has to fit on the device. On the CPU in
+float32, the embeddings and lm_head that stay float are kept in float16 as checkpoints store them
+(`HalfStoredEmbedding`, `HalfStoredLinear`): half their memory and half the lm_head's bytes per token.
 
 Formats (row-major like `nn.Linear.weight`; the tensor names are the original ones + suffixes):
 - int8: `weight` int8 (out, in), `weight_scale` float16 (out,); w ~= q * scale, symmetric per
@@ -166,19 +168,31 @@ def dequantize_reference(weight: torch.Tensor, scale: torch.Tensor, zero: torch.
     return w.sub_(zero[..., None]).mul_(scale.float()[..., None]).view(N, K).to(dtype)
 
 
+WIDEN_BLOCK = 1 << 22  # weights made float at a time by the block-by-block paths (16 MB of float32)
+
+
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                   bias: torch.Tensor | None, *, block_elements: int = 1 << 22) -> torch.Tensor:
+                   bias: torch.Tensor | None, *, block_elements: int = WIDEN_BLOCK) -> torch.Tensor:
     """The PyTorch path: dequantize a block of output rows at a time, so the float working copy is
     16 MB instead of the whole layer (bounded memory on the CPU, and it stays in cache)."""
-    N, K = weight.shape[0], x.shape[-1]
+    def rows_of(rows: slice) -> torch.Tensor:
+        return dequantize_reference(weight[rows], scale[rows], zero[rows] if zero is not None else None, x.dtype)
+
+    return linear_by_rows(x, rows_of, weight.shape[0], bias, block_elements=block_elements)
+
+
+def linear_by_rows(x: torch.Tensor, rows_of, out_features: int, bias: torch.Tensor | None, *,
+                   block_elements: int = WIDEN_BLOCK) -> torch.Tensor:
+    """F.linear(x, W, bias) where `rows_of(slice)` gives rows of W in x's dtype, a block of about
+    `block_elements` weights at a time (the whole of W when it is that small)."""
+    N, K = out_features, x.shape[-1]
     step = max(1, block_elements // K)
     if step >= N:
-        return F.linear(x, dequantize_reference(weight, scale, zero, x.dtype), bias)
+        return F.linear(x, rows_of(slice(0, N)), bias)
     out = x.new_empty(*x.shape[:-1], N)
     for r in range(0, N, step):
         rows = slice(r, r + step)
-        w = dequantize_reference(weight[rows], scale[rows], zero[rows] if zero is not None else None, x.dtype)
-        out[..., rows] = F.linear(x, w, bias[rows] if bias is not None else None)
+        out[..., rows] = F.linear(x, rows_of(rows), bias[rows] if bias is not None else None)
     return out
 
 
@@ -311,6 +325,105 @@ class QuantizedEmbedding(QuantizedWeight, nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
+# -- float16-stored embeddings and lm_head (quantized models on the CPU) ----------------------------
+# Released checkpoints store word_embeddings and lm_head in float16. A quantized model on the CPU
+# computes in float32 but keeps these two as stored: half the memory, and half the bytes the lm_head
+# reads per token (cpu_quant.half_linear widens each weight in registers), with the same results.
+class HalfStoredLinear(nn.Module):
+    """A bias-free, frozen Linear whose weight is stored in float16 and computed in the input's dtype: a
+    quantized CPU model's lm_head (ChatGLM2/3: `transformer.output_layer`). A few CPU token rows run
+    cpu_quant's kernel; more rows, or a gradient for the input (LoRA training), widen a block of rows
+    at a time, so a float32 copy of the whole weight is never made."""
+
+    def __init__(self, in_features: int, out_features: int, *, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.empty(out_features, in_features, dtype=torch.float16, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return WidenedMatmul.apply(x, self.weight)
+        if cpu_quant.half_usable(x, self.weight):
+            return cpu_quant.half_linear(x, self.weight, None)
+        return widened_linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False, stored=float16"
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T with the 16-bit weight widened to x's dtype a block of rows at a time."""
+    return linear_by_rows(x, lambda rows: weight[rows].to(x.dtype), weight.shape[0], None)
+
+
+class WidenedMatmul(torch.autograd.Function):
+    """`widened_linear` with a gradient for x only (the weight is frozen): backward widens the weight a
+    block of rows at a time again instead of keeping a float copy for it."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return widened_linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        N, K = weight.shape
+        step = max(1, WIDEN_BLOCK // K)
+        grad_x = grad.new_zeros(*grad.shape[:-1], K)
+        for r in range(0, N, step):
+            grad_x += grad[..., r:r + step] @ weight[r:r + step].to(grad.dtype)
+        return grad_x, None
+
+
+class HalfStoredEmbedding(nn.Module):
+    """`word_embeddings` stored in float16: the looked-up rows are converted to the compute dtype (carried
+    through model.to(...) by a zero-size buffer, as QuantizedEmbedding's). A tied lm_head shares its weight."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        weight = torch.empty(num_embeddings, embedding_dim, dtype=torch.float16, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("dtype_carrier", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight).to(self.dtype_carrier.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, stored=float16"
+
+
+def keeps_float16_embeddings(scheme: QuantScheme, requested: bool | None, *, device: torch.device,
+                             dtype: torch.dtype) -> bool:
+    """Whether a quantized model keeps word_embeddings and lm_head in float16: as asked, or by default on
+    the CPU in float32 (where they would otherwise be widened to float32 in memory) unless they are quantized."""
+    if requested is None:
+        return device.type == "cpu" and dtype == torch.float32 and not scheme.embeddings
+    if requested and scheme.embeddings:
+        raise ChatGLMError("float16_embeddings keeps the embeddings and lm_head in float16; they cannot also be "
+                           "quantized (drop one of the two)")
+    return requested
+
+
+def store_float16_embeddings(model: ChatGLMForConditionalGeneration) -> None:
+    """Swap word_embeddings and lm_head for their float16-stored forms, their values rounded to float16
+    (exact for weights read from a float16 checkpoint), a tied lm_head still tied; on `meta` (before
+    loading) or on a model in memory. The compute dtype stays the embeddings' dtype."""
+    names = {id(m): name for name, m in model.named_modules()}
+    emb, head, tied = model.transformer.word_embeddings, model.lm_head, model.lm_head_tied
+    device, dtype = emb.weight.device, emb.weight.dtype
+    new_emb = HalfStoredEmbedding(emb.num_embeddings, emb.embedding_dim, device="meta")
+    new_emb.weight = nn.Parameter(emb.weight.detach().to(torch.float16), requires_grad=False)
+    new_emb.dtype_carrier = torch.empty(0, dtype=dtype, device=device)
+    new_head = HalfStoredLinear(head.in_features, head.out_features, device="meta")
+    new_head.weight = new_emb.weight if tied else nn.Parameter(head.weight.detach().to(torch.float16), requires_grad=False)
+    for old, new in ((emb, new_emb), (head, new_head)):
+        parent, _, child = names[id(old)].rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+
+
 def layers_prefix(config) -> str:
     """Where the transformer blocks live: the quantized Linears of THUDM's formats are the ones inside."""
     return "transformer.layers." if getattr(config, "family", "chatglm") == "chatglm" else "transformer.encoder.layers."
@@ -368,9 +481,12 @@ def quantize_tensor(weight: torch.Tensor, scheme: QuantScheme, device: torch.dev
     return q, scale, zero
 
 
-def quantize_model(model: ChatGLMForConditionalGeneration, scheme: "QuantScheme | str | dict") -> ChatGLMForConditionalGeneration:
-    """Quantize a float model already in memory, in place (tests; models built by `build_model`)."""
+def quantize_model(model: ChatGLMForConditionalGeneration, scheme: "QuantScheme | str | dict", *,
+                   float16_embeddings: bool | None = None) -> ChatGLMForConditionalGeneration:
+    """Quantize a float model already in memory, in place (tests; models built by `build_model`);
+    `float16_embeddings` as in `load_quantized`."""
     scheme = QuantScheme.parse(scheme)
+    half = keeps_float16_embeddings(scheme, float16_embeddings, device=model.device, dtype=model.dtype)
     floats = dict(model.named_modules())
     tied = model.lm_head_tied
     for name in swap_modules(model, scheme):
@@ -382,6 +498,8 @@ def quantize_model(model: ChatGLMForConditionalGeneration, scheme: "QuantScheme 
             new.dtype_carrier = torch.empty(0, dtype=old.weight.dtype, device=old.weight.device)
     if scheme.embeddings and tied:
         tie_quantized_lm_head(model)
+    if half:
+        store_float16_embeddings(model)
     model.config.quantization = record_group_sizes(model, scheme.config_entry(lm_head_tied=model.lm_head_tied))
     return model
 
@@ -477,6 +595,9 @@ class Placer:
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")
         module = self.model.get_submodule(module_name)
+        if isinstance(module, (HalfStoredEmbedding, HalfStoredLinear)):
+            assign_tensor(self.model, name, tensor.to(device=self.device, dtype=torch.float16, copy=True))
+            return
         if not isinstance(module, QuantizedWeight) or attr == "bias":
             value = tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None, copy=True)
             assign_tensor(self.model, name, value)
@@ -546,6 +667,7 @@ def finish_loading(model: ChatGLMForConditionalGeneration, scheme: QuantScheme, 
     if scheme.embeddings:
         if model.lm_head.weight is model.transformer.word_embeddings.weight:
             tie_quantized_lm_head(model)  # load_weights tied the weight only
+    if isinstance(model.transformer.word_embeddings, (QuantizedEmbedding, HalfStoredEmbedding)):
         model.transformer.word_embeddings.dtype_carrier = torch.empty(0, dtype=dtype, device=device)
     model.reset_buffers()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -561,15 +683,22 @@ def load_quantized(
     dtype: torch.dtype,
     device: torch.device,
     quantize: "str | dict | QuantScheme | None" = None,
+    float16_embeddings: bool | None = None,
 ) -> ChatGLMForConditionalGeneration:
     """Build the quantized model on meta and fill it shard by shard: a float checkpoint is quantized
-    tensor by tensor on `device`; a pre-quantized one (ours or THUDM's) is placed as stored."""
+    tensor by tensor on `device`; a pre-quantized one (ours or THUDM's) is placed as stored.
+
+    `float16_embeddings`: keep word_embeddings and lm_head (unless quantized) in float16, computed in
+    `dtype`; None (default): on the CPU in float32, where that is about 1 GB less for the 6B models and half
+    the lm_head's bytes per token. Saved checkpoints are the same either way (they store these in float16)."""
     path = Path(path)
     source = str(path)
     stored = stored_format(config, source)
     scheme = resolve_scheme(stored, QuantScheme.parse(quantize))
     config.quantization_bit = 0  # the loaded model holds our format; THUDM's code path is not involved
     model, quantized = quantized_skeleton(config, scheme)
+    if keeps_float16_embeddings(scheme, float16_embeddings, device=device, dtype=dtype):
+        store_float16_embeddings(model)
     place = Placer(model, scheme, stored, dtype=dtype, device=device, source=source)
     load_weights(model, path, dtype=dtype, device=device, expected=checkpoint_shapes(config, stored, quantized), place=place)
     finish_loading(model, scheme, dtype=dtype, device=device, source=source)
