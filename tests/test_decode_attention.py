@@ -263,11 +263,10 @@ def test_model_decode_step_traces_the_op_and_the_option_turns_it_off():
         # ChatGLM2/3's step: q (B, 32, 1, 128) from the projection, the cache (B, 2, S_max, 128) sliced to kv_length
         q = torch.empty_strided((4, 32, 1, 128), (4096, 128, 4096, 1), device="cuda", dtype=torch.float16)
         k = torch.empty_strided((4, 2, 33, 128), (2 * 65 * 128, 65 * 128, 128, 1), device="cuda", dtype=torch.float16)
-        new = KernelOptions(new_kernels=True)  # the grouped kernel is opt-in until measured on a GPU
-        graph, _ = torch._dynamo.export(lambda *a: attend(*a, new))(q, k, k, mask)
+        graph, _ = torch._dynamo.export(attend)(q, k, k, mask)  # the grouped kernel, on by default
         assert "torch.ops.chatglm_ft.decode_attention" in graph.code
-        assert decode_kernel_applies(q, k, k, mask, new)
-        assert not decode_kernel_applies(q, k, k, mask, KernelOptions())
+        assert decode_kernel_applies(q, k, k, mask, KernelOptions())
+        assert not decode_kernel_applies(q, k, k, mask, KernelOptions(new_kernels=False))  # the A/B switch
         assert not decode_kernel_applies(q, k, k, mask, KernelOptions(decode_attention="torch", new_kernels=True))
 
 
@@ -329,7 +328,7 @@ def test_cuda_grouped_decoding_gives_the_golden_ids(ckpt_dir, gold, dtype):
     from chatglm_ft.options import KernelOptions
 
     model = load_model(ckpt_dir, dtype=dtype, device="cuda")
-    model.use_kernels(KernelOptions(new_kernels=True))  # the grouped kernel is opt-in until measured
+    model.use_kernels(KernelOptions(new_kernels=True))  # explicit (the default too)
     case, batch = gold["greedy"][-1], gold["batch"][0]
     batch_prompts = [[t for t, keep in zip(row, m) if keep]
                      for row, m in zip(batch["input_ids"], batch["attention_mask"])]  # the left padding removed

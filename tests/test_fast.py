@@ -38,6 +38,34 @@ def test_uncompiled_fast_path_matches_golden_greedy_and_batch(tiny, golden):
     assert decoder_for(model, 2, UNCOMPILED).batch_size == 3
 
 
+def test_decoders_are_built_and_run_without_gradients(tiny, golden, monkeypatch):
+    """A decoder made or stepped where gradients are on (a caller outside inference mode; the parameters
+    require grad) still builds and steps with them off: compiling with them on traces a backward graph,
+    which fails on the cache's in-place writes (seen on CUDA with --compile auto)."""
+    from chatglm_ft import fast
+
+    model, _ = tiny
+    modes: list[bool] = []
+    build, step = fast.FastDecoder.__init__, fast.FastDecoder.decode
+
+    def recorded(original):
+        def wrapper(self, *args, **kwargs):
+            modes.append(torch.is_grad_enabled())
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fast.FastDecoder, "__init__", recorded(build))
+    monkeypatch.setattr(fast.FastDecoder, "decode", recorded(step))
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    fast._DECODERS.pop(model, None)  # a new decoder is built here
+    decoder = decoder_for(model, 1, UNCOMPILED)
+    case = golden["greedy"][0]
+    ids = torch.tensor([case["input_ids"]])
+    steps = list(decoder.steps(ids, 3, GenerationConfig(max_new_tokens=3), None))
+    assert [t for (t,) in steps] == case["new_ids"][:3]
+    assert len(modes) >= 3 and not any(modes)  # the build and every decode step
+
+
 def test_fast_path_crosses_attention_buckets_like_eager(tiny):
     model, _ = tiny
     prompt = [5 + (i * 7919) % 20000 for i in range(250)] + [130001, 130004]  # decoding crosses column 256

@@ -220,7 +220,7 @@ def test_golden_models_on_cuda_with_fused_kernels(request, monkeypatch, dirs):
     case = gold["greedy"][0]
     gen = GenerationConfig(max_new_tokens=len(case["new_ids"]), **({"stop_token_ids": ()} if glm2 else {}))
     graphs = FastOptions(compile=False)  # on CUDA: the uncompiled step captured as CUDA graphs
-    model = load_model(ckpt, dtype="float32", device="cuda")
+    model = load_model(ckpt, dtype="float32", device="cuda").use_kernels(KernelOptions(new_kernels=True))
     for forward in gold["forward"]:
         with torch.no_grad():
             logits = model(torch.tensor([forward["input_ids"]], device="cuda")).logits[0].double().cpu()

@@ -228,7 +228,8 @@ def test_cuda_compile_modes_and_prefill_graphs(request):
     assert fast_options(model, DecodeOptions(compile="off")) is None  # the eager loop: nothing captured
     graphs_only = fast_options(model, DecodeOptions(compile="graphs", prefill_graphs=True))
     assert graphs_only == FastOptions(compile=False, prefill_graphs=True)
-    assert fast_options(model, DecodeOptions()).prefill_graphs is False  # opt-in until measured
+    assert fast_options(model, DecodeOptions()).prefill_graphs is True  # the default on a GPU
+    assert fast_options(model, DecodeOptions(prefill_graphs=False)).prefill_graphs is False
     c = golden["greedy"][0]
     assert decode(model, [c["input_ids"]], len(c["new_ids"]), graphs_only) == [c["new_ids"]]
     assert ("prefill", 16) in decoder_for(model, 1, graphs_only).graphs

@@ -339,6 +339,7 @@ class FastDecoder:
         self.machine.run((size, sample), partial(self._step, size, sample))
 
     # -- a whole generation ----------------------------------------------------------------------
+    @torch.no_grad()  # as in decoder_for: a first run compiles, and must not trace gradients
     def steps(self, input_ids: torch.Tensor, budget: int, gen, prompt_mask: PromptMask | None,
               seeds: list[int] | None = None) -> Iterator[list[int]]:
         """Prefill `input_ids` (B, T), then yield `budget` steps of tokens (one per row), one step behind the GPU."""
@@ -390,7 +391,8 @@ def decoder_for(model, batch_size: int, options: FastOptions) -> FastDecoder:
                         "(--compile off decodes without compiling)", batch_size)
         _DECODERS.pop(model, None)
         model.kv_caches = None  # free the old static cache before allocating the new one
-        decoder = FastDecoder(model, batch_size, options)
+        with torch.no_grad():  # decoding never needs gradients: compiling with them enabled traces a backward graph
+            decoder = FastDecoder(model, batch_size, options)
         _DECODERS[model] = decoder
     return decoder
 

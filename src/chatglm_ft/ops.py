@@ -17,7 +17,7 @@ A model's code (model.py) says *what* to compute; these functions pick *how*, fr
 Compiled code and training keep the plain PyTorch forms (inductor fuses them; autograd needs them).
 All fused eager paths are behind `KernelOptions.fused` (off: the plain forms everywhere, for A/B runs); the
 norm, SwiGLU and pair-rotary kernels and the grouped decode attention also need `KernelOptions.new_kernels`
-(off until measured on a GPU).
+(on by default; off for A/B runs).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _fused(x: torch.Tensor, options: KernelOptions) -> bool:
 
 
 def _fused_new(x: torch.Tensor, options: KernelOptions) -> bool:
-    """_fused, for the kernels not yet measured on a GPU (KernelOptions.new_kernels)."""
+    """_fused, for the kernels switched by KernelOptions.new_kernels (A/B runs)."""
     return options.new_kernels and _fused(x, options)
 
 
@@ -235,7 +235,7 @@ def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     (any divisor of nh: grouped KV heads) (shape logic only: traced without a graph break)."""
     if not (q.shape[2] == 1 and q.is_cuda and TRITON and options.decode_attention == "triton"):
         return False
-    if k.shape[1] != q.shape[1] and not options.new_kernels:  # the grouped kernel: not yet measured on a GPU
+    if k.shape[1] != q.shape[1] and not options.new_kernels:  # the grouped kernel (new_kernels: A/B switch)
         return False
     from . import decode_attention  # imported here: Triton is loaded on a GPU only (registers the op)
 

@@ -50,7 +50,7 @@ def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int | Non
 COMPILE_HELP = ("decoding: auto (compiled step + CUDA graphs on one GPU, eager elsewhere), off (eager: nothing compiled"
                 " or captured), graphs (CUDA graphs without compiling), on (compiled; also on the CPU)")
 PREFILL_GRAPHS_HELP = ("with CUDA graphs (--compile auto/graphs/on on a GPU): also run the prefill of prompts up to"
-                       " 512 tokens as CUDA graphs, padded to a length bucket (not yet measured on a GPU: off by default)")
+                       " 512 tokens as CUDA graphs, padded to a length bucket (default; --no-prefill-graphs: eager)")
 # A/B switches of the inference kernels, read here (the CLI layer) only; the library takes KernelOptions.
 KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_attention": "CHATGLM_FT_DECODE_ATTENTION",
               "new_kernels": "CHATGLM_FT_NEW_KERNELS"}
@@ -58,7 +58,7 @@ KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_at
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["auto", "off", "graphs", "on"], default="auto", help=COMPILE_HELP)
-    p.add_argument("--prefill-graphs", action="store_true", help=PREFILL_GRAPHS_HELP)
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True, help=PREFILL_GRAPHS_HELP)
 
 
 def kernel_options(environ=None):
@@ -108,7 +108,7 @@ def configure_model(model, args: argparse.Namespace):
     configure_kernel_launch()
     model.use_kernels(kernel_options())
     model.decode_options = DecodeOptions(compile=getattr(args, "compile", "auto"),
-                                         prefill_graphs=getattr(args, "prefill_graphs", False)).validate()
+                                         prefill_graphs=getattr(args, "prefill_graphs", True)).validate()
     return model
 
 
