@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from chatglm_ft.bench import random_model, weight_bytes
+from chatglm_ft.bench import random_model, random_prompt, random_quantized_model, weight_bytes
 from chatglm_ft.cli import main
 from chatglm_ft.config import ChatGLMConfig
 from chatglm_ft.errors import ChatGLMError
@@ -141,6 +141,40 @@ def test_weight_bytes_count_tied_weights_once():
     assert model.transformer.final_layernorm.weight.eq(1).all() and 0.015 < model.lm_head.weight.std() < 0.025
 
 
+@pytest.mark.parametrize("config_name,scheme,half", [
+    ("tiny", "int8", None), ("tiny", "int4", None), ("tiny", {"bits": 4, "embeddings": True}, None),
+    ("tiny", "int8", False), ("chatglm3-tiny", "int4", None), ("chatglm3-tiny", "int8", None)])
+def test_random_quantized_model_is_the_quantized_random_model(config_name, scheme, half):
+    """Built quantized in place (what `bench --random-weights --quantize` does, so a full-size model never
+    exists in float): the same modules, tensors, bytes per token and greedy tokens as quantizing a float one."""
+    from chatglm_ft.commands.bench import bench_config
+    from chatglm_ft.quantize import quantize_model
+
+    cpu = torch.device("cpu")
+    expected = quantize_model(random_model(bench_config(config_name), dtype=torch.float32, device=cpu, seed=3),
+                              scheme, float16_embeddings=half)
+    model = random_quantized_model(bench_config(config_name), scheme, dtype=torch.float32, device=cpu, seed=3,
+                                   float16_embeddings=half)
+    assert [(n, type(m)) for n, m in model.named_modules()] == [(n, type(m)) for n, m in expected.named_modules()]
+    state, reference = model.state_dict(), expected.state_dict()
+    assert list(state) == list(reference)
+    for name, tensor in reference.items():
+        assert (state[name].dtype, state[name].shape) == (tensor.dtype, tensor.shape), name
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)  # the same draws, in blocks
+    assert model.lm_head_tied == expected.lm_head_tied == config_name.startswith("tiny")
+    assert model.config.quantization == expected.config.quantization
+    assert weight_bytes(model) == weight_bytes(expected)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+    prompt = random_prompt(model.config, 8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits
+    assert logits.isfinite().all() and logits.std() > 0
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    tokens = decode(model, [prompt], gen, UNCOMPILED)
+    assert tokens == decode(expected, [prompt], gen, UNCOMPILED) and len(tokens[0]) == 4
+
+
 def test_bench_command_on_a_tiny_random_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     code = main(["bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--compile", "graphs", "--json",
@@ -162,6 +196,18 @@ def test_bench_command_on_a_tiny_random_model(tmp_path, capsys, monkeypatch):
         assert d["roofline_fraction"] == pytest.approx(d["tokens_per_second"] * d["bytes_per_token"] / 1e10)
     assert report["decode"][1]["prompt_tokens"] == config.max_sequence_length - 4
     assert report["peak_memory"] > 0
+
+
+def test_bench_random_weights_quantized(capsys):
+    from chatglm_ft.quantize import quantize_model
+
+    code = main(["bench", "--random-weights", "--config", "tiny", "--device", "cpu", "--quantize", "int4", "--json",
+                 "--decode-tokens", "2", "--prefill-lengths", "8", "--bandwidth", "1e10"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = quantize_model(random_model(ChatGLMConfig.tiny(), dtype=torch.float32, device=torch.device("cpu")), "int4")
+    assert report["quantize"] == "int4" and report["weight_bytes"] == weight_bytes(expected)
+    assert all(d["tokens_per_second"] > 0 for d in report["decode"])
 
 
 def test_bench_needs_exactly_one_model_source(capsys):

@@ -39,15 +39,70 @@ def random_model(config: ChatGLMConfig | ChatGLM2Config, *, dtype: torch.dtype, 
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias") or "layernorm" in name:
-            p.zero_()
-        else:
-            p.normal_(0.0, 0.02, generator=generator)  # in place: no temporary copy
+        fill_random_(name, p, generator)
     if tie_lm_head and hasattr(model, "tie_lm_head"):
         model.tie_lm_head()
     model.reset_buffers()
+    return model.eval()
+
+
+def fill_random_(name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+    """The random value of one float parameter, in place: layernorm weights 1, biases 0, the rest N(0, 0.02)."""
+    if name.endswith("layernorm.weight"):
+        tensor.fill_(1.0)
+    elif name.endswith(".bias") or "layernorm" in name:
+        tensor.zero_()
+    else:
+        tensor.normal_(0.0, 0.02, generator=generator)  # in place: no temporary copy
+
+
+RANDOM_BLOCK = 1 << 24  # float weights drawn at a time by random_quantized_model (64 MB of float32)
+
+
+@torch.no_grad()
+def random_quantized_model(config: ChatGLMConfig | ChatGLM2Config, scheme, *, dtype: torch.dtype,
+                           device: torch.device, seed: int = 0, tie_lm_head: bool = True,
+                           float16_embeddings: bool | None = None) -> ChatGLMForConditionalGeneration:
+    """`quantize_model(random_model(...), scheme)` without the float model: the quantized skeleton is given
+    storage on `device` and each weight is drawn a block of rows at a time and quantized into place, so the
+    float working copy is one block (a full-size model that only fits quantized can be benchmarked).
+
+    On the CPU the values are those of the two-step path (the generator draws the same numbers in blocks)."""
+    from .quantize import (HalfStoredEmbedding, HalfStoredLinear, QuantScheme, QuantizedWeight, finish_loading,
+                           keeps_float16_embeddings, quantize_tensor, quantized_skeleton, store_float16_embeddings)
+
+    scheme = QuantScheme.parse(scheme)
+    model, _ = quantized_skeleton(config, scheme, dtype=dtype)
+    if keeps_float16_embeddings(scheme, float16_embeddings, device=device, dtype=dtype):
+        store_float16_embeddings(model)
+    tied = tie_lm_head and hasattr(model, "tie_lm_head")
+    model = model.to_empty(device=device)  # integer weights, scales and float16 tables: the final sizes
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # the order of random_model's draws: parameters in order, a tied lm_head last and shared afterwards
+    for name, p in model.named_parameters():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if tied and module_name == "lm_head":
+            continue
+        if attr == "weight" and isinstance(module, (QuantizedWeight, HalfStoredEmbedding, HalfStoredLinear)):
+            rows, cols = p.shape
+            cols *= 2 if getattr(module, "bits", 8) == 4 else 1  # int4 packs two columns a byte
+            step = max(1, RANDOM_BLOCK // cols)
+            for start in range(0, rows, step):
+                block = torch.empty(min(step, rows - start), cols, dtype=dtype, device=device)
+                block.normal_(0.0, 0.02, generator=generator)
+                if not isinstance(module, QuantizedWeight):
+                    p[start:start + step].copy_(block)  # float16-stored: rounded as store_float16_embeddings does
+                    continue
+                stored = (module.weight, module.weight_scale, module.weight_zero)
+                for target, value in zip(stored, quantize_tensor(block, scheme, device)):
+                    if target is not None:
+                        target[start:start + step].copy_(value)
+        else:
+            fill_random_(name, p, generator)
+    if tied:
+        model.tie_lm_head()  # finish_loading shares quantized embeddings' scales too
+    finish_loading(model, scheme, dtype=dtype, device=device, source="random weights")
     return model.eval()
 
 

@@ -653,11 +653,15 @@ class Placer:
         module.weight_scale = scale
 
 
-def quantized_skeleton(config: ChatGLMConfig, scheme: QuantScheme) -> tuple[ChatGLMForConditionalGeneration, set[str]]:
-    """The model on meta with its quantized modules swapped in, and the names of those modules."""
+def quantized_skeleton(config: ChatGLMConfig, scheme: QuantScheme, *, dtype: torch.dtype | None = None
+                       ) -> tuple[ChatGLMForConditionalGeneration, set[str]]:
+    """The model on meta with its quantized modules swapped in, and the names of those modules; `dtype`:
+    the float parameters' dtype (set before the swap, so the scales stay float16)."""
     from .api import model_class
 
     model = model_class(config)(config, device="meta")
+    if dtype is not None:
+        model = model.to(dtype)
     return model, set(swap_modules(model, scheme))
 
 

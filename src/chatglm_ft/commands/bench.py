@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import load, resolve_device, resolve_dtype
-    from ..bench import format_report, random_model, run_bench
+    from ..bench import format_report, random_model, random_quantized_model, run_bench
     from ..errors import ChatGLMError
 
     try:
@@ -77,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
     began = time.perf_counter()
     if args.random_weights:
-        model = random_model(bench_config(args.config), dtype=dtype, device=device, seed=args.seed)
-        if quantize is not None:
-            from ..quantize import quantize_model
-
-            model = quantize_model(model, quantize)
+        config = bench_config(args.config)
+        if quantize is None:
+            model = random_model(config, dtype=dtype, device=device, seed=args.seed)
+        else:  # built quantized: the float model of a full-size config may not fit where its quantized form does
+            model = random_quantized_model(config, quantize, dtype=dtype, device=device, seed=args.seed)
         name = f"random weights, {args.config} config"
     else:
         model, _ = load(args.model, dtype=dtype, device=device, quantize=quantize, ptuning=args.ptuning)
