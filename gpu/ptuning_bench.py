@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chatglm_ft.bench import random_model  # noqa: E402
 from chatglm_ft.config import ChatGLMConfig  # noqa: E402
@@ -38,6 +37,7 @@ from chatglm_ft.lora import remove_adapters  # noqa: E402
 from chatglm_ft.ptuning import detach  # noqa: E402
 from chatglm_ft.random_data import random_examples  # noqa: E402
 from chatglm_ft.train import TrainConfig, train  # noqa: E402
+from train_bench import save_and_report  # noqa: E402  (the training benches' common ending)
 
 THUDM_INT4_GB = 7.0  # ChatGLM-6B ptuning README: INT4, batch 1 x accumulation 16, pre_seq_len 128 (6.7 GB "at least")
 PLANS = {
@@ -108,11 +108,7 @@ def main() -> None:
             results["errors"][name] = traceback.format_exc()[-3000:]
     results["seconds"] = round(time.perf_counter() - started, 1)
 
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "ptuning_bench.json").write_text(json.dumps(results, indent=2))
-    for name, error in results["errors"].items():
-        print(f"--- {name} failed:\n{error}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "errors")}, indent=1))
+    save_and_report(results, "ptuning_bench.json")
     print(f"{'config':16} {'base':>8} {'batch':>5} {'accum':>5} {'seq':>5} {'tokens/s':>9} {'peak GB':>8} "
           f"{'loss first->last':>18}")
     for r in results["rows"]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -46,7 +45,7 @@ from chatglm_ft.data import load_records, tokenize_records  # noqa: E402
 from chatglm_ft.random_data import random_examples  # noqa: E402
 from chatglm_ft.tokenizers import load_tokenizer  # noqa: E402
 from chatglm_ft.train import TrainConfig, make_sampler, Processes  # noqa: E402
-from train_bench import SEQ, run_config, timed_train  # noqa: E402  (the synthetic bench's timing)
+from train_bench import SEQ, run_config, save_and_report, timed_train  # noqa: E402  (the synthetic bench's timing)
 
 GOAL = 0.85  # real-data useful tokens/s over the synthetic figure
 PLANS = {  # name -> TrainConfig settings besides the defaults
@@ -143,11 +142,7 @@ def main() -> None:
             results["errors"][name] = traceback.format_exc()[-3000:]
     results["seconds"] = round(time.perf_counter() - started, 1)
 
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "real_data_bench.json").write_text(json.dumps(results, indent=2))
-    for name, error in results["errors"].items():
-        print(f"--- {name} failed:\n{error}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "errors")}, indent=1))
+    save_and_report(results, "real_data_bench.json")
     print(f"{'config':12} {'batch':>9} {'tokens/s':>9} {'vs synth':>8} {'examples/s':>10} {'padding':>8} "
           f"{'epoch pad':>9} {'peak GB':>8} goal")
     for r in results["rows"]:

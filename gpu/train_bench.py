@@ -162,6 +162,16 @@ def run_config(name: str, model, config: ChatGLMConfig, *, batch: int, checkpoin
     return row
 
 
+def save_and_report(results: dict, json_name: str) -> None:
+    """The training benches' common ending: the results to $OUT/json_name (when $OUT is set), each failed
+    configuration's traceback to stderr, then the settings (all but the rows and errors) as JSON."""
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], json_name).write_text(json.dumps(results, indent=2))
+    for name, error in results["errors"].items():
+        print(f"--- {name} failed:\n{error}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "errors")}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", choices=list(BENCH_CONFIGS), default="full",
@@ -238,12 +248,7 @@ def main() -> None:
             results["errors"]["C"] = traceback.format_exc()[-3000:]
     results["seconds"] = round(time.perf_counter() - started, 1)
 
-    if os.environ.get("OUT"):
-        name = "train_bench.json" if args.config == "full" else f"train_bench_{args.config}.json"
-        Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=2))
-    for name, error in results["errors"].items():
-        print(f"--- {name} failed:\n{error}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in results.items() if k not in ("rows", "errors")}, indent=1))
+    save_and_report(results, "train_bench.json" if args.config == "full" else f"train_bench_{args.config}.json")
     print(f"{args.config}: goal/orig columns are ChatGLM-6B's" if goals else
           f"{args.config}: no goals (ChatGLM-6B's goal/orig columns left out)")
     print(f"{'cfg':3} {'batch':>5} {'ckpt':>5} {'tokens/s':>9} {'goal':>7} {'orig':>7} {'step ms':>8} {'peak GB':>8} "
