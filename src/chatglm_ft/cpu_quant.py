@@ -138,11 +138,16 @@ def int8_activations(flag: bool):
         INT8_ACTIVATIONS = previous
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
+def _few_cpu_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernels are on and x is a few float token rows, x and the weight on the CPU (what every op needs)."""
     rows = x.numel() // max(1, x.shape[-1])
     return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
-            and x.is_floating_point() and scale.dtype == torch.float16 and available())
+            and x.is_floating_point())
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether `quantized_linear(x, weight, ...)` can run here: CPU, a few token rows, even int4 groups."""
+    return _few_cpu_rows(x, weight) and scale.dtype == torch.float16 and available()
 
 
 def _register_shapes() -> None:
@@ -158,29 +163,27 @@ def _register_shapes() -> None:
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ dequantize(weight).T + bias for a few CPU rows (see `usable`), in x's dtype."""
-    K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K).to(torch.float32)  # (M, K)
-    bias = None if bias is None else bias.to(torch.float32)
     if zero is None:
-        y = torch.ops.chatglm_ft_cpu.int8_linear(x2, weight, scale, bias, INT8_ACTIVATIONS)
-    else:
-        y = torch.ops.chatglm_ft_cpu.int4_linear(x2, weight, scale, zero, bias, INT8_ACTIVATIONS)
-    return y.to(x.dtype).view(*x.shape[:-1], N)
+        return _on_rows(x, bias, weight.shape[0], lambda x2, b: torch.ops.chatglm_ft_cpu.int8_linear(
+            x2, weight, scale, b, INT8_ACTIVATIONS))
+    return _on_rows(x, bias, weight.shape[0], lambda x2, b: torch.ops.chatglm_ft_cpu.int4_linear(
+        x2, weight, scale, zero, b, INT8_ACTIVATIONS))
+
+
+def _on_rows(x: torch.Tensor, bias: torch.Tensor | None, out_features: int, op) -> torch.Tensor:
+    """op(x as float32 rows (M, K), bias in float32) -> (M, N) float32, returned in x's dtype and shape."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    y = op(x2, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
 def half_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `half_linear(x, weight, ...)` can run here: a float16 weight, a few CPU token rows."""
-    rows = x.numel() // max(1, x.shape[-1])
-    return (ENABLED and x.device.type == "cpu" and weight.device.type == "cpu" and 0 < rows <= MAX_ROWS
-            and x.is_floating_point() and weight.dtype == torch.float16 and available())
+    return _few_cpu_rows(x, weight) and weight.dtype == torch.float16 and available()
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ weight.T + bias for a float16 weight and a few CPU rows (see `half_usable`), in x's dtype:
     the weight is widened to float32 in registers, so no float32 copy of it is ever made (exact up to
     float32 summation order)."""
-    K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K).to(torch.float32)  # (M, K)
-    bias = None if bias is None else bias.to(torch.float32)
-    y = torch.ops.chatglm_ft_cpu.half_linear(x2, weight, bias)
-    return y.to(x.dtype).view(*x.shape[:-1], N)
+    return _on_rows(x, bias, weight.shape[0], lambda x2, b: torch.ops.chatglm_ft_cpu.half_linear(x2, weight, b))
