@@ -179,10 +179,19 @@ def profile_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: i
 
 def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, profile: bool = False) -> dict:
     """Warm up each level (captures its graphs), then time it."""
+    began = time.perf_counter()
     engine = Engine(model, tokenizer, max_batch=max(levels), max_queue=max(levels),
                     max_context=PROMPT_TOKENS + answer, decode=decode).start()
     out = {"decode": engine.decode_mode, "start_warm_up_seconds": engine.warm_up_seconds, "levels": []}
     try:
+        # engine start to the first whole answer (16 tokens): what a user waits for after the model is loaded
+        engine.generate(prompts(config, 1, seed=99)[0], GenerationConfig(max_new_tokens=16, stop_token_ids=()), 600)
+        out["start_to_first_answer_seconds"] = time.perf_counter() - began
+        if not engine.compile_done.is_set():  # compiling in the background: time the steady state after it
+            began = time.perf_counter()
+            engine.compile_done.wait()
+            out["background_compile_seconds"] = time.perf_counter() - began
+            out["compile_error"] = engine.compile_error
         for streams in levels:
             began = time.perf_counter()
             run_level(engine, config, streams, min(16, answer), seed=streams)  # warm-up: same batch and attention buckets

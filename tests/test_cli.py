@@ -106,3 +106,26 @@ def test_train_threads_caps_torchs_cpu_threads(tmp_path):
         assert main(["train", "--threads", "0"]) == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flags, background", [([], True), (["--compile-at-start"], False)])
+def test_serve_compiles_in_the_background_unless_told(golden_dir, monkeypatch, flags, background):
+    """`serve` answers at once while the decode step compiles (the default), or compiles first with
+    --compile-at-start: the flag reaches the engine."""
+    pytest.importorskip("fastapi")
+    from chatglm_ft import engine as engine_module
+    from chatglm_ft.cli import main
+
+    made = []
+
+    class Recorded(Exception):
+        pass
+
+    def recording_engine(model, tokenizer, **kwargs):
+        made.append(kwargs)
+        raise Recorded
+
+    monkeypatch.setattr(engine_module, "Engine", recording_engine)
+    with pytest.raises(Recorded):
+        main(["serve", "--model", str(golden_dir), "--device", "cpu", "--port", "0", *flags])
+    assert made[0]["decode"] == "auto" and made[0]["compile_in_background"] is background

@@ -63,6 +63,64 @@ def test_slot_prefill_and_decode_match_generate_on_golden_prompts(make_engine, g
     assert engine.stats.decode_rows > engine.stats.decode_steps  # rows really shared decode steps
 
 
+def test_compile_in_the_background_serves_at_once_then_switches(make_engine, golden_generate, golden, monkeypatch):
+    """decode="compile" (the default on one GPU) answers while the step compiles in another thread, then
+    switches to the compiled step between two iterations; the tokens are the same before and after."""
+    import threading
+
+    from chatglm_ft import batching
+
+    release, compiled_calls = threading.Event(), []
+
+    def slow_compile(fn, device, gemv="kernel"):  # stands in for torch.compile: blocks until released
+        def step(*args):
+            assert release.wait(60)
+            compiled_calls.append(threading.current_thread().name)
+            return fn(*args)
+        return step
+
+    monkeypatch.setattr(batching, "compile_step", slow_compile)
+    cases, expected = golden["greedy"], golden_generate
+    engine = make_engine(max_batch=4, decode="compile")
+    assert engine.warm_up_seconds == 0 and not engine.compile_done.is_set()
+    assert engine.decode_step_state == "compiling"
+    assert [engine.submit(c["input_ids"], GREEDY16).result(60).token_ids for c in cases] == expected  # compile blocked
+    assert not engine._graphs.compiled and compiled_calls == []
+    release.set()
+    assert engine.compile_done.wait(60) and engine.compile_error is None  # switched while idle
+    assert engine._graphs.compiled and set(compiled_calls) == {"chatglm-compile"}
+    assert engine.decode_step_state == "compiled"
+    together = [engine.submit(c["input_ids"], GREEDY16) for c in cases]
+    assert [h.result(60).token_ids for h in together] == expected
+    assert "chatglm-engine" in compiled_calls  # the worker now runs the compiled step
+
+
+def test_a_failed_background_compile_leaves_the_uncompiled_step_serving(make_engine, golden_generate, golden,
+                                                                         monkeypatch):
+    from chatglm_ft import batching
+
+    def broken_compile(fn, device, gemv="kernel"):
+        def step(*args):
+            raise RuntimeError("inductor failed")
+        return step
+
+    monkeypatch.setattr(batching, "compile_step", broken_compile)
+    engine = make_engine(max_batch=4, decode="compile")
+    assert engine.compile_done.wait(60) and engine.compile_error == "RuntimeError: inductor failed"
+    assert not engine._graphs.compiled and engine.decode_step_state == "uncompiled"
+    cases = golden["greedy"]
+    assert [engine.submit(c["input_ids"], GREEDY16).result(60).token_ids for c in cases] == golden_generate
+
+
+def test_compile_at_start_compiles_before_serving(make_engine, monkeypatch):
+    from chatglm_ft import batching
+
+    calls = []
+    monkeypatch.setattr(batching, "compile_step", lambda fn, device, gemv="kernel": calls.append(fn) or fn)
+    engine = make_engine(max_batch=4, decode="compile", compile_in_background=False)
+    assert engine.compile_done.is_set() and engine._graphs.compiled and len(calls) == 1
+
+
 def test_text_and_stop_strings_match_generate(make_engine, tiny):
     model, tokenizer = tiny
     prompt = tokenizer.encode("Give three tips for staying healthy.")
@@ -190,11 +248,31 @@ def test_default_engine_on_cuda_compiles_and_matches_generate(golden_dir, golden
     cases = golden["greedy"]
     expected = [generate(model, None, [c["input_ids"]], GREEDY16)[0].token_ids for c in cases]
     assert expected == [c["new_ids"] for c in cases]
-    engine = Engine(model, None, max_batch=32, max_context=256).start()
+    engine = Engine(model, None, max_batch=32, max_context=256, compile_in_background=False).start()
     try:
-        assert engine.decode_mode == "compile" and engine.warm_up_seconds > 0
+        assert engine.decode_mode == "compile" and engine.warm_up_seconds > 0 and engine.compile_done.is_set()
         assert engine.generate(cases[0]["input_ids"], GREEDY16, timeout=120).token_ids == expected[0]
         handles = [engine.submit(c["input_ids"], GREEDY16) for c in cases * 5]  # more than 16 rows
+        assert [h.result(120).token_ids for h in handles] == expected * 5
+    finally:
+        engine.stop(drain=False, timeout=30)
+
+
+@pytest.mark.gpu
+def test_engine_serves_while_compiling_in_the_background_on_cuda(golden_dir, golden):
+    """The default engine on one GPU answers before its compile is done (uncompiled captured steps, captured
+    while the compile thread runs), then switches to the compiled step: plain `generate`'s tokens throughout."""
+    model, _ = load(golden_dir, dtype="float32", device="cuda")
+    cases = golden["greedy"]
+    expected = [c["new_ids"] for c in cases]
+    engine = Engine(model, None, max_batch=32, max_context=256).start()
+    try:
+        assert engine.warm_up_seconds == 0
+        handles = [engine.submit(c["input_ids"], GREEDY16) for c in cases * 5]
+        assert [h.result(120).token_ids for h in handles] == expected * 5
+        assert engine.compile_done.wait(600) and engine.compile_error is None and engine.compile_seconds > 0
+        assert engine._graphs.compiled
+        handles = [engine.submit(c["input_ids"], GREEDY16) for c in cases * 5]
         assert [h.result(120).token_ids for h in handles] == expected * 5
     finally:
         engine.stop(drain=False, timeout=30)

@@ -87,12 +87,13 @@ class DecodeGraphs:
         idle = torch.tensor([self.max_kv, *self.model.idle_slot_state()], device=self.meta.device)
         return idle.expand(rows, -1)
 
-    def warm_up(self, batch_sizes: list[int]) -> float:
-        """Compile and capture the steps of these batch buckets now (at the smallest attention bucket),
-        so no request waits for a compile; seconds taken. Idle rows write only the scratch column."""
+    def warm_up(self, batch_sizes: list[int], *, capture: bool = True) -> float:
+        """Compile and (with `capture`) capture the steps of these batch buckets now (at the smallest
+        attention bucket), so no request waits for a compile; seconds taken. Idle rows write only the
+        scratch column. Without `capture` each runs once: compiled, and captured later where it is used."""
         began = time.perf_counter()
         for rows in batch_sizes:
-            for _ in range(self.machine.warmup_runs + 1):
+            for _ in range(self.machine.warmup_runs + 1 if capture else 1):
                 self.run(self.idle_meta(rows), 1)
         if self.cuda:
             torch.cuda.synchronize()

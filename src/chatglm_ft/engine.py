@@ -22,6 +22,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from .steps import prefill
 from .tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger("chatglm_ft.engine")
+COMPILE_SWITCH_INTERVAL = 1e-4  # seconds: the GIL switch interval while a background compile runs
 
 class QueueFullError(ChatGLMError):
     """The request queue is at --max-queue: try again later (HTTP 429)."""
@@ -274,14 +276,18 @@ class Engine:
     """Continuous-batching generation on one model. Thread-safe `submit`; one worker thread.
 
     `decode`: "eager" runs each step as plain PyTorch at its exact size; "graphs" replays CUDA
-    graphs of bucketed sizes (DecodeGraphs); "compile" compiles that step first (on CUDA at `start`,
-    three compiles: about two minutes the first time, ~30 s once inductor's disk cache has them);
-    "auto" is compile on one GPU and eager elsewhere. The engine owns the model's KV cache while it runs: do not call
+    graphs of bucketed sizes (DecodeGraphs); "compile" compiles that step (on CUDA three compiles:
+    about a minute or two the first time, ~30 s once inductor's disk cache has them); "auto" is
+    compile on one GPU and eager elsewhere. With `compile_in_background` (the default) the engine
+    serves at once with the uncompiled graphs while another thread compiles, and switches to the
+    compiled step between two iterations once it is ready (`compile_done` is set then); without it
+    `start` compiles first. The engine owns the model's KV cache while it runs: do not call
     `generate` on the same model object meanwhile.
     """
 
     def __init__(self, model, tokenizer: ChatGLMTokenizer | None, *, max_batch: int = 8, max_queue: int = 64,
-                 max_context: int | None = None, prefill_tokens: int = 16384, decode: str = "auto"):
+                 max_context: int | None = None, prefill_tokens: int = 16384, decode: str = "auto",
+                 compile_in_background: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise ChatGLMError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         decode = DECODE_ALIASES.get(decode, decode)
@@ -289,8 +295,14 @@ class Engine:
             raise ChatGLMError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         on_one_gpu = model.device.type == "cuda" and not is_split(model)
         self.decode_mode = ("compile" if on_one_gpu else "eager") if decode == "auto" else decode
-        self.warm_up_seconds = 0.0
+        self.compile_in_background = compile_in_background
+        self.warm_up_seconds = 0.0  # spent in `start` before serving (compiling there when not in the background)
+        self.compile_seconds = 0.0  # the background compile's, once done
+        self.compile_error: str | None = None  # why the background compile failed (serving goes on uncompiled)
+        self.compile_done = threading.Event()  # the compiled step serves (or its compile ended); set at once without one
         self._graphs: DecodeGraphs | None = None
+        self._compiled_graphs: DecodeGraphs | None = None  # handed from the compile thread to the worker
+        self._compiler: threading.Thread | None = None
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -324,43 +336,99 @@ class Engine:
                 # tokens each slot has seen (prompt and answer), for the repetition penalty
                 self._seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
             self._kv_positions = torch.arange(self.max_context + 1, device=self.device)
-            self._graphs = None
+            self._graphs = self._compiled_graphs = None
+            self.compile_done.clear()
+            compile = self.decode_mode == "compile"
+            background = compile and self.compile_in_background
             if self.decode_mode != "eager":
-                self._graphs = DecodeGraphs(self.model, self._last_token, self.max_batch, self.max_context,
-                                            compile=self.decode_mode == "compile", gemv=self.model.kernels.gemv)
-                if self.decode_mode == "compile" and self.device.type == "cuda":
-                    # one batch size per compiled range (1; 2 up to the skinny kernel's rows; more): later buckets
-                    # only capture a graph
-                    sizes = {1, min(2, self.max_batch)}
-                    skinny = skinny_rows(self.model.kernels)
-                    if skinny and self.max_batch > skinny:
-                        sizes.add(batch_bucket(skinny + 1, self.max_batch))
-                    sizes = sorted(sizes)
-                    log.warning("compiling the decode steps for batch sizes %s (cached on disk for the next start)", sizes)
+                self._graphs = self._decode_graphs(compile=compile and not background)
+                if compile and not background and self.device.type == "cuda":
+                    log.warning("compiling the decode steps for batch sizes %s (cached on disk for the next start)",
+                                self._compile_sizes())
                     with torch.inference_mode():
-                        self.warm_up_seconds = self._graphs.warm_up(sizes)
+                        self.warm_up_seconds = self._graphs.warm_up(self._compile_sizes())
                     log.warning("decode steps ready in %.1f s", self.warm_up_seconds)
             self._thread = threading.Thread(target=self._worker, name="chatglm-engine", daemon=True)
             self._thread.start()
+            if background:
+                log.warning("serving now; compiling the decode steps for batch sizes %s in the background (the"
+                            " first minute or two decodes slower; cached on disk for the next start)",
+                            self._compile_sizes())
+                self._compiler = threading.Thread(target=self._compile, name="chatglm-compile", daemon=True)
+                self._compiler.start()
+            else:
+                self.compile_done.set()
         return self
 
+    def _decode_graphs(self, *, compile: bool) -> DecodeGraphs:
+        return DecodeGraphs(self.model, self._last_token, self.max_batch, self.max_context, compile=compile,
+                            gemv=self.model.kernels.gemv)
+
+    def _compile_sizes(self) -> list[int]:
+        """One batch size per compiled range (1; 2 up to the skinny kernel's rows; more): the other buckets
+        reuse the compiled code and only capture a graph."""
+        sizes = {1, min(2, self.max_batch)}
+        skinny = skinny_rows(self.model.kernels)
+        if skinny and self.max_batch > skinny:
+            sizes.add(batch_bucket(skinny + 1, self.max_batch))
+        return sorted(sizes)
+
+    def _compile(self) -> None:
+        """The compile thread: compile the step for each range by one run of idle rows (they write only the
+        scratch column, so the worker's rows are untouched), then hand it to the worker. Capturing its
+        graphs is left to the worker, as for any new bucket."""
+        # compiling is Python-heavy: without a short switch interval the worker waits up to 5 ms for the GIL at each
+        # of its few releases per step (measured: 76 ms per token instead of 5 while compiling)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, COMPILE_SWITCH_INTERVAL))
+        try:
+            with torch.inference_mode():
+                graphs = self._decode_graphs(compile=True)
+                self.compile_seconds = graphs.warm_up(self._compile_sizes(), capture=False)
+            with self._lock:
+                if self._closing:
+                    return
+                self._compiled_graphs = graphs
+                self._wakeup.notify_all()
+            log.warning("decode steps compiled in %.1f s; serving with them from the next step", self.compile_seconds)
+        except Exception as e:  # noqa: BLE001 - the uncompiled step keeps serving
+            self.compile_error = f"{type(e).__name__}: {e}"
+            log.exception("compiling the decode step failed; serving goes on with the uncompiled step")
+            self.compile_done.set()
+        finally:
+            sys.setswitchinterval(interval)
+
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Take no new requests; with `drain` finish the queued and running ones, else cancel them."""
+        """Take no new requests; with `drain` finish the queued and running ones, else cancel them. With a
+        `timeout`, also wait within it for a background compile in progress (it cannot be cut short; without
+        one a compile thread ends with the process, unused)."""
         with self._lock:
             self._closing = True
             if not drain:
                 for r in [*self._queue, *self._running]:
                     r.cancelled = True
             self._wakeup.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            if not thread.is_alive():
-                self._thread = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for which in ("_thread", "_compiler"):
+            thread = getattr(self, which)
+            if thread is not None and (which == "_thread" or deadline is not None):
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if not thread.is_alive():
+                    setattr(self, which, None)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closing
+
+    @property
+    def decode_step_state(self) -> str:
+        """What decodes now: "compiling" (the uncompiled step serves meanwhile), "compiled", "uncompiled"
+        (graphs or eager mode, or a compile that failed: compile_error says why)."""
+        if self._graphs is not None and self._graphs.compiled:
+            return "compiled"
+        if self.decode_mode == "compile" and not self.compile_done.is_set():
+            return "compiling"
+        return "uncompiled"
 
     @property
     def queue_depth(self) -> int:
@@ -424,11 +492,14 @@ class Engine:
             pending: list[_Step] = []
             while True:
                 with self._lock:
-                    while not (self._queue or self._running or pending or self._closing):
+                    while not (self._queue or self._running or pending or self._closing or self._compiled_graphs):
                         self._wakeup.wait()
                     if self._closing and not (self._queue or self._running or pending):
                         return
                     admitted = self._admit()
+                    if self._compiled_graphs is not None:  # between iterations: no step of the old graphs is running
+                        self._graphs, self._compiled_graphs = self._compiled_graphs, None
+                        self.compile_done.set()
                 try:
                     pending = self._iterate(admitted, pending)
                 except Exception as e:  # noqa: BLE001 - a bug in bookkeeping fails the requests in flight, not the server

@@ -471,7 +471,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_name: str = 
     async def health():
         if not engine.alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "model": model_name, "active": engine.active, "queued": engine.queue_depth}
+        return {"status": "ok", "model": model_name, "active": engine.active, "queued": engine.queue_depth,
+                "decode_step": engine.decode_step_state}
 
     @app.get("/metrics")
     async def metrics():

@@ -34,8 +34,11 @@ def register(sub) -> None:
                    help="prompt + answer tokens per request (default: the model's max_sequence_length)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
     s.add_argument("--compile", choices=["auto", "off", "graphs", "on"], default="auto",
-                   help=COMPILE_HELP + "; the server's step is bucketed (batch and attention length) and, compiled,"
-                        " compiles at start: about a minute the first time")
+                   help=COMPILE_HELP + "; the server's step is bucketed (batch and attention length). Compiling takes"
+                        " about a minute the first time: the server answers meanwhile with the uncompiled step and"
+                        " switches when it is done (/health shows decode_step)")
+    s.add_argument("--compile-at-start", action="store_true",
+                   help="compile the decode step before taking requests, instead of in the background")
     s.add_argument("--allow-host", action="append", default=None, metavar="NAME",
                    help="a Host name clients may use (repeatable; '*' for any). Default: localhost, 127.0.0.1, ::1"
                         " and the --host address; other names get 403, which stops DNS rebinding. Browsers must"
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     sock = listening_socket(args.host, args.port)  # before minutes of loading, not after
     model, tokenizer = load_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                    decode=args.compile)
+                    decode=args.compile, compile_in_background=not args.compile_at_start)
     app = create_app(engine, api_key=args.api_key, model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                      allowed_hosts=allowed)
     warning = loopback_warning(args.host, args.api_key)
