@@ -440,7 +440,8 @@ def test_cuda_gemv_and_prefill_paths(bits):
     from chatglm_ft import kernels
 
     torch.manual_seed(0)
-    for n, k in [(12288, 4096), (4096, 16384), (4096, 13696), (192, 64)]:  # 13696: ChatGLM2/3's FFN width
+    # ChatGLM-6B's shapes, ChatGLM2/3's (their own tiles: kernels.GLM2_CONFIGS) and a small one
+    for n, k in [(12288, 4096), (4096, 16384), (4608, 4096), (27392, 4096), (4096, 13696), (192, 64)]:
         layer = (Int8Linear if bits == 8 else Int4Linear)(k, n, bias=True)
         w = torch.randn(n, k, device="cuda") / k**0.5
         layer.set_quantized(*((*quantize_int8(w), None) if bits == 8 else quantize_int4(w, 128)))
