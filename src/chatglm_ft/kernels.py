@@ -305,6 +305,32 @@ def _dequantize_kernel(
     tl.store(out_ptr + rows64 * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _dequantize_int4_kernel(
+    w_ptr, scale_ptr, zero_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out (N, K) = the dequantized int4 weight, for power-of-two groups: a program takes BLOCK_K // GROUP
+    whole groups of BLOCK_N rows. Their packed bytes are one contiguous tile (byte j of a group holds
+    column j in its low nibble and column j + GROUP/2 in its high one), so the load is one wide read and
+    each nibble half stores as contiguous runs; no byte is read twice. Computed in float32, as
+    `_dequantize_kernel` and the PyTorch reference (bit-identical)."""
+    HALF: tl.constexpr = GROUP // 2
+    NG: tl.constexpr = K // GROUP
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_K // 2)  # the program's bytes within a row
+    g = tl.program_id(1) * (BLOCK_K // GROUP) + c // HALF  # the group of each byte
+    ok = (rows[:, None] < N) & (g[None, :] < NG)  # K need not be a multiple of BLOCK_K (13696 = 107 groups)
+    rows64 = rows[:, None].to(tl.int64)
+    byte = tl.load(w_ptr + rows64 * (K // 2) + tl.program_id(1) * (BLOCK_K // 2) + c[None, :], mask=ok, other=0)
+    meta = rows64 * NG + g[None, :]
+    zero = tl.load(zero_ptr + meta, mask=ok, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + meta, mask=ok, other=0).to(tl.float32)
+    low = out_ptr + rows64 * K + g[None, :] * GROUP + (c % HALF)[None, :]
+    tl.store(low, (((byte & 0xF).to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(low + HALF, (((byte >> 4).to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # -- launchers (plain functions: also usable on CPU tensors under TRITON_INTERPRET=1) -----------
 @functools.cache
 def pdl_supported(index: int) -> bool:
@@ -376,6 +402,12 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     K = weight.shape[1] * (8 // bits)
     group = K if zero is None else K // scale.shape[1]
     out = torch.empty(N, K, dtype=dtype, device=weight.device)
+    if bits == 4 and group >= 2 and group & (group - 1) == 0:  # whole groups per program: contiguous tiles
+        block_n, block_k = 16, max(group, min(512, triton.next_power_of_2(K)))
+        with device_of(weight):
+            _dequantize_int4_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+                weight, scale, zero, out, N, K, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        return out
     block_n, block_k = 16, min(256, triton.next_power_of_2(K))
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     with device_of(weight):
