@@ -17,6 +17,7 @@ heads, the grouped kernel) and writes $OUT/attention_grouped.json.
 
     python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
     python3 gpu/serve_bench.py --config chatglm3 --levels 1,128   # ChatGLM3-6B: $OUT/serve_bench_chatglm3.json
+    python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only   # $OUT/serve_bench_int4.json
     python3 gpu/serve_bench.py --attention --grouped   # ChatGLM2/3's decode attention alone (about a minute)
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
 
@@ -123,12 +124,17 @@ def bench_model_config(name: str, smoke: bool):
     return bench_config(name)
 
 
-def build(config, smoke: bool):
-    """Random weights of `config` (float16 on the GPU; float32 on the CPU for --smoke), in eval mode."""
+def build(config, smoke: bool, quantize: str | None = None):
+    """Random weights of `config` (float16 on the GPU; float32 on the CPU for --smoke), in eval mode;
+    `quantize` ("int8", "int4"): its layers built quantized, as `chatglm-ft bench --quantize` does."""
+    from chatglm_ft.bench import random_quantized_model
     from chatglm_ft.commands.options import kernel_options
 
-    model = random_model(config, dtype=torch.float32 if smoke else torch.float16,
-                         device=torch.device("cpu" if smoke else "cuda"))
+    dtype, device = (torch.float32, torch.device("cpu")) if smoke else (torch.float16, torch.device("cuda"))
+    if quantize:
+        model = random_quantized_model(config, quantize, dtype=dtype, device=device)
+    else:
+        model = random_model(config, dtype=dtype, device=device)
     return model.use_kernels(kernel_options())  # $CHATGLM_FT_NEW_KERNELS etc., as the CLI reads them
 
 
@@ -184,8 +190,8 @@ def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, pr
                     max_context=PROMPT_TOKENS + answer, decode=decode).start()
     out = {"decode": engine.decode_mode, "start_warm_up_seconds": engine.warm_up_seconds, "levels": []}
     try:
-        # engine start to the first whole answer (16 tokens): what a user waits for after the model is loaded
-        engine.generate(prompts(config, 1, seed=99)[0], GenerationConfig(max_new_tokens=16, stop_token_ids=()), 600)
+        # engine start to the first whole answer (16 tokens, fewer in a short run): what a user waits for after the model is loaded
+        engine.generate(prompts(config, 1, seed=99)[0], GenerationConfig(max_new_tokens=min(16, answer), stop_token_ids=()), 600)
         out["start_to_first_answer_seconds"] = time.perf_counter() - began
         if not engine.compile_done.is_set():  # compiling in the background: time the steady state after it
             began = time.perf_counter()
@@ -343,14 +349,18 @@ def main(argv: list[str]) -> int:
         levels = tuple(int(x) for x in option(argv, "--levels").split(","))
     if option(argv, "--answer"):
         answer = int(option(argv, "--answer"))
-    json_name = "serve_bench.json" if config_name == "full" else f"serve_bench_{config_name}.json"
+    quantize = option(argv, "--quantize")  # int8 / int4: the engine on a quantized model
+    if quantize not in (None, "int8", "int4"):
+        raise SystemExit(f"error: --quantize {quantize!r}: choose int8 or int4")
+    json_name = ("serve_bench" + ("" if config_name == "full" else f"_{config_name}")
+                 + (f"_{quantize}" if quantize else "") + ".json")
     torch.manual_seed(0)
-    model = build(config, smoke)
+    model = build(config, smoke, quantize)
     tokenizer = find_tokenizer(config)
     weights, kv_per_token = weight_bytes(model), kv_bytes_per_token(model)
     bandwidth = measure_bandwidth(model.device)
     results: dict = {
-        "config": config_name, "family": family(config), "layers": config.num_layers,
+        "config": config_name, "quantize": quantize, "family": family(config), "layers": config.num_layers,
         "query_heads": config.num_attention_heads, "kv_heads": getattr(config, "kv_heads", config.num_attention_heads),
         "weight_bytes": weights, "kv_bytes_per_token": kv_per_token, "bandwidth": bandwidth,
         "device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -39,6 +39,17 @@ def test_serve_bench_prompts_fit_the_generation(scripts, name):
     assert logits.shape[:2] == (2, serve_bench.PROMPT_TOKENS) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_serve_bench_builds_quantized_engines(scripts, quantize):
+    """--quantize: the engine's model has quantized layers (what the int8/int4 serving rows measure)."""
+    serve_bench, _ = scripts
+    from chatglm_ft.quantize import QuantizedWeight
+
+    model = serve_bench.build(serve_bench.bench_model_config("chatglm3", smoke=True), smoke=True, quantize=quantize)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    assert layers and {m.bits for m in layers} == {8 if quantize == "int8" else 4}
+
+
 def test_serve_bench_ceiling_counts_the_kv_heads(scripts):
     """ChatGLM3's 2 KV groups: its cache per token is 16x smaller than ChatGLM-6B's 32 heads at the same shape."""
     serve_bench, _ = scripts
