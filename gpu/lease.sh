@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The open speed measurements, in priority order, for one GPU lease of 10-minute commands:
+#   bash gpu/lease.sh 1; bash gpu/lease.sh 2; bash gpu/lease.sh 3   (each stays under ~9 minutes)
+# Each step is cut at its own limit and at the part's deadline; logs and JSON go to $OUT (log.txt + the
+# scripts' own files). ALPACA_ZH=<folder> adds the real-data training run (part 3).
+set -u
+PART=${1:-1}
+OUT=${OUT:-/tmp/lease-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src
+END=540; START=$(date +%s); LOG=$OUT/log.txt
+step() {  # step NAME LIMIT cmd...
+  local name=$1 limit=$2; shift 2
+  local left=$(( END - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then echo "SKIP $name (no time left)" | tee -a "$LOG"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit $limit s)" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$OUT/step.out" 2>&1; local rc=$?
+  tail -c 6000 "$OUT/step.out" >> "$LOG"; tail -n 6 "$OUT/step.out"
+  echo "=== $name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+}
+bench() { python3 -m chatglm_ft bench --random-weights --prefill-lengths 128,2048 --decode-tokens 64 --json "$@"; }
+nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$LOG"
+case $PART in
+1)
+  step fixtures 30 python3 tests/fixtures/make_fixtures.py
+  step gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+  step v3-fp16 70 bash -c "$(declare -f bench); bench --config chatglm3 > $OUT/bench_v3_fp16.json"
+  step v3-int4 70 bash -c "$(declare -f bench); bench --config chatglm3 --quantize int4 > $OUT/bench_v3_int4.json"
+  step v1-int4 70 bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4.json" ;;
+2)
+  step gemv-glm2 80 python3 gpu/gemv_sweep.py --model chatglm2 --quick
+  step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8
+  step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only
+  step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;
+3)
+  step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile
+  if [ -n "${ALPACA_ZH:-}" ]; then
+    step real-data 300 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20
+  fi ;;
+esac
+rm -f "$OUT/step.out"
