@@ -29,7 +29,7 @@ case $PART in
   step v3-int4 70 bash -c "$(declare -f bench); bench --config chatglm3 --quantize int4 > $OUT/bench_v3_int4.json"
   step v1-int4 70 bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4.json" ;;
 2)
-  step gemv-glm2 80 python3 gpu/gemv_sweep.py --model chatglm2 --quick
+  step gemv-glm2 90 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128
   step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8
   step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only
   step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;

@@ -169,8 +169,10 @@ def _gemv_kernel(
 ):
     """BITS 16: w float (N, K). BITS 8: w int8 (N, K), scale (N,). BITS 4: w uint8 (N, K/2) packed by
     group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # token-row tiles vary fastest: the programs of one weight tile run side by side, so with more than BLOCK_M
+    # rows the weight tile comes from HBM once and from L2 for the other row tiles
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rows_m < M
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -381,7 +383,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     group = K // scale.shape[1] if bits == 4 else K
     groups = max(1, min(config.groups, K // group))  # the kernel masks a last step past K // group
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m))
+    grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n))
     pdl = use_pdl(x)
     with device_of(x):
         _gemv_kernel[grid](
