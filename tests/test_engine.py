@@ -66,10 +66,13 @@ def test_slot_prefill_and_decode_match_generate_on_golden_prompts(make_engine, g
 def test_compile_in_the_background_serves_at_once_then_switches(make_engine, golden_generate, golden, monkeypatch):
     """decode="compile" (the default on one GPU) answers while the step compiles in another thread, then
     switches to the compiled step between two iterations; the tokens are the same before and after."""
+    import sys
     import threading
 
     from chatglm_ft import batching
+    from chatglm_ft import engine as engine_module
 
+    switch_interval = sys.getswitchinterval()
     release, compiled_calls = threading.Event(), []
 
     def slow_compile(fn, device, gemv="kernel"):  # stands in for torch.compile: blocks until released
@@ -86,6 +89,7 @@ def test_compile_in_the_background_serves_at_once_then_switches(make_engine, gol
     assert engine.decode_step_state == "compiling"
     assert [engine.submit(c["input_ids"], GREEDY16).result(60).token_ids for c in cases] == expected  # compile blocked
     assert not engine._graphs.compiled and compiled_calls == []
+    assert sys.getswitchinterval() == pytest.approx(engine_module.COMPILE_SWITCH_INTERVAL)  # the GIL back soon
     release.set()
     assert engine.compile_done.wait(60) and engine.compile_error is None  # switched while idle
     assert engine._graphs.compiled and set(compiled_calls) == {"chatglm-compile"}
@@ -93,6 +97,38 @@ def test_compile_in_the_background_serves_at_once_then_switches(make_engine, gol
     together = [engine.submit(c["input_ids"], GREEDY16) for c in cases]
     assert [h.result(60).token_ids for h in together] == expected
     assert "chatglm-engine" in compiled_calls  # the worker now runs the compiled step
+    assert sys.getswitchinterval() == switch_interval  # restored once the compile ended
+
+
+def test_a_compile_outliving_its_run_is_not_handed_to_the_next_start(make_engine, golden_generate, golden,
+                                                                        monkeypatch):
+    """stop() without a timeout leaves a compile running; after a new start() only that start's own compile
+    is switched in (the old one was built on the previous run's buffers)."""
+    import threading
+
+    from chatglm_ft import batching
+
+    release = threading.Event()
+
+    def slow_compile(fn, device, gemv="kernel"):
+        def step(*args):
+            assert release.wait(60)
+            return fn(*args)
+        return step
+
+    monkeypatch.setattr(batching, "compile_step", slow_compile)
+    engine = make_engine(max_batch=4, decode="compile")
+    stale = engine._compiler
+    engine.stop()  # no timeout: the compile thread goes on
+    assert stale.is_alive()
+    engine.start()
+    assert engine._compiler is not stale
+    release.set()
+    stale.join(60)
+    assert engine.compile_done.wait(60) and engine._graphs.compiled
+    assert engine._graphs.last_token is engine._last_token  # this run's buffers
+    cases = golden["greedy"]
+    assert [engine.submit(c["input_ids"], GREEDY16).result(60).token_ids for c in cases] == golden_generate
 
 
 def test_a_failed_background_compile_leaves_the_uncompiled_step_serving(make_engine, golden_generate, golden,

@@ -19,6 +19,7 @@ never waits for Python, and there is one host sync per iteration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -354,7 +355,8 @@ class Engine:
                 log.warning("serving now; compiling the decode steps for batch sizes %s in the background (the"
                             " first minute or two decodes slower; cached on disk for the next start)",
                             self._compile_sizes())
-                self._compiler = threading.Thread(target=self._compile, name="chatglm-compile", daemon=True)
+                self._compiler = threading.Thread(target=self._compile, args=(self._thread,), name="chatglm-compile",
+                                                  daemon=True)
                 self._compiler.start()
             else:
                 self.compile_done.set()
@@ -373,30 +375,25 @@ class Engine:
             sizes.add(batch_bucket(skinny + 1, self.max_batch))
         return sorted(sizes)
 
-    def _compile(self) -> None:
+    def _compile(self, worker: threading.Thread) -> None:
         """The compile thread: compile the step for each range by one run of idle rows (they write only the
-        scratch column, so the worker's rows are untouched), then hand it to the worker. Capturing its
-        graphs is left to the worker, as for any new bucket."""
-        # compiling is Python-heavy: without a short switch interval the worker waits up to 5 ms for the GIL at each
-        # of its few releases per step (measured: 76 ms per token instead of 5 while compiling)
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, COMPILE_SWITCH_INTERVAL))
+        scratch column, so the worker's rows are untouched), then hand it to `worker` (not to the worker of a
+        later `start`: its buffers are new). Capturing its graphs is left to the worker, as for any new bucket."""
         try:
-            with torch.inference_mode():
+            with _short_gil_switch(), torch.inference_mode():
                 graphs = self._decode_graphs(compile=True)
                 self.compile_seconds = graphs.warm_up(self._compile_sizes(), capture=False)
             with self._lock:
-                if self._closing:
+                if self._closing or self._thread is not worker:
                     return
                 self._compiled_graphs = graphs
                 self._wakeup.notify_all()
             log.warning("decode steps compiled in %.1f s; serving with them from the next step", self.compile_seconds)
         except Exception as e:  # noqa: BLE001 - the uncompiled step keeps serving
-            self.compile_error = f"{type(e).__name__}: {e}"
             log.exception("compiling the decode step failed; serving goes on with the uncompiled step")
-            self.compile_done.set()
-        finally:
-            sys.setswitchinterval(interval)
+            if self._thread is worker:
+                self.compile_error = f"{type(e).__name__}: {e}"
+                self.compile_done.set()
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Take no new requests; with `drain` finish the queued and running ones, else cancel them. With a
@@ -720,6 +717,28 @@ class Engine:
                 for h in handles:
                     if h.loop is loop and h._request is not None:
                         h._request.cancelled = True
+
+
+_switch = {"lock": threading.Lock(), "compiles": 0, "saved": 0.0}
+
+
+@contextlib.contextmanager
+def _short_gil_switch():
+    """The GIL switch interval at COMPILE_SWITCH_INTERVAL while any background compile runs. Compiling is
+    Python-heavy: at the default 5 ms the worker waits that long for the GIL at each of its few releases
+    per step (measured on an H100: 77 ms per token instead of 5 while compiling)."""
+    with _switch["lock"]:
+        if _switch["compiles"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch["saved"], COMPILE_SWITCH_INTERVAL))
+        _switch["compiles"] += 1
+    try:
+        yield
+    finally:
+        with _switch["lock"]:
+            _switch["compiles"] -= 1
+            if _switch["compiles"] == 0:
+                sys.setswitchinterval(_switch["saved"])
 
 
 def _penalised(requests: list[_Request]) -> bool:
