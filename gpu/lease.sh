@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The open speed measurements, in priority order, for one GPU lease of 10-minute commands:
-#   bash gpu/lease.sh 1; bash gpu/lease.sh 2; bash gpu/lease.sh 3   (each stays under ~9 minutes)
+#   bash gpu/lease.sh 1; ...; bash gpu/lease.sh 4   (each stays under ~9 minutes)
 # Each step is cut at its own limit and at the part's deadline; logs and JSON go to $OUT (log.txt + the
-# scripts' own files). ALPACA_ZH=<folder> adds the real-data training run (part 3).
+# scripts' own files). ALPACA_ZH=<folder> adds the real-data training run (part 4).
 set -u
 PART=${1:-1}
 OUT=${OUT:-/tmp/lease-out}; mkdir -p "$OUT"
@@ -33,7 +33,12 @@ case $PART in
   step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8
   step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only
   step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;
-3)
+3)  # int8/int4 layers on the skinny kernel up to 128 rows (instead of dequantize + cuBLAS above 16): serving, prefill
+  export CHATGLM_FT_QUANT_GEMV_ROWS=128
+  step v1-int4-rows128 70 bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4_rows128.json"
+  step serve-int4-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int4_rows128.json python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only"
+  step serve-int8-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int8_rows128.json python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only" ;;
+4)
   step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile
   if [ -n "${ALPACA_ZH:-}" ]; then
     step real-data 300 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20

@@ -129,6 +129,10 @@ def test_decode_and_kernel_options(tiny):
     assert kernel_options({"CHATGLM_FT_GEMV": "cublas", "CHATGLM_FT_FUSED": "0"}) == KernelOptions(gemv="cublas", fused=False)
     with pytest.raises(ChatGLMError, match="CHATGLM_FT_GEMV=fast"):
         kernel_options({"CHATGLM_FT_GEMV": "fast"})
+    assert kernel_options({"CHATGLM_FT_QUANT_GEMV_ROWS": "128"}) == KernelOptions(quantized_rows=128)
+    for bad in ("many", "0"):
+        with pytest.raises(ChatGLMError, match=f"CHATGLM_FT_QUANT_GEMV_ROWS={bad}"):
+            kernel_options({"CHATGLM_FT_QUANT_GEMV_ROWS": bad})
     assert kv_buckets(2048) == [256, 512, 1024, 2048] and kv_buckets(100) == [100] and kv_buckets(600) == [256, 512, 600]
 
 

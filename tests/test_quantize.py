@@ -488,6 +488,28 @@ def test_cuda_path_traces_into_one_graph(cls, tokens, op):
     assert f"torch.ops.chatglm_ft.{op}" in graph.code
 
 
+@pytest.mark.parametrize("rows, quantized_rows, op", [(16, 16, "gemv"), (32, 16, "dequantize"), (32, 64, "gemv"),
+                                                      (128, 128, "gemv")])
+def test_quantized_rows_choose_the_kernel_or_dequantize(rows, quantized_rows, op):
+    """KernelOptions.quantized_rows: how many token rows an int4 layer reads its integer weight through the
+    skinny kernel before it dequantizes for cuBLAS; float layers keep the kernel's 16 (fake CUDA tensors)."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from chatglm_ft import ops
+    from chatglm_ft.options import KernelOptions
+
+    options = KernelOptions(quantized_rows=quantized_rows)
+    with FakeTensorMode(), torch.no_grad():
+        layer = Int4Linear(4096, 12288, bias=True, device="cuda", dtype=torch.float16)
+        x = torch.empty(1, rows, 4096, device="cuda", dtype=torch.float16)
+        graph, _ = torch._dynamo.export(lambda t: ops.linear(layer, t, options))(x)
+        assert f"torch.ops.chatglm_ft.{op}" in graph.code
+        dense = torch.nn.Linear(4096, 4096, bias=False, device="meta")
+        dense.weight = torch.nn.Parameter(torch.empty(4096, 4096, device="cuda", dtype=torch.float16))
+        assert ops._skinny(dense, x, options) == (rows <= 16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_cuda_model_matches_cpu_model(golden, golden_dir, quantized, name):

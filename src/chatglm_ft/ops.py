@@ -55,11 +55,12 @@ def _kernels():
     return _KERNELS[0]
 
 
-def skinny_rows(options: KernelOptions) -> int:
-    """Most token rows a matmul runs on the skinny kernel with these options (0: never), on CUDA."""
+def skinny_rows(options: KernelOptions, quantized: bool = False) -> int:
+    """Most token rows a float (or `quantized`) layer's matmul runs on the skinny kernel with these options
+    (0: never), on CUDA."""
     if not (TRITON and options.gemv == "kernel"):
         return 0
-    return _kernels().MAX_ROWS
+    return options.quantized_rows if quantized else _kernels().MAX_ROWS
 
 
 def _quantized(layer: nn.Module) -> bool:
@@ -71,13 +72,13 @@ def _skinny(layer: nn.Module, x: torch.Tensor, options: KernelOptions) -> bool:
     rows, inference on CUDA, the kernel chosen)."""
     if not (x.is_cuda and not torch.is_grad_enabled()):
         return False
-    rows = skinny_rows(options)
+    quantized = _quantized(layer)
+    if not (quantized or type(layer) is nn.Linear):
+        return False
+    rows = skinny_rows(options, quantized)
     if not (rows and x.numel() <= rows * x.shape[-1]):
         return False
-    kernels = _kernels()
-    if type(layer) is nn.Linear:
-        return kernels.gemv_supported(layer.weight, None)
-    return _quantized(layer) and kernels.gemv_supported(layer.weight, layer.weight_scale)
+    return _kernels().gemv_supported(layer.weight, layer.weight_scale if quantized else None)
 
 
 def _skinny_linear(layer: nn.Module, x: torch.Tensor, act: int = 0) -> torch.Tensor:

@@ -27,8 +27,14 @@ class KernelOptions:
     # measured on an H100 (ChatGLM3-6B: decode 199 -> 205 tokens/s, 2048-token prefill 53.9 -> 42.0 ms); off
     # for A/B runs ($CHATGLM_FT_NEW_KERNELS=0).
     new_kernels: bool = True
+    # Token rows up to which int8/int4 layers run the skinny kernel (reading the integer weight); more rows
+    # dequantize the layer to float16 for cuBLAS. 16 is where float16's kernel beats cuBLAS (measured); above
+    # it the quantized kernel is yet to be measured against dequantize + cuBLAS ($CHATGLM_FT_QUANT_GEMV_ROWS).
+    quantized_rows: int = 16
 
     def validate(self) -> "KernelOptions":
+        if not 1 <= self.quantized_rows <= 4096:
+            raise ChatGLMError(f"quantized_rows must be from 1 to 4096, got {self.quantized_rows}")
         if self.gemv not in GEMV_CHOICES:
             raise ChatGLMError(f"gemv must be one of {', '.join(GEMV_CHOICES)}, got {self.gemv!r}")
         if self.decode_attention not in ATTENTION_CHOICES:
