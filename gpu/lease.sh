@@ -39,6 +39,9 @@ case $PART in
   step serve-int4-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int4_rows128.json python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only"
   step serve-int8-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int8_rows128.json python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only" ;;
 4)
+  # 128 streams with the server's default 2048-token slots: ChatGLM-6B's KV cache fits fewer slots than streams
+  step serve-v1-2k 120 bash -c "SERVE_BENCH_NAME=serve_bench_full_2k.json python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048"
+  step serve-v3-2k 150 bash -c "SERVE_BENCH_NAME=serve_bench_chatglm3_2k.json python3 gpu/serve_bench.py --config chatglm3 --levels 128 --engine-only --max-context 2048"
   step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile
   if [ -n "${ALPACA_ZH:-}" ]; then
     step real-data 300 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20

@@ -18,6 +18,7 @@ heads, the grouped kernel) and writes $OUT/attention_grouped.json.
     python3 gpu/serve_bench.py            # writes $OUT/serve_bench.json when $OUT is set
     python3 gpu/serve_bench.py --config chatglm3 --levels 1,128   # ChatGLM3-6B: $OUT/serve_bench_chatglm3.json
     python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only   # $OUT/serve_bench_int4.json
+    python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048   # slots of 2048 tokens: as many as fit
     python3 gpu/serve_bench.py --attention --grouped   # ChatGLM2/3's decode attention alone (about a minute)
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
 
@@ -183,12 +184,31 @@ def profile_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: i
     return level
 
 
-def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, profile: bool = False) -> dict:
-    """Warm up each level (captures its graphs), then time it."""
+HEADROOM_BYTES = 6 << 30  # GPU memory left beside the KV cache: the 16,384-token prefill's activations and logits
+
+
+def slots_that_fit(model, context: int, wanted: int) -> int:
+    """KV-cache slots of `context` tokens that fit in the GPU memory left (HEADROOM_BYTES kept free), at most
+    `wanted`: how many requests a server with `--max-context context` can decode at once on this card."""
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 1 << 40
+    per_slot = kv_bytes_per_token(model) * (context + 1)
+    fit = (free - HEADROOM_BYTES) // per_slot
+    if fit < 1:
+        raise RuntimeError(f"not one {context}-token KV-cache slot fits in {free / 1e9:.1f} GB")
+    return int(min(wanted, fit))
+
+
+def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, profile: bool = False,
+                  context: int | None = None) -> dict:
+    """Warm up each level (captures its graphs), then time it. `context`: every slot holds that many tokens (a
+    server's --max-context) and only the slots that fit are made, so more streams than slots queue; default:
+    the benchmark's prompt + answer, one slot per stream."""
     began = time.perf_counter()
-    engine = Engine(model, tokenizer, max_batch=max(levels), max_queue=max(levels),
-                    max_context=PROMPT_TOKENS + answer, decode=decode).start()
-    out = {"decode": engine.decode_mode, "start_warm_up_seconds": engine.warm_up_seconds, "levels": []}
+    context = context or PROMPT_TOKENS + answer
+    slots = slots_that_fit(model, context, max(levels))
+    engine = Engine(model, tokenizer, max_batch=slots, max_queue=max(levels), max_context=context, decode=decode).start()
+    out = {"decode": engine.decode_mode, "start_warm_up_seconds": engine.warm_up_seconds, "context": context,
+           "slots": slots, "levels": []}
     try:
         # engine start to the first whole answer (16 tokens, fewer in a short run): what a user waits for after the model is loaded
         engine.generate(prompts(config, 1, seed=99)[0], GenerationConfig(max_new_tokens=min(16, answer), stop_token_ids=()), 600)
@@ -384,7 +404,8 @@ def main(argv: list[str]) -> int:
         section(results, "attention", attention_microbench, config, kv_heads=getattr(config, "kv_heads", None))
     # the headline numbers first (the server's default: compile on CUDA, eager on the CPU); each engine is
     # stopped before the next section sets up its own cache
-    section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer)
+    context = int(option(argv, "--max-context")) if option(argv, "--max-context") else None
+    section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer, context=context)
     if "--engine-only" in argv:  # the default engine's levels only
         add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
         results["total_seconds"] = elapsed()
@@ -419,6 +440,8 @@ def print_table(results: dict) -> None:
         if "levels" not in section_:
             print(f"{key:<16} {section_.get('error') or section_.get('skipped')}")
             continue
+        if section_.get("slots") and section_["slots"] < max(lv["streams"] for lv in section_["levels"]):
+            print(f"({section_['slots']} slots of {section_['context']} tokens fit: more streams queue)")
         for lv in section_["levels"]:
             print(f"{section_['decode']:<8} {lv['streams']:>7} {lv['tokens_per_s']:>9.0f} "
                   f"{lv.get('memory_ceiling_tokens_per_s', float('nan')):>9.0f} {lv['tpot_ms_p50']:>9.2f} "

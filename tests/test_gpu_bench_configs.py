@@ -50,6 +50,21 @@ def test_serve_bench_builds_quantized_engines(scripts, quantize):
     assert layers and {m.bits for m in layers} == {8 if quantize == "int8" else 4}
 
 
+def test_serve_bench_makes_the_slots_that_fit(scripts, monkeypatch):
+    """--max-context: a server's slots of that many tokens, as many as the free GPU memory holds (ChatGLM-6B's
+    2048-token slots: 0.94 GB each, so 128 do not fit beside the weights on an 80 GB card; ChatGLM3's do)."""
+    serve_bench, _ = scripts
+    from chatglm_ft.api import model_class
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (66 << 30, 80 << 30))  # an H100 with the weights loaded
+    fits = {}
+    for name in ("full", "chatglm3"):
+        config = serve_bench.bench_model_config(name, smoke=False)
+        fits[name] = serve_bench.slots_that_fit(model_class(config)(config, device="meta").to(torch.float16), 2048, 128)
+    assert fits == {"full": (60 << 30) // (2 * 28 * 32 * 128 * 2 * 2049), "chatglm3": 128} and fits["full"] == 68
+
+
 def test_serve_bench_ceiling_counts_the_kv_heads(scripts):
     """ChatGLM3's 2 KV groups: its cache per token is 16x smaller than ChatGLM-6B's 32 heads at the same shape."""
     serve_bench, _ = scripts
