@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The open speed measurements, in priority order, for one GPU lease of 10-minute commands:
-#   bash gpu/lease.sh 1; ...; bash gpu/lease.sh 4   (each stays under ~9 minutes)
+#   bash gpu/lease.sh 1; ...; bash gpu/lease.sh 5   (each stays under ~9 minutes)
 # Each step is cut at its own limit and at the part's deadline; logs and JSON go to $OUT (log.txt + the
-# scripts' own files). ALPACA_ZH=<folder> adds the real-data training run (part 4).
+# scripts' own files). part 5, the real-data training run, needs ALPACA_ZH=<folder>.
 set -u
 PART=${1:-1}
 OUT=${OUT:-/tmp/lease-out}; mkdir -p "$OUT"
@@ -40,11 +40,11 @@ case $PART in
   step serve-int8-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int8_rows128.json python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only" ;;
 4)
   # 128 streams with the server's default 2048-token slots: ChatGLM-6B's KV cache fits fewer slots than streams
-  step serve-v1-2k 120 bash -c "SERVE_BENCH_NAME=serve_bench_full_2k.json python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048"
-  step serve-v3-2k 150 bash -c "SERVE_BENCH_NAME=serve_bench_chatglm3_2k.json python3 gpu/serve_bench.py --config chatglm3 --levels 128 --engine-only --max-context 2048"
-  step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile
-  if [ -n "${ALPACA_ZH:-}" ]; then
-    step real-data 300 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20
-  fi ;;
+  step serve-v1-2k 150 bash -c "SERVE_BENCH_NAME=serve_bench_full_2k.json python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048"
+  step serve-v3-2k 170 bash -c "SERVE_BENCH_NAME=serve_bench_chatglm3_2k.json python3 gpu/serve_bench.py --config chatglm3 --levels 128 --engine-only --max-context 2048"
+  step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
+5)
+  if [ -z "${ALPACA_ZH:-}" ]; then echo "part 5 needs ALPACA_ZH=<the alpaca_zh folder, carried to this machine>"; exit 2; fi
+  step real-data 500 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20 ;;
 esac
 rm -f "$OUT/step.out"
