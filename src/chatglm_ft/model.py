@@ -279,6 +279,16 @@ class CausalLMHead:
             h = h[:, -1:]
         return ops.linear(self.lm_head, h, self.kernels)
 
+    def head_outputs(self, h: torch.Tensor, labels: torch.Tensor | None, *, return_logits: bool = True,
+                     last_logits_only: bool = False, logits_at: torch.Tensor | None = None) -> CausalLMOutput:
+        """The forward's result from the final hidden states: the loss with `labels`, the logits unless
+        `return_logits` is False (then only with labels)."""
+        loss = self.loss_from_hidden(h, labels) if labels is not None else None
+        if loss is not None and not return_logits:
+            return CausalLMOutput(logits=None, loss=loss)
+        return CausalLMOutput(logits=self.output_logits(h, last_logits_only=last_logits_only, logits_at=logits_at),
+                              loss=loss)
+
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Shifted cross-entropy computed only where there is a target: prompt positions cost no lm_head work."""
         targets = labels[:, 1:]
@@ -396,10 +406,5 @@ class ChatGLMForConditionalGeneration(CausalLMHead, nn.Module):
             raise ValueError("attention_mask must be the (B, 1, T, S) bool prefix mask, not a 2D padding mask")
         caches = self.kv_caches if cache_columns is not None else None
         h = self.transformer(input_ids, position_ids, attention_mask, caches, cache_columns, kv_length, cache_rows)
-        loss = None
-        if labels is not None:
-            loss = self.loss_from_hidden(h, labels)
-            if not return_logits:
-                return CausalLMOutput(logits=None, loss=loss)
-        return CausalLMOutput(logits=self.output_logits(h, last_logits_only=last_logits_only, logits_at=logits_at),
-                              loss=loss)
+        return self.head_outputs(h, labels, return_logits=return_logits, last_logits_only=last_logits_only,
+                                 logits_at=logits_at)

@@ -375,13 +375,8 @@ class ChatGLM2ForConditionalGeneration(CausalLMHead, nn.Module):
             attention_mask = None  # a ChatGLM-6B PromptMask: ChatGLM2/3 prompts are plainly causal
         caches = self.kv_caches if cache_columns is not None else None
         h = self.transformer(input_ids, position_ids, attention_mask, caches, cache_columns, kv_length, cache_rows)
-        loss = None
-        if labels is not None:
-            loss = self.loss_from_hidden(h, labels)
-            if not return_logits:
-                return CausalLMOutput(logits=None, loss=loss)
-        return CausalLMOutput(logits=self.output_logits(h, last_logits_only=last_logits_only, logits_at=logits_at),
-                              loss=loss)
+        return self.head_outputs(h, labels, return_logits=return_logits, last_logits_only=last_logits_only,
+                                 logits_at=logits_at)
 
     @staticmethod
     def mask_from_2d(attention_mask: torch.Tensor, T: int) -> torch.Tensor | None:
