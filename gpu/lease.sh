@@ -37,7 +37,8 @@ case $PART in
   export CHATGLM_FT_QUANT_GEMV_ROWS=128
   step v1-int4-rows128 70 bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4_rows128.json"
   step serve-int4-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int4_rows128.json python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only"
-  step serve-int8-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int8_rows128.json python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only" ;;
+  step serve-int8-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int8_rows128.json python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only"
+  step attention-grouped 80 python3 gpu/serve_bench.py --attention --grouped ;;
 4)
   # 128 streams with the server's default 2048-token slots: ChatGLM-6B's KV cache fits fewer slots than streams
   step serve-v1-2k 150 bash -c "SERVE_BENCH_NAME=serve_bench_full_2k.json python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048"

@@ -257,7 +257,9 @@ def generate_latency(model, config, *, fast: bool | None, answer: int) -> dict:
     return {"fast": fast, "tpot_ms": 1e3 * tpot, "ttft_ms": 1e3 * ttft, "warmup_seconds": warm}
 
 
-ATTENTION_CASES = ((1, 2048, "full"), (128, 256, "full"), (128, 256, "engine"))  # engine: columns 128..255 as at 128 streams
+# engine: columns 128..255 as at 128 streams; (1, 256): batch-1 decode at a short context, the first attention
+# bucket (is splitting its few tiles, and the combine kernel that follows, worth it there?)
+ATTENTION_CASES = ((1, 2048, "full"), (1, 256, "full"), (128, 256, "full"), (128, 256, "engine"))
 
 
 def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: str = "cuda", kv_heads: int | None = None
@@ -304,9 +306,9 @@ def attention_microbench(config: ChatGLMConfig, cases=ATTENTION_CASES, device: s
         record("torch", lambda k, v: attend(q, k, v, mask, torch_path))
         record("triton", lambda k, v: torch.ops.chatglm_ft.decode_attention(q, k, v, mask))
         if nkv == nh:
-            splits_sweep = (None,) if B * nh >= 1024 else (None, 4, 8, 16, 32)
+            splits_sweep = (None,) if B * nh >= 1024 else (None, 1, 2, 4, 8, 16, 32)
         else:  # (row, KV head) programs: 2 at batch 1, 256 at 128 rows
-            splits_sweep = (None, 8, 16, 32) if B * nkv < 132 else (None, 2, 4)
+            splits_sweep = (None, 1, 2, 4, 8, 16, 32) if B * nkv < 132 else (None, 1, 2, 4)
         for block_s in (32, 64, 128):
             for warps in (4, 8):
                 for splits in splits_sweep:
