@@ -29,21 +29,21 @@ case $PART in
   step v3-int4 70 bash -c "$(declare -f bench); bench --config chatglm3 --quantize int4 > $OUT/bench_v3_int4.json"
   step v1-int4 70 bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4.json" ;;
 2)
+  # 128 streams with the server's default 2048-token slots: ChatGLM-6B's KV cache fits fewer slots than streams
+  step serve-v1-2k 150 bash -c "SERVE_BENCH_NAME=serve_bench_full_2k.json python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048"
+  step serve-v3-2k 170 bash -c "SERVE_BENCH_NAME=serve_bench_chatglm3_2k.json python3 gpu/serve_bench.py --config chatglm3 --levels 128 --engine-only --max-context 2048"
+  step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
+3)
   step gemv-glm2 90 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128
   step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8
   step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only
   step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;
-3)  # int8/int4 layers on the skinny kernel up to 128 rows (instead of dequantize + cuBLAS above 16): serving, prefill
+4)  # int8/int4 layers on the skinny kernel up to 128 rows (instead of dequantize + cuBLAS above 16): serving, prefill
   export CHATGLM_FT_QUANT_GEMV_ROWS=128
   step v1-int4-rows128 70 bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4_rows128.json"
   step serve-int4-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int4_rows128.json python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only"
   step serve-int8-rows128 150 bash -c "SERVE_BENCH_NAME=serve_bench_int8_rows128.json python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only"
   step attention-grouped 80 python3 gpu/serve_bench.py --attention --grouped ;;
-4)
-  # 128 streams with the server's default 2048-token slots: ChatGLM-6B's KV cache fits fewer slots than streams
-  step serve-v1-2k 150 bash -c "SERVE_BENCH_NAME=serve_bench_full_2k.json python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048"
-  step serve-v3-2k 170 bash -c "SERVE_BENCH_NAME=serve_bench_chatglm3_2k.json python3 gpu/serve_bench.py --config chatglm3 --levels 128 --engine-only --max-context 2048"
-  step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
 5)
   if [ -z "${ALPACA_ZH:-}" ]; then echo "part 5 needs ALPACA_ZH=<the alpaca_zh folder, carried to this machine>"; exit 2; fi
   step real-data 500 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20 ;;
