@@ -489,7 +489,7 @@ def test_cuda_path_traces_into_one_graph(cls, tokens, op):
 
 
 @pytest.mark.parametrize("rows, quantized_rows, op", [(16, 16, "gemv"), (32, 16, "dequantize"), (32, 64, "gemv"),
-                                                      (128, 128, "gemv")])
+                                                      (128, 128, "gemv"), (12, 8, "dequantize")])
 def test_quantized_rows_choose_the_kernel_or_dequantize(rows, quantized_rows, op):
     """KernelOptions.quantized_rows: how many token rows an int4 layer reads its integer weight through the
     skinny kernel before it dequantizes for cuBLAS; float layers keep the kernel's 16 (fake CUDA tensors)."""

@@ -113,11 +113,11 @@ def linear(layer: nn.Module, x: torch.Tensor, options: KernelOptions = DEFAULT_K
         return _skinny_linear(layer, x)
     if type(layer) is nn.Linear and layer.bias is not None and torch.compiler.is_compiling():
         return F.linear(x, layer.weight) + layer.bias
-    if _quantized(layer):  # the same gate as float layers: gemv="cublas" dequantizes for cuBLAS here too
+    if _quantized(layer):  # the row limit of these options (gemv="cublas": none) also where _skinny said no
         from .quantize import quantized_linear
 
         return quantized_linear(x, layer.weight, layer.weight_scale, layer.weight_zero, layer.bias,
-                                kernel=options.gemv == "kernel")
+                                max_rows=skinny_rows(options, quantized=True))
     return layer(x)
 
 

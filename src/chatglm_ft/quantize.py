@@ -218,15 +218,16 @@ class DequantizedMatmul(torch.autograd.Function):
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                     bias: torch.Tensor | None, *, kernel: bool = True) -> torch.Tensor:
-    """y = x @ dequantize(weight).T + bias. Decode-size inputs on CUDA run the fused GEMV kernel
-    unless `kernel` is False (ops.linear passes KernelOptions.gemv here); on the CPU cpu_quant's C++
-    kernels (switched by cpu_quant.enabled) read the integer weight."""
+                     bias: torch.Tensor | None, *, max_rows: int | None = None) -> torch.Tensor:
+    """y = x @ dequantize(weight).T + bias. Inputs of up to `max_rows` token rows on CUDA run the fused GEMV
+    kernel (default kernels.MAX_ROWS; 0: never; ops.linear passes ops.skinny_rows of its KernelOptions);
+    on the CPU cpu_quant's C++ kernels (switched by cpu_quant.enabled) read the integer weight."""
     K, N = x.shape[-1], weight.shape[0]
     rows = x.numel() // K
     # the custom ops have no backward: anything that needs a gradient takes the autograd path
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if kernel and x.is_cuda and USE_TRITON and rows <= kernels.MAX_ROWS and not needs_grad and kernels.gemv_supported(weight, scale):
+    if (x.is_cuda and USE_TRITON and rows <= (kernels.MAX_ROWS if max_rows is None else max_rows) and not needs_grad
+            and kernels.gemv_supported(weight, scale)):
         y = torch.ops.chatglm_ft.gemv(x.reshape(rows, K), weight, bias, 0, scale, zero)
         return y.view(*x.shape[:-1], N)
     if not x.is_cuda and not needs_grad and cpu_quant.usable(x, weight, scale):
