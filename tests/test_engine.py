@@ -63,19 +63,16 @@ def test_slot_prefill_and_decode_match_generate_on_golden_prompts(make_engine, g
     assert engine.stats.decode_rows > engine.stats.decode_steps  # rows really shared decode steps
 
 
-def test_compile_in_the_background_serves_at_once_then_switches(make_engine, golden_generate, golden, monkeypatch):
-    """decode="compile" (the default on one GPU) answers while the step compiles in another thread, then
-    switches to the compiled step between two iterations; the tokens are the same before and after."""
-    import sys
+@pytest.fixture
+def blocked_compile(monkeypatch):
+    """torch.compile replaced by a step that blocks until `release` is set, then records which thread ran it."""
     import threading
 
     from chatglm_ft import batching
-    from chatglm_ft import engine as engine_module
 
-    switch_interval = sys.getswitchinterval()
     release, compiled_calls = threading.Event(), []
 
-    def slow_compile(fn, device, gemv="kernel"):  # stands in for torch.compile: blocks until released
+    def slow_compile(fn, device, gemv="kernel"):
         def step(*args):
             assert release.wait(60)
             compiled_calls.append(threading.current_thread().name)
@@ -83,6 +80,18 @@ def test_compile_in_the_background_serves_at_once_then_switches(make_engine, gol
         return step
 
     monkeypatch.setattr(batching, "compile_step", slow_compile)
+    return release, compiled_calls
+
+
+def test_compile_in_the_background_serves_at_once_then_switches(make_engine, golden_generate, golden, blocked_compile):
+    """decode="compile" (the default on one GPU) answers while the step compiles in another thread, then
+    switches to the compiled step between two iterations; the tokens are the same before and after."""
+    import sys
+
+    from chatglm_ft import engine as engine_module
+
+    switch_interval = sys.getswitchinterval()
+    release, compiled_calls = blocked_compile
     cases, expected = golden["greedy"], golden_generate
     engine = make_engine(max_batch=4, decode="compile")
     assert engine.warm_up_seconds == 0 and not engine.compile_done.is_set()
@@ -101,22 +110,10 @@ def test_compile_in_the_background_serves_at_once_then_switches(make_engine, gol
 
 
 def test_a_compile_outliving_its_run_is_not_handed_to_the_next_start(make_engine, golden_generate, golden,
-                                                                        monkeypatch):
+                                                                        blocked_compile):
     """stop() without a timeout leaves a compile running; after a new start() only that start's own compile
     is switched in (the old one was built on the previous run's buffers)."""
-    import threading
-
-    from chatglm_ft import batching
-
-    release = threading.Event()
-
-    def slow_compile(fn, device, gemv="kernel"):
-        def step(*args):
-            assert release.wait(60)
-            return fn(*args)
-        return step
-
-    monkeypatch.setattr(batching, "compile_step", slow_compile)
+    release, _ = blocked_compile
     engine = make_engine(max_batch=4, decode="compile")
     stale = engine._compiler
     engine.stop()  # no timeout: the compile thread goes on
