@@ -60,6 +60,18 @@ def configs(width: int, quick: bool) -> list[dict]:
     return out
 
 
+def tall_configs(width: int) -> list[dict]:
+    """Tiles for many token rows (a serving step's 64-128 rows, a short prefill): 64 or 128 rows per program, so
+    each weight tile is read and converted once for all of them; timed only at --rows above 16."""
+    out = []
+    for bm, bn, w in itertools.product((64, 128), (32, 64), (4, 8)):
+        if width == 4:
+            out.append(dict(block_m=bm, block_n=bn, groups=1, stages=3, num_warps=w, asm=True))
+        else:
+            out.append(dict(block_m=bm, block_n=bn, block_k=128, stages=3, num_warps=w, asm=True))
+    return out
+
+
 def make_weight(width: int, n: int, k: int, device="cuda"):
     from chatglm_ft.quantize import quantize_int4, quantize_int8
 
@@ -117,6 +129,8 @@ def main() -> None:
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "widths": {}, "errors": []}
 
     jobs = [(w, k, c) for w in widths for k in sorted({k for _, k in shapes.values()}) for c in configs(w, args.quick)]
+    if any(int(r) > 16 for r in args.rows.split(",")):
+        jobs += [(w, k, c) for w in widths for k in sorted({k for _, k in shapes.values()}) for c in tall_configs(w)]
     chunks = [jobs[i::args.workers] for i in range(args.workers)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for errs in pool.map(compile_worker, chunks):
@@ -168,12 +182,31 @@ def main() -> None:
                     xm = torch.randn(m, k, device="cuda", dtype=torch.float16)
                     us = graph_time([lambda p=p, c=cfg: call(width, xm, p, c) for p in copies])
                     table[name][f"rows_{m}_us"] = round(us, 2)
+                    if m > 16:  # the tall tiles: best of them at this row count
+                        tall = {}
+                        for tc in tall_configs(width):
+                            try:
+                                yt = call(width, xm, base, tc)
+                                ref_m = call(width, xm, base, cfg)
+                                if ((yt.float() - ref_m.float()).norm() / ref_m.float().norm()).item() > 5e-3:
+                                    continue
+                                tall[json.dumps(tc, sort_keys=True)] = round(graph_time(
+                                    [lambda p=p, c=tc: call(width, xm, p, c) for p in copies]), 2)
+                            except Exception as e:  # noqa: BLE001  (a tile that does not fit: skipped)
+                                result["errors"].append(f"tall {width} {name} {tc}: {type(e).__name__}: {str(e)[:120]}")
+                        if tall:
+                            best_tall = min(tall, key=tall.get)
+                            table[name][f"rows_{m}_tall_us"] = tall[best_tall]
+                            table[name][f"rows_{m}_tall_config"] = best_tall
                     if width == 16:
                         table[name][f"rows_{m}_cublas_us"] = round(graph_time([lambda p=p: F.linear(xm, p[0]) for p in copies]), 2)
                     else:
                         from chatglm_ft import kernels
                         table[name][f"rows_{m}_dequant_cublas_us"] = round(graph_time(
                             [lambda p=p: F.linear(xm, kernels.dequantize(p[0], p[1], p[2], torch.float16)) for p in copies]), 2)
+            many = {k: v for k, v in table[name].items() if k.startswith("rows_") and not k.endswith("config")}
+            if many:
+                print(f"w{width} {name:8} rows: {many}", flush=True)
             del copies, base
             torch.cuda.empty_cache()
         result["widths"][str(width)] = table

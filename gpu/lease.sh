@@ -34,7 +34,7 @@ run_step() {
   serve-v1-2k) step serve-v1-2k 200 bash -c "$(declare -f serve); serve serve_bench_full_2k.json --levels 128 --engine-only --max-context 2048" ;;
   serve-v3-2k) step serve-v3-2k 200 bash -c "$(declare -f serve); serve serve_bench_chatglm3_2k.json --config chatglm3 --levels 128 --engine-only --max-context 2048" ;;
   serve-v3-profile) step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
-  gemv-glm2) step gemv-glm2 90 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128 ;;
+  gemv-glm2) step gemv-glm2 150 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128 ;;
   train-BC) step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8 ;;
   serve-int8) step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only ;;
   serve-int4) step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;
