@@ -41,6 +41,13 @@ run_step() {
   # int8/int4 layers on the skinny kernel up to 128 rows (instead of dequantize + cuBLAS above 16)
   serve-int4-rows128) step serve-int4-rows128 150 env CHATGLM_FT_QUANT_GEMV_ROWS=128 bash -c "$(declare -f serve); serve serve_bench_int4_rows128.json --quantize int4 --levels 1,128 --engine-only" ;;
   serve-int8-rows128) step serve-int8-rows128 150 env CHATGLM_FT_QUANT_GEMV_ROWS=128 bash -c "$(declare -f serve); serve serve_bench_int8_rows128.json --quantize int8 --levels 1,128 --engine-only" ;;
+  # float16 layers on the kernel's tall tiles up to 128 rows (serving steps, short prefills) against cuBLAS
+  serve-v3) step serve-v3 150 bash -c "$(declare -f serve); serve serve_bench_chatglm3_128.json --config chatglm3 --levels 128 --engine-only" ;;
+  serve-v3-rows128) step serve-v3-rows128 150 env CHATGLM_FT_GEMV_ROWS=128 bash -c "$(declare -f serve); serve serve_bench_chatglm3_rows128.json --config chatglm3 --levels 128 --engine-only" ;;
+  serve-v1) step serve-v1 150 bash -c "$(declare -f serve); serve serve_bench_full_128.json --levels 128 --engine-only" ;;
+  serve-v1-rows128) step serve-v1-rows128 150 env CHATGLM_FT_GEMV_ROWS=128 bash -c "$(declare -f serve); serve serve_bench_full_rows128.json --levels 128 --engine-only" ;;
+  v3-fp16-rows128) step v3-fp16-rows128 90 env CHATGLM_FT_GEMV_ROWS=128 bash -c "$(declare -f bench); bench --config chatglm3 > $OUT/bench_v3_fp16_rows128.json" ;;
+  v1-fp16-rows128) step v1-fp16-rows128 90 env CHATGLM_FT_GEMV_ROWS=128 bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16_rows128.json" ;;
   attention-grouped) step attention-grouped 80 python3 gpu/serve_bench.py --attention --grouped ;;
   real-data)
     if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP real-data: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi

@@ -133,6 +133,9 @@ def test_decode_and_kernel_options(tiny):
     for bad in ("many", "0"):
         with pytest.raises(ChatGLMError, match=f"CHATGLM_FT_QUANT_GEMV_ROWS={bad}"):
             kernel_options({"CHATGLM_FT_QUANT_GEMV_ROWS": bad})
+    assert kernel_options({"CHATGLM_FT_GEMV_ROWS": "128"}) == KernelOptions(float_rows=128)
+    with pytest.raises(ChatGLMError, match="CHATGLM_FT_GEMV_ROWS=5000.*float_rows must be from 1 to 4096"):
+        kernel_options({"CHATGLM_FT_GEMV_ROWS": "5000"})
     assert kv_buckets(2048) == [256, 512, 1024, 2048] and kv_buckets(100) == [100] and kv_buckets(600) == [256, 512, 600]
 
 

@@ -21,6 +21,13 @@ CHECK = textwrap.dedent("""
         y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=32), act=1)
         gelu = torch.nn.functional.gelu(ref, approximate="tanh")
         worst = max(worst, ((y.double() - gelu).abs().max() / gelu.abs().max()).item())
+    # more than 32 rows with no config: the tall tiles (64/128 rows a program), rows past the tile masked
+    for n, k, m in [(48, 64, 40), (70, 96, 130)]:
+        w, x = torch.randn(n, k), torch.randn(m, k)
+        assert kernels.tall_config(16, n, k, m).block_m == (64 if m <= 64 else 128)
+        ref = x.double() @ w.double().T
+        y = kernels.skinny_matmul(x, w)
+        worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
     print(worst)
 """)
 
@@ -39,7 +46,7 @@ def test_cuda_skinny_matmul_matches_cublas(dtype):
     for n, k in [(12288, 4096), (4096, 16384), (4608, 4096), (4096, 13696), (130528, 4096), (192, 64)]:
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
         b = torch.randn(n, device="cuda", dtype=dtype)
-        for m in (1, 5, 16):
+        for m in (1, 5, 16, 100):  # 100 rows: the tall tiles
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = F.linear(x.double(), w.double(), b.double())
             tolerance = 2e-3 if dtype == torch.float16 else 1e-2  # the output's rounding

@@ -81,6 +81,16 @@ def gemv_config(bits: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=32, block_k=512, stages=4)
 
 
+def tall_config(bits: int, n: int, k: int, rows: int) -> GemvConfig:
+    """Tiles for more than 32 token rows (a serving step, a short prefill: KernelOptions.float_rows /
+    quantized_rows above 16): 64 or 128 rows a program, so each weight tile is loaded and converted once
+    for all of them (with 16-row tiles 8 programs each read it from L2 and convert it again)."""
+    block_m = 64 if rows <= 64 else 128
+    if bits == 4:
+        return GemvConfig(block_m=block_m, block_n=64, groups=1, stages=3, num_warps=8)
+    return GemvConfig(block_m=block_m, block_n=64, block_k=128, stages=3, num_warps=8)
+
+
 # How these kernels launch, for A/B measurements and tuning only: set once by the CLI layer
 # (commands/options.py, from $CHATGLM_FT_PDL and $CHATGLM_FT_GEMV_CONFIGS) through `configure`.
 LAUNCH: dict = {"pdl": True, "gemv_configs": None}
@@ -379,7 +389,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     M, K = x.shape
     N = weight.shape[0]
     bits = 4 if weight.dtype == torch.uint8 else 8 if weight.dtype == torch.int8 else 16
-    config = config or gemv_config(bits, N, K)
+    config = config or (tall_config(bits, N, K, M) if M > 2 * MAX_ROWS else gemv_config(bits, N, K))
     group = K // scale.shape[1] if bits == 4 else K
     groups = max(1, min(config.groups, K // group))  # the kernel masks a last step past K // group
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)

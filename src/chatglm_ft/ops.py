@@ -60,7 +60,7 @@ def skinny_rows(options: KernelOptions, quantized: bool = False) -> int:
     (0: never), on CUDA."""
     if not (TRITON and options.gemv == "kernel"):
         return 0
-    return options.quantized_rows if quantized else _kernels().MAX_ROWS
+    return options.quantized_rows if quantized else options.float_rows
 
 
 def _quantized(layer: nn.Module) -> bool:

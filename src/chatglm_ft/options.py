@@ -31,10 +31,15 @@ class KernelOptions:
     # dequantize the layer to float16 for cuBLAS. 16 is where float16's kernel beats cuBLAS (measured); above
     # it the quantized kernel is yet to be measured against dequantize + cuBLAS ($CHATGLM_FT_QUANT_GEMV_ROWS).
     quantized_rows: int = 16
+    # The same for float16/bfloat16 layers: up to 16 rows the skinny kernel beats cuBLAS (measured); more rows
+    # (a serving step's 17-128, a short prefill) take its tall tiles, 64-128 rows a program, for measuring them
+    # against cuBLAS ($CHATGLM_FT_GEMV_ROWS).
+    float_rows: int = 16
 
     def validate(self) -> "KernelOptions":
-        if not 1 <= self.quantized_rows <= 4096:
-            raise ChatGLMError(f"quantized_rows must be from 1 to 4096, got {self.quantized_rows}")
+        for name in ("quantized_rows", "float_rows"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise ChatGLMError(f"{name} must be from 1 to 4096, got {getattr(self, name)}")
         if self.gemv not in GEMV_CHOICES:
             raise ChatGLMError(f"gemv must be one of {', '.join(GEMV_CHOICES)}, got {self.gemv!r}")
         if self.decode_attention not in ATTENTION_CHOICES:

@@ -53,7 +53,8 @@ PREFILL_GRAPHS_HELP = ("with CUDA graphs (--compile auto/graphs/on on a GPU): al
                        " 512 tokens as CUDA graphs, padded to a length bucket (default; --no-prefill-graphs: eager)")
 # A/B switches of the inference kernels, read here (the CLI layer) only; the library takes KernelOptions.
 KERNEL_ENV = {"gemv": "CHATGLM_FT_GEMV", "fused": "CHATGLM_FT_FUSED", "decode_attention": "CHATGLM_FT_DECODE_ATTENTION",
-              "new_kernels": "CHATGLM_FT_NEW_KERNELS", "quantized_rows": "CHATGLM_FT_QUANT_GEMV_ROWS"}
+              "new_kernels": "CHATGLM_FT_NEW_KERNELS", "quantized_rows": "CHATGLM_FT_QUANT_GEMV_ROWS",
+              "float_rows": "CHATGLM_FT_GEMV_ROWS"}
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -63,8 +64,8 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 def kernel_options(environ=None):
     """KernelOptions from $CHATGLM_FT_GEMV (kernel|cublas|triton), $CHATGLM_FT_FUSED (1|0),
-    $CHATGLM_FT_DECODE_ATTENTION (triton|torch), $CHATGLM_FT_NEW_KERNELS (1|0) and $CHATGLM_FT_QUANT_GEMV_ROWS
-    (N): switches for A/B measurements, defaults otherwise."""
+    $CHATGLM_FT_DECODE_ATTENTION (triton|torch), $CHATGLM_FT_NEW_KERNELS (1|0), $CHATGLM_FT_QUANT_GEMV_ROWS
+    and $CHATGLM_FT_GEMV_ROWS (N): switches for A/B measurements, defaults otherwise."""
     import os
 
     from ..options import KernelOptions
@@ -77,7 +78,7 @@ def kernel_options(environ=None):
             continue
         if field in ("fused", "new_kernels"):
             values[field] = value not in ("0", "false", "off", "no")
-        elif field == "quantized_rows":
+        elif field in ("quantized_rows", "float_rows"):
             try:
                 values[field] = int(value)
             except ValueError:
