@@ -7,6 +7,8 @@ TB/s of weight bytes read (scales/zeros included). Kernels are compiled first in
 processes (Triton's disk cache), then timed one at a time in this process.
 
     python3 gpu/gemv_sweep.py [--widths 16,8,4] [--quick] [--model chatglm2]   # writes $OUT/gemv_sweep_<model>.json
+
+The 4096-row shapes also time split-K tiles (`split` 2/4: several programs per output tile, each a slice of K).
 """
 from __future__ import annotations
 
@@ -72,6 +74,21 @@ def tall_configs(width: int) -> list[dict]:
     return out
 
 
+def split_configs(width: int) -> list[dict]:
+    """Split-K tiles: 2 or 4 programs per output tile, each a slice of K; timed only on the 4096-row shapes,
+    where one program per tile leaves too few in flight (4096 / 32 = 128 programs on 132 SMs)."""
+    out = []
+    for bn, sp, st in itertools.product((16, 32, 64), (2, 4), (3, 4)):
+        if width == 4:
+            out.append(dict(block_n=bn, groups=2, stages=st, num_warps=4, asm=True, wide=True, split=sp))
+        else:
+            out.append(dict(block_n=bn, block_k=256, stages=st, num_warps=4, asm=True, split=sp))
+    return out
+
+
+SPLIT_MAX_N = 8192  # shapes with at most this many output rows also time split_configs
+
+
 def make_weight(width: int, n: int, k: int, device="cuda"):
     from chatglm_ft.quantize import quantize_int4, quantize_int8
 
@@ -129,6 +146,8 @@ def main() -> None:
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "widths": {}, "errors": []}
 
     jobs = [(w, k, c) for w in widths for k in sorted({k for _, k in shapes.values()}) for c in configs(w, args.quick)]
+    jobs += [(w, k, c) for w in widths for k in sorted({k for n, k in shapes.values() if n <= SPLIT_MAX_N})
+             for c in split_configs(w)]
     if any(int(r) > 16 for r in args.rows.split(",")):
         jobs += [(w, k, c) for w in widths for k in sorted({k for _, k in shapes.values()}) for c in tall_configs(w)]
     chunks = [jobs[i::args.workers] for i in range(args.workers)]
@@ -160,7 +179,7 @@ def main() -> None:
             if width == 16:
                 us = graph_time([lambda p=p: F.linear(x, p[0]) for p in copies])
                 rows["cublas"] = {"us": round(us, 2), "tb_s": round(nbytes / us / 1e6, 3)}
-            for cfg in configs(width, args.quick):
+            for cfg in configs(width, args.quick) + (split_configs(width) if n <= SPLIT_MAX_N else []):
                 key = json.dumps(cfg, sort_keys=True)
                 try:
                     y = call(width, x, base, cfg)

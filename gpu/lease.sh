@@ -35,6 +35,12 @@ run_step() {
   serve-v3-2k) step serve-v3-2k 200 bash -c "$(declare -f serve); serve serve_bench_chatglm3_2k.json --config chatglm3 --levels 128 --engine-only --max-context 2048" ;;
   serve-v3-profile) step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
   gemv-glm2) step gemv-glm2 150 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128 ;;
+  gemv-v1) step gemv-v1 150 python3 gpu/gemv_sweep.py --model chatglm --quick --rows 4,16 ;;
+  # the model with the sweep's fastest tiles (split-K included where it won), beside the same run's defaults
+  v1-int8) step v1-int8 90 bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8.json" ;;
+  v1-int8-tuned) step v1-int8-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=$OUT/gemv_sweep_chatglm.json bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8_tuned.json" ;;
+  v1-fp16-tuned) step v1-fp16-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=$OUT/gemv_sweep_chatglm.json bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16_tuned.json" ;;
+  v1-int4-tuned) step v1-int4-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=$OUT/gemv_sweep_chatglm.json bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4_tuned.json" ;;
   train-BC) step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8 ;;
   serve-int8) step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only ;;
   serve-int4) step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;

@@ -21,6 +21,15 @@ CHECK = textwrap.dedent("""
         y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=32), act=1)
         gelu = torch.nn.functional.gelu(ref, approximate="tanh")
         worst = max(worst, ((y.double() - gelu).abs().max() / gelu.abs().max()).item())
+    # split-K: 2-4 programs per output tile, each a slice of K, the tile's last one sums them (K=80: a short last
+    # slice; 4 slices of 2 steps for K=128 at block_k 16); twice, as the per-tile counters must be zero again after
+    for n, k, m, split in [(48, 64, 1, 2), (30, 128, 3, 4), (30, 80, 2, 3), (64, 256, 17, 2)]:
+        w, x, b = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
+        ref = x.double() @ w.double().T + b.double()
+        for act, expected in ((0, ref), (0, ref), (1, torch.nn.functional.gelu(ref, approximate="tanh"))):
+            y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=16, split=split), act=act)
+            worst = max(worst, ((y.double() - expected).abs().max() / expected.abs().max()).item())
+    assert int(kernels.tile_counters(torch.device("cpu"), 1).abs().sum()) == 0
     # more than 32 rows with no config: the tall tiles (64/128 rows a program), rows past the tile masked
     for n, k, m in [(48, 64, 40), (70, 96, 130)]:
         w, x = torch.randn(n, k), torch.randn(m, k)
@@ -54,3 +63,8 @@ def test_cuda_skinny_matmul_matches_cublas(dtype):
                 y = torch.ops.chatglm_ft.gemv(x, w, b, act)
                 assert y.dtype == dtype and y.shape == (m, n)
                 assert ((y.double() - expected).norm() / expected.norm()).item() < tolerance
+                if m <= 16:  # split-K: four programs per output tile
+                    cfg = kernels.GemvConfig(block_n=32, block_k=256, stages=3, split=4)
+                    y = kernels.skinny_matmul(x, w, bias=b, config=cfg, act=act)
+                    assert ((y.double() - expected).norm() / expected.norm()).item() < tolerance
+    assert int(kernels.tile_counters(torch.device("cuda", torch.cuda.current_device()), 1).abs().sum()) == 0

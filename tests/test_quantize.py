@@ -411,12 +411,13 @@ KERNEL_CHECK = textwrap.dedent("""
         w, x, b = torch.randn(N, K), torch.randn(2, K), torch.randn(N)
         q, s = quantize_int8(w)
         ref = x.double() @ dequantize_reference(q, s, None, torch.float64).T + b.double()
-        y = kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=128))
-        err8 = max(err8, (y.double() - ref).abs().max().item())
+        for split in (1, 3):  # split-K: three programs per output tile, each a slice of K (the last one short)
+            y = kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=64, split=split))
+            err8 = max(err8, (y.double() - ref).abs().max().item())
         q4, s4, z4 = quantize_int4(w, 64)
         ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
-        for wide in (False, True):  # groups one by one, or a step's groups as one wide tile
-            y = kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2, wide=wide))
+        for wide, split in ((False, 1), (True, 1), (False, 2), (True, 2)):  # groups one by one or as one wide tile
+            y = kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2, wide=wide, split=split))
             err4 = max(err4, (y.double() - ref).abs().max().item())
         ref = x.double() @ w.double().T + b.double()
         y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128))
@@ -463,6 +464,11 @@ def test_cuda_gemv_and_prefill_paths(bits):
             if tokens == 64:  # the kernel's tall tiles (KernelOptions.quantized_rows above 32)
                 y = torch.ops.chatglm_ft.gemv(x[0], layer.weight, layer.bias, 0, layer.weight_scale, layer.weight_zero)
                 assert ((y.double() - ref[0]).norm() / ref[0].norm()).item() < 2e-3
+            if tokens in (1, 16):  # split-K (gemv_sweep.py's split tiles), twice: the tile counters reset
+                cfg = kernels.GemvConfig(block_n=32, block_k=256, groups=2, stages=3, split=4)
+                for _ in range(2):
+                    y = kernels.skinny_matmul(x[0], layer.weight, layer.weight_scale, layer.weight_zero, layer.bias, cfg)
+                    assert ((y.double() - ref[0]).norm() / ref[0].norm()).item() < 2e-3
 
 
 @pytest.mark.gpu

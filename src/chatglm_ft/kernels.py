@@ -46,6 +46,7 @@ class GemvConfig:
     asm: bool = True  # packed PTX integer -> float16 conversion (off in the CPU interpreter)
     block_m: int = 16
     wide: bool = False  # int4 only: the step's groups as one wide tile (two long tl.dot) instead of one by one
+    split: int = 1  # K split over this many programs per output tile (split-K), summed by the tile's last one
 
 
 # ChatGLM2/3-6B's own shapes (query_key_value 4608 x 4096, dense_h_to_4h 27392 x 4096, dense_4h_to_h
@@ -176,9 +177,13 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
     PRECISION: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr, WIDE: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1, part_ptr=None, count_ptr=None,
 ):
     """BITS 16: w float (N, K). BITS 8: w int8 (N, K), scale (N,). BITS 4: w uint8 (N, K/2) packed by
-    group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP)."""
+    group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP).
+    SPLIT > 1 (split-K): program_id(2) takes one of SPLIT slices of K and writes its float32 partial tile to
+    part_ptr (SPLIT, M, N); the tile's last program (an int32 counter per tile in count_ptr, zero before and
+    after) adds them up, applies the epilogue and stores y. More programs stream a 4096-row weight at once."""
     # token-row tiles vary fastest: the programs of one weight tile run side by side, so with more than BLOCK_M
     # rows the weight tile comes from HBM once and from L2 for the other row tiles
     pid_m = tl.program_id(0)
@@ -191,6 +196,7 @@ def _gemv_kernel(
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel that writes x, let the next one launch
         gdc_wait()
         gdc_launch_dependents()
+    pid_k = tl.program_id(2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rows_m[:, None] * K
     dt = x_ptr.dtype.element_ty
@@ -206,7 +212,9 @@ def _gemv_kernel(
         x_col = (c // HALF) * GROUP + c % HALF  # x column of each low nibble's byte within a step
         w_rows = w_ptr + rows_n64[:, None] * (K // 2) + c[None, :]
         md = tl.float16 if dt == tl.float16 else tl.float32
-        for step in tl.range(0, tl.cdiv(NG, GROUPS), num_stages=STAGES):
+        STEPS: tl.constexpr = (NG + GROUPS - 1) // GROUPS
+        lo, hi = _k_slice(pid_k, STEPS, 1, SPLIT)
+        for step in tl.range(lo, hi, num_stages=STAGES):
             g0 = step * GROUPS
             if NG % GROUPS == 0:
                 w_ok = n_ok[:, None]
@@ -236,7 +244,9 @@ def _gemv_kernel(
         NG: tl.constexpr = K // GROUP
         j = tl.arange(0, HALF)
         w_rows = w_ptr + rows_n64[:, None] * (K // 2) + j[None, :]
-        for step in tl.range(0, tl.cdiv(NG, GROUPS), num_stages=STAGES):
+        STEPS: tl.constexpr = (NG + GROUPS - 1) // GROUPS
+        lo, hi = _k_slice(pid_k, STEPS, 1, SPLIT)
+        for step in tl.range(lo, hi, num_stages=STAGES):
             for gi in tl.static_range(GROUPS):
                 g = step * GROUPS + gi
                 if NG % GROUPS == 0:
@@ -266,7 +276,8 @@ def _gemv_kernel(
     else:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows_n64[:, None] * K + cols[None, :]
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        lo, hi = _k_slice(pid_k, K, BLOCK_K, SPLIT)
+        for k in tl.range(lo, hi, BLOCK_K, num_stages=STAGES):
             if K % BLOCK_K == 0:
                 w_ok = n_ok[:, None]
                 x_ok = m_ok[:, None]
@@ -282,12 +293,35 @@ def _gemv_kernel(
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if BITS == 8:
         acc *= tl.load(scale_ptr + rows_n, mask=n_ok, other=0).to(tl.float32)[None, :]
+    write = m_ok[:, None] & n_ok[None, :]
+    if SPLIT > 1:
+        part = part_ptr + rows_m[:, None] * N + rows_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=write)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        tile = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        done = tl.atomic_add(tile, 1, sem="acq_rel")  # slices of this tile finished before this one
+        write = write & (done + tl.zeros_like(rows_m)[:, None] == SPLIT - 1)  # only the last one sums and stores
+        last = done == SPLIT - 1
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):  # in slice order: the sum does not depend on which program came last
+            acc += tl.load(part + s * M * N, mask=write, other=0, cache_modifier=".cg")
+        tl.atomic_xchg(tile, 0, mask=last)  # zero again for the next call
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     if ACT == 1:  # GELU, tanh approximation: 0.5 * (1 + tanh(z)) = sigmoid(2z)
         acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     out = y_ptr + rows_m[:, None] * N + rows_n[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=write)
+
+
+@triton.jit
+def _k_slice(pid_k, total: tl.constexpr, step: tl.constexpr, SPLIT: tl.constexpr):
+    """[lo, hi) of the K loop for slice pid_k of SPLIT (whole steps each); the whole loop when SPLIT is 1."""
+    if SPLIT == 1:
+        return 0, total
+    else:
+        per: tl.constexpr = ((total + step - 1) // step + SPLIT - 1) // SPLIT * step
+        return pid_k * per, tl.minimum(total, pid_k * per + per)
 
 
 
@@ -393,7 +427,11 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     group = K // scale.shape[1] if bits == 4 else K
     groups = max(1, min(config.groups, K // group))  # the kernel masks a last step past K // group
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n))
+    grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n), config.split)
+    split = {}
+    if config.split > 1:
+        split = dict(SPLIT=config.split, part_ptr=torch.empty(config.split, M, N, dtype=torch.float32, device=x.device),
+                     count_ptr=tile_counters(x.device, grid[0] * grid[1]))
     pdl = use_pdl(x)
     with device_of(x):
         _gemv_kernel[grid](
@@ -402,9 +440,23 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None, ASM=config.asm and x.is_cuda,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(K, config.block_k), GROUPS=groups,
             STAGES=config.stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT=act,
-            PDL=pdl, WIDE=config.wide and bits == 4, num_warps=config.num_warps, launch_pdl=pdl,
+            PDL=pdl, WIDE=config.wide and bits == 4, num_warps=config.num_warps, launch_pdl=pdl, **split,
         )
     return y
+
+
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K's per-tile counters: one zeroed int32 buffer per device, grown when a call needs more tiles
+    (the kernel leaves every counter at zero, so the buffer is reused without a memset; calls on one stream
+    run one after another). Made on the first eager call, before a CUDA graph captures the same shapes."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
