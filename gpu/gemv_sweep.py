@@ -8,7 +8,7 @@ processes (Triton's disk cache), then timed one at a time in this process.
 
     python3 gpu/gemv_sweep.py [--widths 16,8,4] [--quick] [--model chatglm2]   # writes $OUT/gemv_sweep_<model>.json
 
-The 4096-row shapes also time split-K tiles (`split` 2/4: several programs per output tile, each a slice of K).
+Shapes of at most 8192 output rows also time split-K tiles (`split` 2/4: several programs per output tile, each a slice of K).
 """
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def tall_configs(width: int) -> list[dict]:
 
 
 def split_configs(width: int) -> list[dict]:
-    """Split-K tiles: 2 or 4 programs per output tile, each a slice of K; timed only on the 4096-row shapes,
-    where one program per tile leaves too few in flight (4096 / 32 = 128 programs on 132 SMs)."""
+    """Split-K tiles: 2 or 4 programs per output tile, each a slice of K; timed only on shapes of at most
+    SPLIT_MAX_N output rows (the 4096-row ones, ChatGLM2/3's 4608-row query_key_value), where one program per
+    tile leaves too few in flight (4096 / 32 = 128 programs on 132 SMs)."""
     out = []
     for bn, sp, st in itertools.product((16, 32, 64), (2, 4), (3, 4)):
         if width == 4:

@@ -300,8 +300,9 @@ def _gemv_kernel(
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         tile = count_ptr + pid_m * tl.num_programs(1) + pid_n
         done = tl.atomic_add(tile, 1, sem="acq_rel")  # slices of this tile finished before this one
-        write = write & (done + tl.zeros_like(rows_m)[:, None] == SPLIT - 1)  # only the last one sums and stores
         last = done == SPLIT - 1
+        # only the last one sums and stores (compared as a tile: Triton's CPU interpreter rejects a scalar mask in `&`)
+        write = write & (done + tl.zeros_like(rows_m)[:, None] == SPLIT - 1)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for s in tl.static_range(SPLIT):  # in slice order: the sum does not depend on which program came last
             acc += tl.load(part + s * M * N, mask=write, other=0, cache_modifier=".cg")
