@@ -33,6 +33,9 @@ run_step() {
   # 128 streams with the server's default 2048-token slots: ChatGLM-6B's KV cache fits fewer slots than streams
   serve-v1-2k) step serve-v1-2k 200 bash -c "$(declare -f serve); serve serve_bench_full_2k.json --levels 128 --engine-only --max-context 2048" ;;
   serve-v3-2k) step serve-v3-2k 200 bash -c "$(declare -f serve); serve serve_bench_chatglm3_2k.json --config chatglm3 --levels 128 --engine-only --max-context 2048" ;;
+  # 128 streams of 1024-token prompts: every step reads 128 long KV caches (ChatGLM-6B's are 16x larger)
+  serve-v1-long) step serve-v1-long 220 bash -c "$(declare -f serve); serve serve_bench_full_long.json --levels 128 --engine-only --prompt 1024" ;;
+  serve-v3-long) step serve-v3-long 220 bash -c "$(declare -f serve); serve serve_bench_chatglm3_long.json --config chatglm3 --levels 128 --engine-only --prompt 1024" ;;
   serve-v3-profile) step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
   gemv-glm2) step gemv-glm2 150 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128 ;;
   gemv-v1) step gemv-v1 150 python3 gpu/gemv_sweep.py --model chatglm --quick --rows 4,16 ;;

@@ -19,6 +19,7 @@ heads, the grouped kernel) and writes $OUT/attention_grouped.json.
     python3 gpu/serve_bench.py --config chatglm3 --levels 1,128   # ChatGLM3-6B: $OUT/serve_bench_chatglm3.json
     python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only   # $OUT/serve_bench_int4.json
     python3 gpu/serve_bench.py --levels 128 --engine-only --max-context 2048   # slots of 2048 tokens: as many as fit
+    python3 gpu/serve_bench.py --levels 128 --engine-only --prompt 1024   # 1024-token prompts (default 128)
     python3 gpu/serve_bench.py --attention --grouped   # ChatGLM2/3's decode attention alone (about a minute)
     python3 gpu/serve_bench.py --smoke    # the same code paths on a tiny model, on the CPU (seconds)
 
@@ -371,6 +372,9 @@ def main(argv: list[str]) -> int:
         levels = tuple(int(x) for x in option(argv, "--levels").split(","))
     if option(argv, "--answer"):
         answer = int(option(argv, "--answer"))
+    if option(argv, "--prompt"):  # --prompt 1024: long chat histories, where the KV cache (not the weights) bounds a step
+        global PROMPT_TOKENS
+        PROMPT_TOKENS = int(option(argv, "--prompt"))
     quantize = option(argv, "--quantize")  # int8 / int4: the engine on a quantized model
     if quantize not in (None, "int8", "int4"):
         raise SystemExit(f"error: --quantize {quantize!r}: choose int8 or int4")
