@@ -213,8 +213,8 @@ def _gemv_kernel(
         w_rows = w_ptr + rows_n64[:, None] * (K // 2) + c[None, :]
         md = tl.float16 if dt == tl.float16 else tl.float32
         STEPS: tl.constexpr = (NG + GROUPS - 1) // GROUPS
-        lo, hi = _k_slice(pid_k, STEPS, 1, SPLIT)
-        for step in tl.range(lo, hi, num_stages=STAGES):
+        k_first, k_end = _k_slice(pid_k, STEPS, 1, SPLIT)  # not lo/hi: those name the nibbles below (a loop-carried clash)
+        for step in tl.range(k_first, k_end, num_stages=STAGES):
             g0 = step * GROUPS
             if NG % GROUPS == 0:
                 w_ok = n_ok[:, None]
@@ -245,8 +245,8 @@ def _gemv_kernel(
         j = tl.arange(0, HALF)
         w_rows = w_ptr + rows_n64[:, None] * (K // 2) + j[None, :]
         STEPS: tl.constexpr = (NG + GROUPS - 1) // GROUPS
-        lo, hi = _k_slice(pid_k, STEPS, 1, SPLIT)
-        for step in tl.range(lo, hi, num_stages=STAGES):
+        k_first, k_end = _k_slice(pid_k, STEPS, 1, SPLIT)
+        for step in tl.range(k_first, k_end, num_stages=STAGES):
             for gi in tl.static_range(GROUPS):
                 g = step * GROUPS + gi
                 if NG % GROUPS == 0:
@@ -276,8 +276,8 @@ def _gemv_kernel(
     else:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows_n64[:, None] * K + cols[None, :]
-        lo, hi = _k_slice(pid_k, K, BLOCK_K, SPLIT)
-        for k in tl.range(lo, hi, BLOCK_K, num_stages=STAGES):
+        k_first, k_end = _k_slice(pid_k, K, BLOCK_K, SPLIT)
+        for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             if K % BLOCK_K == 0:
                 w_ok = n_ok[:, None]
                 x_ok = m_ok[:, None]
