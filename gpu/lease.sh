@@ -25,6 +25,7 @@ serve() { local name=$1; shift; SERVE_BENCH_NAME=$name python3 gpu/serve_bench.p
 run_step() {
   case $1 in
   fixtures) step fixtures 30 python3 tests/fixtures/make_fixtures.py ;;
+  gpu-tests-kernels) step gpu-tests-kernels 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quantize.py tests/test_model_glm2.py ;;
   gpu-tests) step gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests ;;
   v3-fp16) step v3-fp16 90 bash -c "$(declare -f bench); bench --config chatglm3 > $OUT/bench_v3_fp16.json" ;;
   v1-fp16) step v1-fp16 90 bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16.json" ;;
@@ -36,6 +37,9 @@ run_step() {
   # 128 streams of 1024-token prompts: every step reads 128 long KV caches (ChatGLM-6B's are 16x larger)
   serve-v1-long) step serve-v1-long 220 bash -c "$(declare -f serve); serve serve_bench_full_long.json --levels 128 --engine-only --prompt 1024" ;;
   serve-v3-long) step serve-v3-long 220 bash -c "$(declare -f serve); serve serve_bench_chatglm3_long.json --config chatglm3 --levels 128 --engine-only --prompt 1024" ;;
+  # the same with 512-token answers: decode (where the KV cache is read) rather than the prompts' prefill dominates
+  serve-v1-long512) step serve-v1-long512 220 bash -c "$(declare -f serve); serve serve_bench_full_long512.json --levels 128 --engine-only --prompt 1024 --answer 512" ;;
+  serve-v3-long512) step serve-v3-long512 220 bash -c "$(declare -f serve); serve serve_bench_chatglm3_long512.json --config chatglm3 --levels 128 --engine-only --prompt 1024 --answer 512" ;;
   serve-v3-profile) step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
   gemv-glm2) step gemv-glm2 150 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128 ;;
   gemv-v1) step gemv-v1 150 python3 gpu/gemv_sweep.py --model chatglm --quick --rows 4,16 ;;
