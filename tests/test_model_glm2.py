@@ -407,13 +407,19 @@ def test_cuda_matches_cpu(model, ckpt_dir, gold, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_cuda_quantized_matches_cpu_quantized(ckpt_dir, gold, name):
+    from chatglm_ft import cpu_quant
+
     cpu = load_model(ckpt_dir, dtype="float32", device="cpu", quantize=name)
     cuda = load_model(ckpt_dir, dtype="float32", device="cuda", quantize=name)
-    for case in gold["forward"]:
-        a = logits_of(cpu, case["input_ids"])
-        with torch.no_grad():
-            b = cuda(torch.tensor([case["input_ids"]], device="cuda")).logits[0].double().cpu()
-        assert (a - b).abs().max() <= 1e-3
-    case = gold["greedy"][0]
-    gen = GenerationConfig(max_new_tokens=8)
-    assert generate(cuda, None, [case["input_ids"]], gen)[0].token_ids == generate(cpu, None, [case["input_ids"]], gen)[0].token_ids
+    # the CPU kernels with float input (by default they round the input to int8 blocks: ~0.5% off);
+    # the CUDA kernels meet the float input, so the two agree up to summation order
+    with cpu_quant.int8_activations(False):
+        for case in gold["forward"]:
+            a = logits_of(cpu, case["input_ids"])
+            with torch.no_grad():
+                b = cuda(torch.tensor([case["input_ids"]], device="cuda")).logits[0].double().cpu()
+            assert (a - b).abs().max() <= 1e-3
+        case = gold["greedy"][0]
+        gen = GenerationConfig(max_new_tokens=8)
+        expected = generate(cpu, None, [case["input_ids"]], gen)[0].token_ids
+    assert generate(cuda, None, [case["input_ids"]], gen)[0].token_ids == expected
