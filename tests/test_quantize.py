@@ -449,7 +449,7 @@ def test_cuda_gemv_and_prefill_paths(bits):
     from chatglm_ft import kernels
 
     torch.manual_seed(0)
-    # ChatGLM-6B's shapes, ChatGLM2/3's (their own tiles: kernels.GLM2_CONFIGS) and a small one
+    # ChatGLM-6B's shapes, ChatGLM2/3's (their own tiles: kernels.SHAPE_CONFIGS; ChatGLM-6B's int4 ones split K) and a small one
     for n, k in [(12288, 4096), (4096, 16384), (4608, 4096), (27392, 4096), (4096, 13696), (192, 64)]:
         layer = (Int8Linear if bits == 8 else Int4Linear)(k, n, bias=True)
         w = torch.randn(n, k, device="cuda") / k**0.5

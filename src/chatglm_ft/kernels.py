@@ -49,19 +49,27 @@ class GemvConfig:
     split: int = 1  # K split over this many programs per output tile (split-K), summed by the tile's last one
 
 
-# ChatGLM2/3-6B's own shapes (query_key_value 4608 x 4096, dense_h_to_4h 27392 x 4096, dense_4h_to_h
-# 4096 x 13696) where the rules below lose: the fastest of `gpu/gemv_sweep.py --model chatglm2 --quick` on an
-# H100 (2026-12-07, docs/results/2026-12-07b-h100/gemv_sweep_chatglm2.json; us per call against the rules'
-# tiles: int4 33.9 vs 46.6 and 33.6 vs 41.8 for the two FFN matmuls, 11.4 vs 12.5 for query_key_value; float16
-# query_key_value 15.6 vs 18.9; int8 query_key_value 10.7 vs 11.7, dense_h_to_4h 42.1 vs 43.2). Shapes ChatGLM-6B
-# shares keep the H200-tuned rules.
-GLM2_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+# Shapes where the rules in gemv_config lose, each the fastest of `gpu/gemv_sweep.py --quick` on an H100:
+# - ChatGLM2/3-6B's own shapes (query_key_value 4608 x 4096, dense_h_to_4h 27392 x 4096, dense_4h_to_h
+#   4096 x 13696; 2026-12-07, docs/results/2026-12-07b-h100/gemv_sweep_chatglm2.json; us per call against the
+#   rules' tiles: int4 33.9 vs 46.6 and 33.6 vs 41.8 for the two FFN matmuls, 11.4 vs 12.5 for query_key_value;
+#   float16 query_key_value 15.6 vs 18.9; int8 query_key_value 10.7 vs 11.7, dense_h_to_4h 42.1 vs 43.2).
+# - ChatGLM-6B's int4 layers (docs/results/2026-12-07c-h100/gemv_sweep_chatglm.json: query_key_value 16.6 vs
+#   21.4 us, dense 9.0 vs 9.5, dense_h_to_4h 19.9 vs 20.8, dense_4h_to_h 23.2 vs 34.4 with split-K: a 4096-row
+#   output has only 128 tiles of 32 rows for the H100's 132 SMs, so four programs share each tile's K). Batch-1
+#   int4 decode 318 -> 367 tokens/s in the same run. Its float16 and int8 layers keep the H200-tuned rules (the
+#   sweep's picks changed the int8 model's decode by under 1%).
+SHAPE_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
     (16, 4608, 4096): GemvConfig(block_n=64, block_k=256, stages=3),
     (8, 4608, 4096): GemvConfig(block_n=64, block_k=512, stages=3),
     (8, 27392, 4096): GemvConfig(block_n=64, block_k=512, stages=3),
     (4, 4608, 4096): GemvConfig(block_n=64, groups=4, stages=3, wide=True),
     (4, 27392, 4096): GemvConfig(block_n=32, groups=2, stages=3, wide=True),
     (4, 4096, 13696): GemvConfig(block_n=32, groups=8, stages=3, wide=True),
+    (4, 12288, 4096): GemvConfig(block_n=32, groups=2, stages=3, wide=True),
+    (4, 4096, 4096): GemvConfig(block_n=32, groups=2, stages=3, wide=True, split=2),
+    (4, 16384, 4096): GemvConfig(block_n=64, groups=2, stages=3, wide=True),
+    (4, 4096, 16384): GemvConfig(block_n=64, groups=2, stages=3, wide=True, split=4),
 }
 
 
@@ -70,7 +78,7 @@ def gemv_config(bits: int, n: int, k: int) -> GemvConfig:
     model's shapes (wide outputs take 64-row tiles, the 4096-row ones longer K steps).
     `configure(gemv_configs=...)` names a sweep result (JSON) to use instead, for tuning on another GPU
     (the CLI passes $CHATGLM_FT_GEMV_CONFIGS)."""
-    tuned = _tuned_configs().get((bits, n, k)) or GLM2_CONFIGS.get((bits, n, k))
+    tuned = _tuned_configs().get((bits, n, k)) or SHAPE_CONFIGS.get((bits, n, k))
     if tuned is not None:
         return tuned
     if bits == 4:
