@@ -83,23 +83,23 @@ def find_tokenizer(config=None):
     return None
 
 
-def prompts(config, n: int, seed: int) -> list[list[int]]:
-    """n random prompts of PROMPT_TOKENS ids shaped as the generation's prompts: ChatGLM-6B's end with
+def prompts(config, n: int, seed: int, length: int = PROMPT_TOKENS) -> list[list[int]]:
+    """n random prompts of `length` ids shaped as the generation's prompts: ChatGLM-6B's end with
     [gMASK] <sop>, ChatGLM2/3's start with [gMASK] sop (text ids only in between)."""
     g = torch.Generator().manual_seed(seed)
     if isinstance(config, ChatGLMConfig):
-        body = torch.randint(20000, 120000, (n, PROMPT_TOKENS - 2), generator=g).tolist()
+        body = torch.randint(20000, 120000, (n, length - 2), generator=g).tolist()
         return [row + [config.gmask_token_id, config.bos_token_id] for row in body]
     from chatglm_ft.random_data import GLM2_HIGHEST_ID, GLM2_PREFIX  # here: $CHATGLM_FT_SRC may be an older tree
 
-    body = torch.randint(1000, GLM2_HIGHEST_ID, (n, PROMPT_TOKENS - 2), generator=g).tolist()
+    body = torch.randint(1000, GLM2_HIGHEST_ID, (n, length - 2), generator=g).tolist()
     return [list(GLM2_PREFIX) + row for row in body]
 
 
-def add_ceilings(results: dict, *, weights: int, kv_per_token: int, bandwidth: float, answer: int) -> None:
+def add_ceilings(results: dict, *, weights: int, kv_per_token: int, bandwidth: float, answer: int, prompt: int) -> None:
     """Each level's memory ceiling: a decode step reads the weights once and every stream's KV cache up to
     its column (mean context: the prompt + half the answer), and yields one token per stream."""
-    context = PROMPT_TOKENS + (answer - 1) / 2
+    context = prompt + (answer - 1) / 2
     for section_ in results.values():
         for level in section_.get("levels", []) if isinstance(section_, dict) else ():
             step_bytes = weights + level["streams"] * kv_per_token * context
@@ -145,9 +145,9 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def run_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int, seed: int) -> dict:
+def run_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int, seed: int, prompt: int) -> dict:
     gen = GenerationConfig(max_new_tokens=answer, stop_token_ids=())
-    batch = prompts(config, streams, seed)
+    batch = prompts(config, streams, seed, prompt)
     sync()
     began = time.perf_counter()
     handles = [engine.submit(p, gen) for p in batch]
@@ -168,14 +168,14 @@ def run_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int, 
     }
 
 
-def profile_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int) -> dict:
+def profile_level(engine: Engine, config: ChatGLMConfig, streams: int, answer: int, prompt: int) -> dict:
     """One level under torch.profiler (CUDA activity only, so the host side runs at its own speed):
     how busy the GPU is and which kernels take its time."""
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: the smoke run
     with profile(activities=[activity]) as prof:
-        level = run_level(engine, config, streams, answer, seed=5000 + streams)
+        level = run_level(engine, config, streams, answer, seed=5000 + streams, prompt=prompt)
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     level["gpu_busy"] = gpu_us / 1e6 / level["seconds"]
@@ -200,19 +200,19 @@ def slots_that_fit(model, context: int, wanted: int) -> int:
 
 
 def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, profile: bool = False,
-                  context: int | None = None) -> dict:
+                  context: int | None = None, prompt: int = PROMPT_TOKENS) -> dict:
     """Warm up each level (captures its graphs), then time it. `context`: every slot holds that many tokens (a
     server's --max-context) and only the slots that fit are made, so more streams than slots queue; default:
     the benchmark's prompt + answer, one slot per stream."""
     began = time.perf_counter()
-    context = context or PROMPT_TOKENS + answer
+    context = context or prompt + answer
     slots = slots_that_fit(model, context, max(levels))
     engine = Engine(model, tokenizer, max_batch=slots, max_queue=max(levels), max_context=context, decode=decode).start()
     out = {"decode": engine.decode_mode, "start_warm_up_seconds": engine.warm_up_seconds, "context": context,
            "slots": slots, "levels": []}
     try:
         # engine start to the first whole answer (16 tokens, fewer in a short run): what a user waits for after the model is loaded
-        engine.generate(prompts(config, 1, seed=99)[0], GenerationConfig(max_new_tokens=min(16, answer), stop_token_ids=()), 600)
+        engine.generate(prompts(config, 1, seed=99, length=prompt)[0], GenerationConfig(max_new_tokens=min(16, answer), stop_token_ids=()), 600)
         out["start_to_first_answer_seconds"] = time.perf_counter() - began
         if not engine.compile_done.is_set():  # compiling in the background: time the steady state after it
             began = time.perf_counter()
@@ -221,15 +221,15 @@ def engine_levels(model, tokenizer, config, decode: str, levels, answer: int, pr
             out["compile_error"] = engine.compile_error
         for streams in levels:
             began = time.perf_counter()
-            run_level(engine, config, streams, min(16, answer), seed=streams)  # warm-up: same batch and attention buckets
+            run_level(engine, config, streams, min(16, answer), seed=streams, prompt=prompt)  # warm-up: same batch and attention buckets
             warm = time.perf_counter() - began
-            level = run_level(engine, config, streams, answer, seed=1000 + streams)
+            level = run_level(engine, config, streams, answer, seed=1000 + streams, prompt=prompt)
             level["warmup_seconds"] = warm
             out["levels"].append(level)
             print(f"  [{decode}] {streams:>3} streams: {level['tokens_per_s']:8.0f} tok/s, TPOT p50 "
                   f"{level['tpot_ms_p50']:.2f} ms (warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
         if profile:
-            out["profile"] = profile_level(engine, config, levels[-1], answer)
+            out["profile"] = profile_level(engine, config, levels[-1], answer, prompt)
     finally:
         engine.stop(drain=False, timeout=60)
         out["graphs_captured"] = len(engine._graphs.graphs) if engine._graphs is not None else 0
@@ -372,9 +372,8 @@ def main(argv: list[str]) -> int:
         levels = tuple(int(x) for x in option(argv, "--levels").split(","))
     if option(argv, "--answer"):
         answer = int(option(argv, "--answer"))
-    if option(argv, "--prompt"):  # --prompt 1024: long chat histories, where the KV cache (not the weights) bounds a step
-        global PROMPT_TOKENS
-        PROMPT_TOKENS = int(option(argv, "--prompt"))
+    # --prompt 1024: long chat histories, where the KV cache (not the weights) bounds a step
+    prompt = int(option(argv, "--prompt") or PROMPT_TOKENS)
     quantize = option(argv, "--quantize")  # int8 / int4: the engine on a quantized model
     if quantize not in (None, "int8", "int4"):
         raise SystemExit(f"error: --quantize {quantize!r}: choose int8 or int4")
@@ -390,7 +389,7 @@ def main(argv: list[str]) -> int:
         "query_heads": config.num_attention_heads, "kv_heads": getattr(config, "kv_heads", config.num_attention_heads),
         "weight_bytes": weights, "kv_bytes_per_token": kv_per_token, "bandwidth": bandwidth,
         "device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-        "dtype": str(model.dtype), "prompt_tokens": PROMPT_TOKENS, "answer_tokens": answer, "tokenizer": tokenizer is not None,
+        "dtype": str(model.dtype), "prompt_tokens": prompt, "answer_tokens": answer, "tokenizer": tokenizer is not None,
         "model_build_seconds": elapsed(),
     }
     print(f"model built in {elapsed():.0f} s; tokenizer {'found' if tokenizer else 'not found (tokens only)'}",
@@ -399,8 +398,8 @@ def main(argv: list[str]) -> int:
     results["kernels"] = repr(model.kernels)
     if "--profile" in argv:  # only the top level, profiled (what bounds 128 streams)
         section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", (levels[-1],), answer,
-                profile=True)
-        add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
+                profile=True, prompt=prompt)
+        add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer, prompt=prompt)
         results["total_seconds"] = elapsed()
         print_table(results)
         if os.environ.get("OUT"):
@@ -411,9 +410,10 @@ def main(argv: list[str]) -> int:
     # the headline numbers first (the server's default: compile on CUDA, eager on the CPU); each engine is
     # stopped before the next section sets up its own cache
     context = int(option(argv, "--max-context")) if option(argv, "--max-context") else None
-    section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer, context=context)
+    section(results, "engine_default", engine_levels, model, tokenizer, config, "auto", levels, answer, context=context,
+            prompt=prompt)
     if "--engine-only" in argv:  # the default engine's levels only
-        add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
+        add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer, prompt=prompt)
         results["total_seconds"] = elapsed()
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], os.environ.get("SERVE_BENCH_NAME", json_name)).write_text(
@@ -422,9 +422,10 @@ def main(argv: list[str]) -> int:
         return 0
     section(results, "generate_fast", generate_latency, model, config, fast=None, answer=answer)
     if not smoke:
-        section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[0], levels[-1]), answer)
+        section(results, "engine_graphs", engine_levels, model, tokenizer, config, "graphs", (levels[0], levels[-1]), answer,
+                prompt=prompt)
     section(results, "generate_eager", generate_latency, model, config, fast=False, answer=answer)
-    add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer)
+    add_ceilings(results, weights=weights, kv_per_token=kv_per_token, bandwidth=bandwidth, answer=answer, prompt=prompt)
     results["total_seconds"] = elapsed()
     results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
     if os.environ.get("OUT"):
@@ -436,7 +437,7 @@ def main(argv: list[str]) -> int:
 def print_table(results: dict) -> None:
     print(f"\nserve_bench of {results.get('config', 'full')} on {results['device']} (torch {results['torch']}), "
           f"{results['dtype']} random weights, "
-          f"{PROMPT_TOKENS}-token prompts, {results['answer_tokens']}-token answers, total {results['total_seconds']:.0f} s")
+          f"{results['prompt_tokens']}-token prompts, {results['answer_tokens']}-token answers, total {results['total_seconds']:.0f} s")
     print(f"{'decode':<8} {'streams':>7} {'tok/s':>9} {'ceiling':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'gap p99':>8} "
           f"{'TTFT p50':>9}  (ms; ceiling: memory-bound tok/s)")
     for key in ("engine_default", "engine_graphs", "engine_eager", "engine_compile"):

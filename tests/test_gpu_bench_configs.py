@@ -37,6 +37,8 @@ def test_serve_bench_prompts_fit_the_generation(scripts, name):
     with torch.no_grad():
         logits = model(torch.tensor(batch)).logits
     assert logits.shape[:2] == (2, serve_bench.PROMPT_TOKENS) and torch.isfinite(logits).all()
+    long = serve_bench.prompts(config, 1, seed=0, length=1024)[0]  # --prompt 1024: the same shape, longer text
+    assert len(long) == 1024 and (long[-2:] == batch[0][-2:] if name == "full" else long[:2] == batch[0][:2])
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
