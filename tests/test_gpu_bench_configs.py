@@ -79,9 +79,10 @@ def test_serve_bench_ceiling_counts_the_kv_heads(scripts):
         sizes[name] = kv_bytes_per_token(model_class(config)(config, device="meta").to(torch.float16))
     assert sizes == {"full": 2 * 28 * 32 * 128 * 2, "chatglm3": 2 * 28 * 2 * 128 * 2}
     results = {"engine_default": {"levels": [{"streams": 128, "tokens_per_s": 1000.0}]}}
-    serve_bench.add_ceilings(results, weights=10**10, kv_per_token=sizes["chatglm3"], bandwidth=4e12, answer=128)
+    serve_bench.add_ceilings(results, weights=10**10, kv_per_token=sizes["chatglm3"], bandwidth=4e12, answer=128,
+                            prompt=1024)
     level = results["engine_default"]["levels"][0]
-    context = 128 + 127 / 2
+    context = 1024 + 127 / 2  # the prompt, then half the answer on average
     step_bytes = 10**10 + 128 * sizes["chatglm3"] * context
     assert level["memory_ceiling_tokens_per_s"] == pytest.approx(128 * 4e12 / step_bytes)
 
