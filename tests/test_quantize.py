@@ -443,6 +443,38 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert flags == ["True"] * 4
 
 
+SHAPE_CONFIGS_CHECK = textwrap.dedent("""
+    import torch
+    from chatglm_ft import kernels
+    from chatglm_ft.quantize import dequantize_reference, quantize_int4, quantize_int8
+    torch.manual_seed(0)
+    worst = 0.0
+    for (bits, n, k), config in kernels.SHAPE_CONFIGS.items():
+        # the tuned tile on a smaller weight: a masked last row tile, and (int4) 9 groups of 128 so that the last
+        # K step of an 8-group tile is masked and every split slice gets a share
+        N, K = 2 * config.block_n + 3, 1152 if bits == 4 else 1024
+        w, x, b = torch.randn(N, K), torch.randn(3, K), torch.randn(N)
+        if bits == 16:
+            q, s, z, ref = w, None, None, w.double()
+        elif bits == 8:
+            (q, s), z = quantize_int8(w), None
+            ref = dequantize_reference(q, s, None, torch.float64)
+        else:
+            q, s, z = quantize_int4(w, 128)
+            ref = dequantize_reference(q, s, z, torch.float64)
+        y = kernels.skinny_matmul(x, q, s, z, b, config)
+        worst = max(worst, ((y.double() - (x.double() @ ref.T + b.double())).abs().max()).item())
+    print(len(kernels.SHAPE_CONFIGS), worst)
+""")
+
+
+def test_tuned_tiles_compute_the_matmul_in_interpreter():
+    """Every tile of kernels.SHAPE_CONFIGS (wide int4 tiles, split-K) gives the reference result."""
+    pytest.importorskip("triton")
+    count, worst = interpret(SHAPE_CONFIGS_CHECK).split()
+    assert int(count) >= 10 and float(worst) < 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
 def test_cuda_gemv_and_prefill_paths(bits):
