@@ -46,6 +46,25 @@ def test_skinny_matmul_matches_linear_in_interpreter():
     assert float(interpret(CHECK).split()[-1]) < 1e-5
 
 
+def test_split_k_counters_grow_without_freeing_the_old_buffer():
+    """A split-K call with more tiles than the counters hold gets a larger zeroed buffer; the old one stays alive
+    (a CUDA graph captured with it keeps using its address)."""
+    pytest.importorskip("triton")
+    import weakref
+
+    from chatglm_ft import kernels
+
+    device = torch.device("meta")  # a device of its own: no other test's buffers
+    small = kernels.tile_counters(device, 1)
+    assert kernels.tile_counters(device, 10) is small  # reused while it is large enough
+    alive = weakref.ref(small)
+    del small
+    large = kernels.tile_counters(device, 10_000)
+    assert large.numel() >= 10_000 and large.dtype == torch.int32
+    assert alive() is not None and alive() is not large
+    assert kernels.tile_counters(device, 1) is large
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_skinny_matmul_matches_cublas(dtype):

@@ -454,18 +454,18 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return y
 
 
-_COUNTERS: dict = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Split-K's per-tile counters: one zeroed int32 buffer per device, grown when a call needs more tiles
-    (the kernel leaves every counter at zero, so the buffer is reused without a memset; calls on one stream
-    run one after another). Made on the first eager call, before a CUDA graph captures the same shapes."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    """Split-K's per-tile counters: a zeroed int32 buffer per device, the newest of its list (the kernel leaves
+    every counter at zero, so the buffer is reused without a memset; calls on one stream run one after another).
+    Made on the first eager call, before a CUDA graph captures the same shapes. A call that needs more tiles
+    gets a larger buffer; the smaller ones stay referenced, because graphs captured with them still use them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
