@@ -8,7 +8,7 @@ processes (Triton's disk cache), then timed one at a time in this process.
 
     python3 gpu/gemv_sweep.py [--widths 16,8,4] [--quick] [--model chatglm2]   # writes $OUT/gemv_sweep_<model>.json
 
-Shapes of at most 8192 output rows also time split-K tiles (`split` 2/4: several programs per output tile, each a slice of K).
+`swap` tiles put the weight on the dot's left (see swap_configs). Shapes of at most 8192 output rows also time split-K tiles (`split` 2/4: several programs per output tile, each a slice of K).
 """
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def configs(width: int, quick: bool) -> list[dict]:
             if w == 8 and bn < 32:
                 continue
             out.append(dict(block_n=bn, groups=g, stages=st, num_warps=w, asm=True, wide=True))
+    return out + swap_configs(width)
+
+
+def swap_configs(width: int) -> list[dict]:
+    """The weight tile as the dot's left operand (W @ x.T): 64/128 weight rows are the MMA's M, so on Hopper
+    Triton may feed wgmma from registers (one warpgroup) rather than staging the converted tile in shared memory."""
+    out = []
+    for bn, st in itertools.product((64, 128), (3, 4)):
+        if width == 4:
+            out += [dict(block_n=bn, groups=g, stages=st, num_warps=4, asm=True, swap=True) for g in (1, 2)]
+            out += [dict(block_n=bn, groups=g, stages=st, num_warps=4, asm=True, wide=True, swap=True) for g in (2, 4)]
+        else:
+            out += [dict(block_n=bn, block_k=bk, stages=st, num_warps=4, asm=True, swap=True) for bk in (128, 256)]
     return out
 
 

@@ -413,17 +413,22 @@ KERNEL_CHECK = textwrap.dedent("""
         ref = x.double() @ dequantize_reference(q, s, None, torch.float64).T + b.double()
         # split-K: three programs per output tile, one K step each (K = 256: the third slice is empty; K = 320: the
         # third is the masked last step)
-        for split in (1, 3):
-            y = kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=128, split=split))
+        # swap: the weight tile as the dot's left operand, the accumulator transposed
+        for split, swap in ((1, False), (3, False), (1, True), (3, True)):
+            y = kernels.skinny_matmul(x, q, s, None, b, kernels.GemvConfig(block_n=16, block_k=128, split=split, swap=swap))
             err8 = max(err8, (y.double() - ref).abs().max().item())
         q4, s4, z4 = quantize_int4(w, 64)
         ref = x.double() @ dequantize_reference(q4, s4, z4, torch.float64).T
-        for wide, split in ((False, 1), (True, 1), (False, 2), (True, 2)):  # groups one by one or as one wide tile
-            y = kernels.skinny_matmul(x, q4, s4, z4, None, kernels.GemvConfig(block_n=16, groups=2, wide=wide, split=split))
+        # groups one by one or as one wide tile, split-K, swapped operands
+        for wide, split, swap in ((False, 1, False), (True, 1, False), (False, 2, False), (True, 2, False),
+                                  (False, 1, True), (True, 2, True)):
+            cfg = kernels.GemvConfig(block_n=16, groups=2, wide=wide, split=split, swap=swap)
+            y = kernels.skinny_matmul(x, q4, s4, z4, None, cfg)
             err4 = max(err4, (y.double() - ref).abs().max().item())
         ref = x.double() @ w.double().T + b.double()
-        y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128))
-        err16 = max(err16, (y.double() - ref).abs().max().item())
+        for swap in (False, True):
+            y = kernels.skinny_matmul(x, w, bias=b, config=kernels.GemvConfig(block_n=16, block_k=128, swap=swap))
+            err16 = max(err16, (y.double() - ref).abs().max().item())
     same8 = torch.equal(kernels.dequantize(q, s, None, torch.float16), dequantize_reference(q, s, None, torch.float16))
     # int4: power-of-two groups take whole-group tiles (K = 320 and 1712: a masked last tile), others the general
     # kernel (groups of 96); float32 and float16 bit-identical (the interpreter rounds bfloat16 its own way)

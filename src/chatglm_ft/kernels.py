@@ -47,6 +47,8 @@ class GemvConfig:
     block_m: int = 16
     wide: bool = False  # int4 only: the step's groups as one wide tile (two long tl.dot) instead of one by one
     split: int = 1  # K split over this many programs per output tile (split-K), summed by the tile's last one
+    swap: bool = False  # the weight tile as tl.dot's left operand (W @ x.T): its rows are the MMA's M, so on
+    # Hopper a 64-row weight tile can feed wgmma from registers instead of through shared memory
 
 
 # Shapes where the rules in gemv_config lose, each the fastest of `gpu/gemv_sweep.py --quick` on an H100:
@@ -185,7 +187,7 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
     PRECISION: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr, WIDE: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1, part_ptr=None, count_ptr=None,
+    SPLIT: tl.constexpr = 1, part_ptr=None, count_ptr=None, SWAP: tl.constexpr = False,
 ):
     """BITS 16: w float (N, K). BITS 8: w int8 (N, K), scale (N,). BITS 4: w uint8 (N, K/2) packed by
     group halves (quantize.pack_int4), scale float16 / zero uint8 (N, K/GROUP).
@@ -205,7 +207,10 @@ def _gemv_kernel(
         gdc_wait()
         gdc_launch_dependents()
     pid_k = tl.program_id(2)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:  # accumulated as (BLOCK_N, BLOCK_M), transposed once after the loop
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_rows = x_ptr + rows_m[:, None] * K
     dt = x_ptr.dtype.element_ty
     if BITS == 4 and WIDE:
@@ -245,8 +250,8 @@ def _gemv_kernel(
             w_hi = tl.reshape((tl.reshape(hi.to(md), (BLOCK_N, GROUPS, HALF)) - zp) * sc, (BLOCK_N, W)).to(dt)
             x_lo = tl.load(x_rows + g0 * GROUP + x_col[None, :], mask=x_ok, other=0)
             x_hi = tl.load(x_rows + g0 * GROUP + HALF + x_col[None, :], mask=x_ok, other=0)
-            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
-            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+            acc = _mma(acc, x_lo, w_lo, SWAP, PRECISION)
+            acc = _mma(acc, x_hi, w_hi, SWAP, PRECISION)
     elif BITS == 4:
         HALF: tl.constexpr = GROUP // 2
         NG: tl.constexpr = K // GROUP
@@ -279,8 +284,8 @@ def _gemv_kernel(
                 w_hi = ((hi.to(md) - zp) * sc).to(dt)
                 x_lo = tl.load(x_rows + g * GROUP + j[None, :], mask=x_ok, other=0)
                 x_hi = tl.load(x_rows + g * GROUP + HALF + j[None, :], mask=x_ok, other=0)
-                acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
-                acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+                acc = _mma(acc, x_lo, w_lo, SWAP, PRECISION)
+                acc = _mma(acc, x_hi, w_hi, SWAP, PRECISION)
     else:
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows_n64[:, None] * K + cols[None, :]
@@ -298,7 +303,9 @@ def _gemv_kernel(
                     w = _int8_to_f16(w)
                 w = w.to(dt)
             x = tl.load(x_rows + k + cols[None, :], mask=x_ok, other=0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            acc = _mma(acc, x, w, SWAP, PRECISION)
+    if SWAP:
+        acc = tl.trans(acc)
     if BITS == 8:
         acc *= tl.load(scale_ptr + rows_n, mask=n_ok, other=0).to(tl.float32)[None, :]
     write = m_ok[:, None] & n_ok[None, :]
@@ -321,6 +328,15 @@ def _gemv_kernel(
         acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     out = y_ptr + rows_m[:, None] * N + rows_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=write)
+
+
+@triton.jit
+def _mma(acc, x, w, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ w.T (acc (BLOCK_M, BLOCK_N)), or with SWAP acc + w @ x.T (acc (BLOCK_N, BLOCK_M))."""
+    if SWAP:
+        return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -449,7 +465,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None, ASM=config.asm and x.is_cuda,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=_block_k(K, config.block_k), GROUPS=groups,
             STAGES=config.stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT=act,
-            PDL=pdl, WIDE=config.wide and bits == 4, num_warps=config.num_warps, launch_pdl=pdl, **split,
+            PDL=pdl, WIDE=config.wide and bits == 4, SWAP=config.swap, num_warps=config.num_warps, launch_pdl=pdl, **split,
         )
     return y
 
