@@ -79,11 +79,11 @@ def tall_configs(width: int) -> list[dict]:
     """Tiles for many token rows (a serving step's 64-128 rows, a short prefill): 64 or 128 rows per program, so
     each weight tile is read and converted once for all of them; timed only at --rows above 16."""
     out = []
-    for bm, bn, w in itertools.product((64, 128), (32, 64), (4, 8)):
-        if width == 4:
-            out.append(dict(block_m=bm, block_n=bn, groups=1, stages=3, num_warps=w, asm=True))
-        else:
-            out.append(dict(block_m=bm, block_n=bn, block_k=128, stages=3, num_warps=w, asm=True))
+    plain = [(bn, w, False) for bn, w in itertools.product((32, 64), (4, 8))]
+    swapped = [(64, 4, True), (128, 8, True)]  # the weight on the dot's left: 64 of its rows per warpgroup
+    for bm, (bn, w, swap) in itertools.product((64, 128), plain + swapped):
+        tile = dict(block_m=bm, block_n=bn, stages=3, num_warps=w, asm=True, **(dict(swap=True) if swap else {}))
+        out.append(dict(tile, groups=1) if width == 4 else dict(tile, block_k=128))
     return out
 
 
