@@ -5,6 +5,7 @@
 #   bash gpu/lease.sh 1   (a numbered part: a preset list of steps, below)
 # A step that would start with under 20 s left is skipped and named in the log, so the next call can run it.
 # Logs and JSON go to $OUT (log.txt + the scripts' own files). real-data needs ALPACA_ZH=<folder> carried.
+# The *-tuned steps read the sweep result GEMV_SWEEP (default: this call's $OUT/gemv_sweep_chatglm.json; carry an earlier one).
 set -u
 OUT=${OUT:-/tmp/lease-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src
@@ -45,9 +46,9 @@ run_step() {
   gemv-v1) step gemv-v1 150 python3 gpu/gemv_sweep.py --model chatglm --quick --rows 4,16 ;;
   # the model with the sweep's fastest tiles (split-K included where it won), beside the same run's defaults
   v1-int8) step v1-int8 90 bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8.json" ;;
-  v1-int8-tuned) step v1-int8-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=$OUT/gemv_sweep_chatglm.json bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8_tuned.json" ;;
-  v1-fp16-tuned) step v1-fp16-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=$OUT/gemv_sweep_chatglm.json bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16_tuned.json" ;;
-  v1-int4-tuned) step v1-int4-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=$OUT/gemv_sweep_chatglm.json bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4_tuned.json" ;;
+  v1-int8-tuned) step v1-int8-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=${GEMV_SWEEP:-$OUT/gemv_sweep_chatglm.json} bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8_tuned.json" ;;
+  v1-fp16-tuned) step v1-fp16-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=${GEMV_SWEEP:-$OUT/gemv_sweep_chatglm.json} bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16_tuned.json" ;;
+  v1-int4-tuned) step v1-int4-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=${GEMV_SWEEP:-$OUT/gemv_sweep_chatglm.json} bash -c "$(declare -f bench); bench --config full --quantize int4 > $OUT/bench_v1_int4_tuned.json" ;;
   train-BC) step train-BC 150 python3 gpu/train_bench.py --config full --only B,C --steps 8 ;;
   serve-int8) step serve-int8 150 python3 gpu/serve_bench.py --quantize int8 --levels 1,128 --engine-only ;;
   serve-int4) step serve-int4 150 python3 gpu/serve_bench.py --quantize int4 --levels 1,128 --engine-only ;;
