@@ -44,6 +44,7 @@ run_step() {
   serve-v3-profile) step serve-v3-profile 200 python3 gpu/serve_bench.py --config chatglm3 --levels 128 --profile ;;
   gemv-glm2) step gemv-glm2 150 python3 gpu/gemv_sweep.py --model chatglm2 --quick --rows 4,16,64,128 ;;
   gemv-v1) step gemv-v1 150 python3 gpu/gemv_sweep.py --model chatglm --quick --rows 4,16 ;;
+  gemv-v1-int4) step gemv-v1-int4 120 python3 gpu/gemv_sweep.py --model chatglm --quick --widths 4 --rows 4 ;;
   # the model with the sweep's fastest tiles (split-K included where it won), beside the same run's defaults
   v1-int8) step v1-int8 90 bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8.json" ;;
   v1-int8-tuned) step v1-int8-tuned 90 env CHATGLM_FT_GEMV_CONFIGS=${GEMV_SWEEP:-$OUT/gemv_sweep_chatglm.json} bash -c "$(declare -f bench); bench --config full --quantize int8 > $OUT/bench_v1_int8_tuned.json" ;;
@@ -65,7 +66,8 @@ run_step() {
   attention-grouped) step attention-grouped 80 python3 gpu/serve_bench.py --attention --grouped ;;
   real-data)
     if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP real-data: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi
-    step real-data 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps 20 ;;
+    # REAL_DATA_ONLY=synthetic,grouped,... and REAL_DATA_STEPS shorten it when time is short
+    step real-data 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
   # the parts, in the order docs/benchmarks.md ("What the next lease measures") lists what is still open
   1) for s in fixtures gpu-tests v3-fp16 v3-int4 v1-fp16 v1-int4; do run_step $s; done ;;
   2) for s in serve-v3-profile serve-v3 serve-v3-rows128; do run_step $s; done ;;
