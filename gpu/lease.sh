@@ -68,12 +68,16 @@ run_step() {
     if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP real-data: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi
     # REAL_DATA_ONLY=synthetic,grouped,... and REAL_DATA_STEPS shorten it when time is short
     step real-data 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
+  # the same without SDPA's cuDNN backend, which builds a graph per new batch length (random/grouped batches)
+  real-data-no-cudnn)
+    if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP real-data-no-cudnn: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi
+    step real-data-no-cudnn 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --attention no-cudnn --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
   # the parts, in the order docs/benchmarks.md ("What the next lease measures") lists what is still open
   1) for s in fixtures gpu-tests v3-fp16 v3-int4 v1-fp16 v1-int4; do run_step $s; done ;;
   2) for s in serve-v3-profile serve-v3 serve-v3-rows128; do run_step $s; done ;;
   3) for s in serve-int8 serve-int8-rows128 serve-int4 serve-int4-rows128; do run_step $s; done ;;
   4) for s in train-BC gemv-glm2; do run_step $s; done ;;
-  5) run_step real-data ;;
+  5) for s in real-data real-data-no-cudnn; do run_step $s; done ;;
   *) echo "unknown step $1" | tee -a "$LOG" ;;
   esac
 }

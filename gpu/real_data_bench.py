@@ -21,6 +21,11 @@ share of the trained batches' positions that were padding; `epoch_padding` the s
 of that batching (CPU, exact); `vs_synthetic` = tokens/s / synthetic tokens/s.
 
     python3 gpu/real_data_bench.py [--data ../shared/data/alpaca_zh] [--steps 30] [--only synthetic,random,...]
+                                   [--attention no-cudnn]
+
+`--attention no-cudnn` keeps SDPA off its cuDNN backend (flash, memory-efficient or math instead). cuDNN builds
+an attention graph for each new shape (reported at a few hundred ms each), and random or grouped batches of
+short examples bring a new length almost every step; packed rows always have the same one.
 
 Writes $OUT/real_data_bench.json when $OUT is set; prints a table last. About 3 minutes on an H100.
 """
@@ -97,10 +102,22 @@ def main() -> None:
                     help="folder with ChatGLM-6B's ice_text.model (default: the copy in the test fixtures)")
     ap.add_argument("--only", default=",".join(["synthetic", *PLANS]))
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--attention", choices=["default", "no-cudnn"], default="default",
+                    help="SDPA backends: PyTorch's choice, or any but cuDNN")
     args = ap.parse_args()
+    if args.attention == "no-cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            return run(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     wanted = args.only.split(",")
     started = time.perf_counter()
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [], "errors": {}}
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "attention": args.attention,
+                     "rows": [], "errors": {}}
 
     examples = real_examples(Path(args.data), Path(args.tokenizer))
     lengths = sorted(len(e) for e in examples)
@@ -142,7 +159,7 @@ def main() -> None:
             results["errors"][name] = traceback.format_exc()[-3000:]
     results["seconds"] = round(time.perf_counter() - started, 1)
 
-    save_and_report(results, "real_data_bench.json")
+    save_and_report(results, "real_data_bench.json" if args.attention == "default" else f"real_data_bench_{args.attention}.json")
     print(f"{'config':12} {'batch':>9} {'tokens/s':>9} {'vs synth':>8} {'examples/s':>10} {'padding':>8} "
           f"{'epoch pad':>9} {'peak GB':>8} goal")
     for r in results["rows"]:

@@ -47,8 +47,9 @@ class GemvConfig:
     block_m: int = 16
     wide: bool = False  # int4 only: the step's groups as one wide tile (two long tl.dot) instead of one by one
     split: int = 1  # K split over this many programs per output tile (split-K), summed by the tile's last one
-    swap: bool = False  # the weight tile as tl.dot's left operand (W @ x.T): its rows are the MMA's M, so on
-    # Hopper a 64-row weight tile can feed wgmma from registers instead of through shared memory
+    swap: bool = False  # the weight tile as tl.dot's left operand (W @ x.T): its rows are the MMA's M (on Hopper
+    # the operand wgmma may take from registers). For gemv_sweep.py only: on an H100 it lost on every ChatGLM-6B int4
+    # decode shape (docs/benchmarks.md, 2026-12-07 (d)); its tall tiles for serving rows are not measured yet
 
 
 # Shapes where the rules in gemv_config lose, each the fastest of `gpu/gemv_sweep.py --quick` on an H100:
