@@ -152,6 +152,26 @@ def test_a_packed_row_has_the_loss_and_logits_of_its_examples_alone(family, gold
             list(range(context)) + [context - 1] * 2, [0] * context + [1, 2]]
 
 
+@pytest.mark.parametrize("family", ["chatglm", "chatglm3"])
+def test_rows_padded_to_the_pack_length_keep_their_loss(family, golden_dir, golden3_dir):
+    """`width` (train passes --pack-length) pads every row to one length: the columns added are padding that no
+    example sees, so the loss and every real column's logits stay those of the row at its own length."""
+    model, tokenizer = load({"chatglm": golden_dir, "chatglm3": golden3_dir}[family], dtype="float32", device="cpu")
+    examples = tokenize_records(RECORDS, tokenizer)
+    rows = [[examples[i] for i in row] for row in ([0, 1, 4], [2], [3])]
+    pad = model.config.pad_token_id
+    tight = collate_packed(rows, pad, model.prompt_layout)
+    wide = collate_packed(rows, pad, model.prompt_layout, width=tight["input_ids"].shape[1] + 7)
+    assert wide["input_ids"].shape == (3, tight["input_ids"].shape[1] + 7)
+    assert bool((wide["labels"][:, -7:] == -100).all()) and bool((wide["input_ids"][:, -7:] == pad).all())
+    with torch.no_grad():
+        outs = [model(b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
+                      labels=b["labels"]) for b in (tight, wide)]
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-6, atol=1e-6)
+    real = tight["labels"] != -100
+    torch.testing.assert_close(outs[1].logits[:, :real.shape[1]][real], outs[0].logits[real], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["chatglm", "chatglm2"])
 def test_packed_rows_see_a_p_tuning_prefix_like_single_rows(family, golden_dir, golden2_dir):
     model, tokenizer = load({"chatglm": golden_dir, "chatglm2": golden2_dir}[family], dtype="float32", device="cpu")
@@ -240,8 +260,14 @@ def test_packed_training_resumes_exactly_and_logs_its_padding(tmp_path):
         train(config(tmp_path / "split", resume=True, **{**settings, "batching": "grouped"}), model=small_model(),
               examples=examples)
 
+    # each step's logged padding is its batches': rows are --pack-length (40) wide, whatever their own length
     log = [json.loads(line) for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 7)) and all(0 <= r["padding"] < 0.2 for r in log)
+    sampler = PackedBatches([len(e) for e in examples], pack_length=40, batch_size=2, seed=0)
+    micro = [b for epoch in range(3) for b in sampler.epoch_batches(epoch)]  # 4 batches an epoch, 2 a step
+    real = [sum(len(examples[i]) for row in b for i in row) for b in micro]
+    expected = [round(1 - (real[2 * s] + real[2 * s + 1]) / (40 * (len(micro[2 * s]) + len(micro[2 * s + 1]))), 4)
+                for s in range(6)]
+    assert [r["step"] for r in log] == list(range(1, 7)) and [r["padding"] for r in log] == expected
 
 
 def test_one_epoch_logs_the_padding_of_its_batches(tmp_path):

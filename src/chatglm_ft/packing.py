@@ -91,8 +91,12 @@ class PackedBatches:
             yield [self.rows[i].tolist() for i in batch]
 
     def token_counts(self, epoch: int = 0) -> tuple[int, int]:
-        """(real tokens, batch positions) of this rank's batches of an epoch (a batch is as wide as its fullest row)."""
-        return self.row_batches.token_counts(epoch)
+        """(real tokens, batch positions) of this rank's batches of an epoch: each batch is pack_length wide, or
+        as wide as a longer row (collate_packed's width)."""
+        row_lengths = self.row_batches.lengths
+        batches = self.row_batches.epoch_batches(epoch)
+        return (int(sum(row_lengths[b].sum() for b in batches)),
+                int(sum(len(b) * max(self.pack_length, int(row_lengths[b].max())) for b in batches)))
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.row_batches.state_dict(), **self._identity()}
@@ -115,7 +119,7 @@ class PackedBatches:
 
 
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, layout_of: Callable[..., Any], *,
-                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                   device: torch.device | str | None = None, width: int = 0) -> dict[str, torch.Tensor]:
     """A batch of packed rows: input_ids and labels (R, T), position_ids ((R, 2, T) or (R, T)) and the bool
     attention_mask (R, 1, T, T) that keeps every example to itself (None where plain causal attention is the
     same: ChatGLM2/3 rows of one example each).
@@ -123,8 +127,12 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, layout_of: Ca
     `layout_of` is the model's `prompt_layout` (ChatGLM-6B or ChatGLM2/3): it is asked once for all the
     examples of the batch as unpadded rows, and its answer is spread over each example's columns. Positions
     and mask are built on `device` (the mask of 4 rows of 1024 takes tens of ms on a CPU, microseconds on a GPU).
+
+    Rows are padded to `width` columns, or to the longest row where that is longer. `train` passes the pack length,
+    so every step has one shape: a new length costs GPU libraries new plans (cuDNN attention builds a graph per
+    shape), and rows packed to 1020-1024 tokens would otherwise bring one every few steps.
     """
-    width = max(sum(len(e) for e in row) for row in rows)
+    width = max(width, *(sum(len(e) for e in row) for row in rows))
     segments: list[Example] = []  # the examples, and each row's padding as one more sequence
     row_of: list[int] = []
     for r, row in enumerate(rows):

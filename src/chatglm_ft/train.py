@@ -552,7 +552,8 @@ def make_batch(run: Run, examples: list[Example], indices: list) -> tuple[dict[s
     pad_id = run.base.config.pad_token_id
     if isinstance(run.sampler, PackedBatches):
         rows = [[examples[i] for i in row] for row in indices]
-        batch = collate_packed(rows, pad_id, run.base.prompt_layout, device=run.procs.device)
+        batch = collate_packed(rows, pad_id, run.base.prompt_layout, device=run.procs.device,
+                               width=run.sampler.pack_length)
         return batch, sum(len(e) for row in rows for e in row)
     chosen = [examples[i] for i in indices]
     return collate(chosen, pad_id), sum(len(e) for e in chosen)
