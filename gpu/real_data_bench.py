@@ -8,6 +8,8 @@ lm_head tied), LoRA r=8 on query_key_value, bfloat16 autocast, default data sett
   synthetic     train_bench config A: batch 4 x 1024 tokens
   random        --batching random,  batch 8 x accumulation 4 (32 examples a step)
   grouped       --batching grouped, batch 8 x accumulation 4 (the default batching)
+  grouped-again the same once more: the same seed gives the same batches, so every length has been run before;
+                a cost paid once per new shape (plans, autotuning) shows as the difference to grouped
   packed        --batching packed,  4 rows of 1024 tokens a step (~63 examples; the memory of config A)
   packed-b2     --batching packed,  2 rows of 1024 tokens a step (~32 examples, as batch 32)
   grouped-b32   --batching grouped, batch 32 (the default batch size): its first batch is the epoch's
@@ -56,6 +58,7 @@ GOAL = 0.85  # real-data useful tokens/s over the synthetic figure
 PLANS = {  # name -> TrainConfig settings besides the defaults
     "random": dict(batching="random", per_device_train_batch_size=8, gradient_accumulation_steps=4),
     "grouped": dict(batching="grouped", per_device_train_batch_size=8, gradient_accumulation_steps=4),
+    "grouped-again": dict(batching="grouped", per_device_train_batch_size=8, gradient_accumulation_steps=4),
     "packed": dict(batching="packed", per_device_train_batch_size=4),
     "packed-b2": dict(batching="packed", per_device_train_batch_size=2),
     "grouped-b32": dict(batching="grouped", per_device_train_batch_size=32),
