@@ -292,12 +292,12 @@ class LengthGroupedBatches:
             batches.append(batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist())
         return batches
 
-    def token_counts(self, epoch: int = 0) -> tuple[int, int]:
+    def token_counts(self, epoch: int = 0, *, min_width: int = 0) -> tuple[int, int]:
         """(real tokens, batch positions) of this rank's batches of an epoch: their ratio is the share of the
-        work that is not padding (each batch is padded to its longest example)."""
+        work that is not padding (each batch is padded to its longest example, or to `min_width` if wider)."""
         batches = self.epoch_batches(epoch)
         return (int(sum(self.lengths[b].sum() for b in batches)),
-                int(sum(len(b) * self.lengths[b].max() for b in batches)))
+                int(sum(len(b) * max(min_width, int(self.lengths[b].max())) for b in batches)))
 
     def __iter__(self) -> Iterator[list[int]]:
         """The rest of the current epoch; when exhausted, the next iteration is the next epoch."""

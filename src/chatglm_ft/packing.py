@@ -93,10 +93,7 @@ class PackedBatches:
     def token_counts(self, epoch: int = 0) -> tuple[int, int]:
         """(real tokens, batch positions) of this rank's batches of an epoch: each batch is pack_length wide, or
         as wide as a longer row (collate_packed's width)."""
-        row_lengths = self.row_batches.lengths
-        batches = self.row_batches.epoch_batches(epoch)
-        return (int(sum(row_lengths[b].sum() for b in batches)),
-                int(sum(len(b) * max(self.pack_length, int(row_lengths[b].max())) for b in batches)))
+        return self.row_batches.token_counts(epoch, min_width=self.pack_length)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.row_batches.state_dict(), **self._identity()}
