@@ -64,14 +64,12 @@ run_step() {
   v3-fp16-rows128) step v3-fp16-rows128 90 env CHATGLM_FT_GEMV_ROWS=128 bash -c "$(declare -f bench); bench --config chatglm3 > $OUT/bench_v3_fp16_rows128.json" ;;
   v1-fp16-rows128) step v1-fp16-rows128 90 env CHATGLM_FT_GEMV_ROWS=128 bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16_rows128.json" ;;
   attention-grouped) step attention-grouped 80 python3 gpu/serve_bench.py --attention --grouped ;;
-  real-data)
-    if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP real-data: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi
-    # REAL_DATA_ONLY=synthetic,grouped,... and REAL_DATA_STEPS shorten it when time is short
-    step real-data 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
-  # the same without SDPA's cuDNN backend, which builds a graph per new batch length (random/grouped batches)
-  real-data-no-cudnn)
-    if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP real-data-no-cudnn: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi
-    step real-data-no-cudnn 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --attention no-cudnn --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
+  # real-data-no-cudnn: the same without SDPA's cuDNN backend, which builds a graph per new batch length
+  # REAL_DATA_ONLY=synthetic,grouped,... and REAL_DATA_STEPS shorten them when time is short
+  real-data|real-data-no-cudnn)
+    if [ -z "${ALPACA_ZH:-}" ]; then echo "SKIP $1: needs ALPACA_ZH=<the alpaca_zh folder, carried>" | tee -a "$LOG"; return; fi
+    local attention=default; [ "$1" = real-data-no-cudnn ] && attention=no-cudnn
+    step "$1" 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --attention "$attention" --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
   # the parts, in the order docs/benchmarks.md ("What the next lease measures") lists what is still open
   1) for s in fixtures gpu-tests v3-fp16 v3-int4 v1-fp16 v1-int4; do run_step $s; done ;;
   2) for s in serve-v3-profile serve-v3 serve-v3-rows128; do run_step $s; done ;;
