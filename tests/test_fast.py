@@ -129,7 +129,7 @@ def test_decode_and_kernel_options(tiny):
     assert kernel_options({"CHATGLM_FT_GEMV": "cublas", "CHATGLM_FT_FUSED": "0"}) == KernelOptions(gemv="cublas", fused=False)
     with pytest.raises(ChatGLMError, match="CHATGLM_FT_GEMV=fast"):
         kernel_options({"CHATGLM_FT_GEMV": "fast"})
-    assert kernel_options({"CHATGLM_FT_QUANT_GEMV_ROWS": "128"}) == KernelOptions(quantized_rows=128)
+    assert kernel_options({"CHATGLM_FT_QUANT_GEMV_ROWS": "16"}) == KernelOptions(quantized_rows=16)
     for bad in ("many", "0"):
         with pytest.raises(ChatGLMError, match=f"CHATGLM_FT_QUANT_GEMV_ROWS={bad}"):
             kernel_options({"CHATGLM_FT_QUANT_GEMV_ROWS": bad})

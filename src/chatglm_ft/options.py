@@ -27,10 +27,11 @@ class KernelOptions:
     # measured on an H100 (ChatGLM3-6B: decode 199 -> 205 tokens/s, 2048-token prefill 53.9 -> 42.0 ms); off
     # for A/B runs ($CHATGLM_FT_NEW_KERNELS=0).
     new_kernels: bool = True
-    # Token rows up to which int8/int4 layers run the skinny kernel (reading the integer weight); more rows
-    # dequantize the layer to float16 for cuBLAS. 16 is where float16's kernel beats cuBLAS (measured); above
-    # it the quantized kernel is yet to be measured against dequantize + cuBLAS ($CHATGLM_FT_QUANT_GEMV_ROWS).
-    quantized_rows: int = 16
+    # Token rows up to which int8/int4 layers run the integer kernel (its tall tiles above 32 rows); more
+    # rows dequantize the layer to float16 for cuBLAS. 128 since measured on an H100 (ChatGLM-6B engines, 128
+    # streams: int8 6,415 -> 7,560 and int4 5,061 -> 7,507 tokens/s against 16; docs/benchmarks.md); A/B
+    # runs set it with $CHATGLM_FT_QUANT_GEMV_ROWS.
+    quantized_rows: int = 128
     # The same for float16/bfloat16 layers: up to 16 rows the skinny kernel beats cuBLAS (measured); more rows
     # (a serving step's 17-128, a short prefill) take its tall tiles, 64-128 rows a program, for measuring them
     # against cuBLAS ($CHATGLM_FT_GEMV_ROWS).
