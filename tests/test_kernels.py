@@ -63,6 +63,36 @@ def test_split_k_counters_grow_without_freeing_the_old_buffer():
     assert large.numel() >= 10_000 and large.dtype == torch.int32
     assert alive() is not None and alive() is not large
     assert kernels.tile_counters(device, 1) is large
+    # each stream counts in a buffer of its own (kernels on two streams may run at once)
+    other = kernels.tile_counters(device, 1, stream=7)
+    assert other is not large and kernels.tile_counters(device, 10, stream=7) is other
+
+
+@pytest.mark.gpu
+def test_cuda_split_k_on_two_streams_at_once_sums_every_tile():
+    """Split-K matmuls running at the same time on two streams (the server's background compile beside its
+    worker) each sum all their tiles and leave their counters at zero."""
+    from chatglm_ft import kernels
+
+    torch.manual_seed(0)
+    cfg = kernels.GemvConfig(block_n=32, block_k=256, stages=3, split=4)
+    w = (torch.randn(4096, 16384, device="cuda") / 128).half()
+    xs = [torch.randn(2, 16384, device="cuda", dtype=torch.float16) for _ in range(2)]
+    refs = [F.linear(x.double(), w.double()) for x in xs]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs: list[list[torch.Tensor]] = [[], []]
+    for _ in range(50):  # queued without waiting, so the two streams' kernels overlap
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i].append(kernels.skinny_matmul(xs[i], w, config=cfg))
+    torch.cuda.synchronize()
+    for i, s in enumerate(streams):
+        for y in outs[i]:
+            assert ((y.double() - refs[i]).norm() / refs[i].norm()).item() < 2e-3
+        counters = kernels.tile_counters(torch.device("cuda", torch.cuda.current_device()), 1, s.cuda_stream)
+        assert int(counters.abs().sum()) == 0
 
 
 @pytest.mark.gpu

@@ -457,7 +457,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     split = {}
     if config.split > 1:
         split = dict(SPLIT=config.split, part_ptr=torch.empty(config.split, M, N, dtype=torch.float32, device=x.device),
-                     count_ptr=tile_counters(x.device, grid[0] * grid[1]))
+                     count_ptr=tile_counters(x.device, grid[0] * grid[1], _stream_of(x)))
     pdl = use_pdl(x)
     with device_of(x):
         _gemv_kernel[grid](
@@ -471,15 +471,24 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return y
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+def _stream_of(x: torch.Tensor) -> int:
+    """The raw handle of the stream x's kernels go to now (under capture: the capturing stream); 0 off CUDA."""
+    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
 
 
-def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Split-K's per-tile counters: a zeroed int32 buffer per device, the newest of its list (the kernel leaves
-    every counter at zero, so the buffer is reused without a memset; calls on one stream run one after another).
-    Made on the first eager call, before a CUDA graph captures the same shapes. A call that needs more tiles
-    gets a larger buffer; the smaller ones stay referenced, because graphs captured with them still use them."""
-    buffers = _COUNTERS.setdefault(device, [])
+_COUNTERS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+
+
+def tile_counters(device: torch.device, tiles: int, stream: int = 0) -> torch.Tensor:
+    """Split-K's per-tile counters: a zeroed int32 buffer per device and stream, the newest of its list (the
+    kernel leaves every counter at zero, so the buffer is reused without a memset: calls on one stream run one
+    after another). Streams need their own: the server's background compile runs split-K matmuls on its stream
+    while the worker's graphs run theirs, and two kernels counting in one buffer can leave a tile unsummed and a
+    counter off zero for every later call. A graph uses the buffer of the stream it was captured on; each
+    decoder captures on a stream of its own. Made on the first eager call, before a CUDA graph captures the
+    same shapes. A call that needs more tiles gets a larger buffer; the smaller ones stay referenced, because
+    graphs captured with them still use them."""
+    buffers = _COUNTERS.setdefault((device, stream), [])
     if not buffers or buffers[-1].numel() < tiles:
         buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
     return buffers[-1]
