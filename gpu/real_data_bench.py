@@ -55,10 +55,11 @@ from chatglm_ft.train import TrainConfig, make_sampler, Processes  # noqa: E402
 from train_bench import SEQ, run_config, save_and_report, timed_train  # noqa: E402  (the synthetic bench's timing)
 
 GOAL = 0.85  # real-data useful tokens/s over the synthetic figure
-PLANS = {  # name -> TrainConfig settings besides the defaults
+GROUPED = dict(batching="grouped", per_device_train_batch_size=8, gradient_accumulation_steps=4)
+PLANS = {  # name -> TrainConfig settings besides the defaults (run in this order)
     "random": dict(batching="random", per_device_train_batch_size=8, gradient_accumulation_steps=4),
-    "grouped": dict(batching="grouped", per_device_train_batch_size=8, gradient_accumulation_steps=4),
-    "grouped-again": dict(batching="grouped", per_device_train_batch_size=8, gradient_accumulation_steps=4),
+    "grouped": GROUPED,
+    "grouped-again": GROUPED,  # right after grouped, with its settings: every length seen before
     "packed": dict(batching="packed", per_device_train_batch_size=4),
     "packed-b2": dict(batching="packed", per_device_train_batch_size=2),
     "grouped-b32": dict(batching="grouped", per_device_train_batch_size=32),
