@@ -19,6 +19,7 @@ step() {  # step NAME LIMIT cmd...
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$@" > "$OUT/step.out" 2>&1; local rc=$?
   tail -c 6000 "$OUT/step.out" >> "$LOG"; tail -n 6 "$OUT/step.out"
+  [ "$(stat -c %s "$OUT/step.out")" -lt 4000000 ] && cp "$OUT/step.out" "$OUT/$name.out"  # the whole output, first errors included
   echo "=== $name rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
 bench() { python3 -m chatglm_ft bench --random-weights --prefill-lengths 128,2048 --decode-tokens 64 --json "$@"; }
@@ -27,7 +28,7 @@ run_step() {
   case $1 in
   fixtures) step fixtures 30 python3 tests/fixtures/make_fixtures.py ;;
   gpu-tests-kernels) step gpu-tests-kernels 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quantize.py tests/test_model_glm2.py ;;
-  gpu-tests) step gpu-tests 420 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests ;;
+  gpu-tests) step gpu-tests 420 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE --continue-on-collection-errors tests ;;
   v3-fp16) step v3-fp16 90 bash -c "$(declare -f bench); bench --config chatglm3 > $OUT/bench_v3_fp16.json" ;;
   v1-fp16) step v1-fp16 90 bash -c "$(declare -f bench); bench --config full > $OUT/bench_v1_fp16.json" ;;
   v3-int4) step v3-int4 90 bash -c "$(declare -f bench); bench --config chatglm3 --quantize int4 > $OUT/bench_v3_int4.json" ;;
