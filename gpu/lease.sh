@@ -72,8 +72,8 @@ run_step() {
     local attention=default; [ "$1" = real-data-no-cudnn ] && attention=no-cudnn
     step "$1" 400 python3 gpu/real_data_bench.py --data "$ALPACA_ZH" --attention "$attention" --steps "${REAL_DATA_STEPS:-20}" ${REAL_DATA_ONLY:+--only "$REAL_DATA_ONLY"} ;;
   # the parts, in the order docs/benchmarks.md ("What the next lease measures") lists what is still open
-  1) for s in fixtures gpu-tests; do run_step $s; done ;;
-  2) for s in v1-fp16 v1-int8 v1-int4 v3-fp16 v3-int4 serve-int4; do run_step $s; done ;;
+  1) for s in fixtures gpu-tests v1-int4 v1-fp16; do run_step $s; done ;;
+  2) for s in v1-int8 v3-fp16 v3-int4 serve-int4; do run_step $s; done ;;
   *) echo "unknown step $1" | tee -a "$LOG" ;;
   esac
 }
